@@ -1,7 +1,7 @@
 """The multi-headed construction shared by every family: a base, N branches and the averaging ensembler.
 
-    x --base--> h --branches.0--> out_0 (B, C) \
-                 \--branches.1--> out_1 (B, C) --stack--> (N, B, C) --ensembler--> p_ens (B, C)
+    x --base--> h --+--branches.0--> out_0 (B, C) --+
+                    +--branches.1--> out_1 (B, C) --+--stack--> (N, B, C) --ensembler--> p_ens (B, C)
 
 A branch is a copy of the upper part of the single network with its widths scaled, ending in its own
 classifier. Branches share an architecture and differ only by initialisation. With N = 1 and a width ratio of 1

@@ -1,0 +1,589 @@
+"""Recipes: one JSON file per run, loaded strictly into typed sections.
+
+A recipe has a `description` and seven sections, each a dataclass below with a docstring per field and its
+default in code: model, data, objective, optim, train, deepspeed, eval. Loading is strict: an unknown key, a value
+of the wrong type or an impossible value raises `RecipeError` naming the JSON path (`optim.lr`), the reason and,
+for unknown keys, the closest valid key. Command-line overrides (`--set optim.lr=0.1`) are applied to the raw JSON
+before validation, so they go through the same checks. `dump_recipe` writes the resolved recipe (defaults filled,
+overrides applied); loading that file gives an equal Recipe.
+
+    python -m video_ens.config recipes/demo_kinetics_s3dg_mu2.json --set optim.lr=0.1 [--dump resolved.json]
+
+validates a recipe and prints it resolved, without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the source, the JSON path and the fix."""
+
+
+class _FieldError(ValueError):
+    """Raised by section checks; the loader prefixes the JSON path of the section."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(field_name, message)
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build; `None` keeps the value of the named preset (see video_ens.models.MODELS)."""
+
+    name: str = ""
+    """Preset name, e.g. "s3dg_ens2", "dbof", "resnet152_ens2", "s3dg_tiny". Required."""
+    num_branches: int | None = None
+    """N, the number of branches above the fork; 1 is the single (baseline) network."""
+    width_ratio: float | None = None
+    """Branch width / baseline width for every layer above the fork (the paper shrinks by about 1.5x: 1/1.5)."""
+    fork: str | None = None
+    """Layer after which the branches start, e.g. "MaxPool_4a" (S3D-G), "pool" (DBoF), "block2" (ResNet)."""
+    num_classes: int | None = None
+    """Classifier width: 400 for Kinetics-400, 3862 for YouTube-8M 2018, 1000 for ImageNet."""
+    dropout: float | None = None
+    """Dropout probability before each classifier."""
+    conv_init: Literal["default", "normal"] | None = None
+    """"normal" draws every conv weight from N(0, conv_init_std^2) (the paper's ResNet setting); "default" is PyTorch's."""
+    conv_init_std: float | None = None
+    """Standard deviation for conv_init="normal" (paper: 0.03)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific builder keywords (e.g. {"hidden_size": 3000} for DBoF), checked against the builder."""
+    channels_last: bool = False
+    """Use channels-last memory format (channels_last_3d for clips): faster convolutions on recent GPUs."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "is required: name a model preset, e.g. \"s3dg_ens2\" or \"s3dg_tiny\"")
+        _check(self.num_branches is None or self.num_branches >= 1, "num_branches", "must be >= 1")
+        _check(self.width_ratio is None or 0 < self.width_ratio <= 4, "width_ratio", "must be in (0, 4]")
+        _check(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
+        _check(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check(self.conv_init_std is None or self.conv_init_std > 0, "conv_init_std", "must be > 0")
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        """The keywords to pass to `create_model(name, **kwargs)`: set fields plus options."""
+        common = ("num_branches", "width_ratio", "fork", "num_classes", "dropout", "conv_init", "conv_init_std")
+        kw = {k: getattr(self, k) for k in common if getattr(self, k) is not None}
+        return {**kw, **self.options}
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are turned into batches."""
+
+    kind: Literal["clip", "features", "image"] = "clip"
+    """clip: Kinetics-style video shards; features: YouTube-8M frame features; image: ImageNet-style images."""
+    train_shards: str = ""
+    """Training shard set: a folder with _info.json, or a brace pattern like "data/k400/train-{000000..000999}.tar"."""
+    val_shards: str = ""
+    """Evaluation shard set, same forms as train_shards."""
+    demo: Literal["kinetics", "yt8m", "images"] | None = None
+    """Generate this demo dataset (tools/make_demo_data.py) into the shard folders if they are missing."""
+    samples_per_epoch: int | None = None
+    """Nominal epoch length, set on the loader (resampled shards); None = the dataset's sample count."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank."""
+    decoder: Literal["pyav", "decord", "torchcodec"] = "pyav"
+    """Video decoder backend (pyav was the fastest on our machines, see design/environment.md)."""
+    frames: int = 64
+    """Clip length T for training (clips), or sampled frames per video (features; the paper uses 25)."""
+    frame_stride: int = 1
+    """Temporal stride between sampled clip frames."""
+    crop_size: int = 224
+    """Spatial crop (clips and images)."""
+    short_side: tuple[int, int] = (256, 320)
+    """Training short-side scale jitter range [min, max] before the random crop (clips)."""
+    flip: bool = True
+    """Random horizontal flip in training."""
+    color_jitter: float = 0.4
+    """Brightness/contrast/saturation jitter strength in training (0 disables)."""
+    max_skip_fraction: float = 0.5
+    """Stop with an error when more than this fraction of samples seen so far were bad (after 100 samples)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _check(self.frames >= 1, "frames", "must be >= 1")
+        _check(self.frame_stride >= 1, "frame_stride", "must be >= 1")
+        _check(self.crop_size >= 8, "crop_size", "must be >= 8")
+        lo, hi = self.short_side
+        _check(0 < lo <= hi, "short_side", f"must be [min, max] with 0 < min <= max, got [{lo}, {hi}]")
+        _check(lo >= self.crop_size, "short_side", f"minimum {lo} is smaller than crop_size {self.crop_size}")
+        _check(0 <= self.color_jitter <= 1, "color_jitter", "must be in [0, 1]")
+        _check(0 < self.max_skip_fraction <= 1, "max_skip_fraction", "must be in (0, 1]")
+        _check(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "samples_per_epoch", "must be >= 1")
+        _check(bool(self.train_shards) or self.demo is not None, "train_shards", "is required (or set data.demo)")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The EnsembleNet loss (video_ens.objective.EnsembleLoss)."""
+
+    structure: Literal["ensembling", "codistillation"] = "codistillation"
+    """"codistillation" (paper eq. 3, weight = mu) or "ensembling" (eq. 2, weight = lambda)."""
+    weight: float = 2.0
+    """mu for co-distillation, lambda for ensembling. Paper best: mu = 3 (ImageNet), 2 (YouTube-8M, Kinetics)."""
+    loss: Literal["softmax_ce", "sigmoid_bce", "l2"] = "softmax_ce"
+    """l(g, p): softmax_ce (single-label), sigmoid_bce (multi-label, YouTube-8M), l2 (squared error)."""
+    label_smoothing: float = 0.0
+    """Applied to the ground truth only (paper: 0.1 on ImageNet)."""
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.weight), "weight", "must be a finite number")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and regularisation."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Torch optimizer passed to the engine: "sgd" (momentum), "adam" or "adamw"."""
+    lr: float = 0.1
+    """Peak learning rate at `reference_batch_size`; scaled linearly to the global batch when lr_scaling="linear"."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """"linear": lr * global_batch_size / reference_batch_size."""
+    reference_batch_size: int = 256
+    """The global batch size at which `lr` was tuned (used only with lr_scaling="linear")."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW betas."""
+    eps: float = 1e-8
+    """Adam/AdamW epsilon."""
+    weight_decay: float = 0.0
+    """L2 weight decay on conv/linear weights (and on BN gamma when decay_bn is true); never on biases."""
+    decay_bn: bool = True
+    """Also decay BatchNorm gamma (the paper applies L2 to all weights and BN gamma)."""
+    schedule: Literal["constant", "step", "exponential", "cosine"] = "cosine"
+    """step: x step_gamma every step_epochs; exponential: x exp_gamma every exp_examples samples; cosine: half-cosine to 0."""
+    step_epochs: float = 60.0
+    """Epochs between step decays (paper ResNet: 60)."""
+    step_gamma: float = 0.2
+    """Factor per step decay (paper ResNet: 0.2)."""
+    exp_examples: int = 1_500_000
+    """Examples seen between exponential decays (paper DBoF: 1.5M)."""
+    exp_gamma: float = 0.95
+    """Factor per exponential decay (paper DBoF: 0.95)."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from 0 to the peak learning rate over this many epochs."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        _check(self.reference_batch_size >= 1, "reference_batch_size", "must be >= 1")
+        _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", "both must be in [0, 1)")
+        _check(self.eps > 0, "eps", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.step_epochs > 0, "step_epochs", "must be > 0")
+        _check(0 < self.step_gamma <= 1, "step_gamma", "must be in (0, 1]")
+        _check(self.exp_examples >= 1, "exp_examples", "must be >= 1")
+        _check(0 < self.exp_gamma <= 1, "exp_gamma", "must be in (0, 1]")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 (or null to disable)")
+        _check(not (self.nesterov and self.name != "sgd"), "nesterov", "applies to name=\"sgd\" only")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how big: the batch is stated once here and DeepSpeed's fields are derived from it."""
+
+    epochs: float = 1.0
+    """Training length in epochs of data.samples_per_epoch samples."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, whatever `epochs` says (useful for smoke runs)."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all ranks = micro_batch_size x grad_accum_steps x world size."""
+    micro_batch_size: int | None = None
+    """Samples per rank per forward pass; None derives it from global_batch_size, grad_accum_steps and world size."""
+    grad_accum_steps: int | None = None
+    """Forward/backward passes per optimizer step; None derives it (1 when micro_batch_size is also unset)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """bf16 autocasts convs and matmuls while BatchNorm keeps fp32 parameters; fp16 adds loss scaling (GPU only)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when available, else CPU."""
+    seed: int = 0
+    """Seed for initialisation and the data stream (offset by rank and worker)."""
+    log_every: int = 10
+    """Optimizer steps between metric log lines."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept in the run folder (older ones are deleted)."""
+    bn_sync: Literal["sync_bn", "all_reduce", "none"] = "all_reduce"
+    """sync_bn: SyncBatchNorm (GPU); all_reduce: average BN running statistics across ranks before eval and save."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive non-finite losses (each such step is skipped, not applied)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        _check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.grad_accum_steps is None or self.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+        if self.micro_batch_size is not None:
+            _check(
+                self.global_batch_size % self.micro_batch_size == 0,
+                "micro_batch_size",
+                f"{self.micro_batch_size} does not divide global_batch_size {self.global_batch_size}",
+            )
+        if self.micro_batch_size is not None and self.grad_accum_steps is not None:
+            per = self.micro_batch_size * self.grad_accum_steps
+            _check(
+                self.global_batch_size % per == 0,
+                "grad_accum_steps",
+                f"micro_batch_size x grad_accum_steps = {per} does not divide global_batch_size "
+                f"{self.global_batch_size}; set one of them to null to derive it",
+            )
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(self.log_every >= 1, "log_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch_size, grad_accum_steps) for this world size; RecipeError when they cannot agree."""
+        gb = self.global_batch_size
+        if world_size < 1:
+            raise RecipeError(f"world size must be >= 1, got {world_size}")
+        if gb % world_size:
+            raise RecipeError(
+                f"train.global_batch_size {gb} is not divisible by the world size {world_size}: "
+                f"choose a multiple of {world_size} or change the number of processes"
+            )
+        per_rank = gb // world_size
+        mb, acc = self.micro_batch_size, self.grad_accum_steps
+        if mb is None and acc is None:
+            mb, acc = per_rank, 1
+        elif mb is None:
+            if per_rank % acc:
+                raise RecipeError(
+                    f"train.grad_accum_steps {acc} does not divide the per-rank batch {per_rank} "
+                    f"(global_batch_size {gb} / world size {world_size})"
+                )
+            mb = per_rank // acc
+        elif acc is None:
+            if per_rank % mb:
+                raise RecipeError(
+                    f"train.micro_batch_size {mb} does not divide the per-rank batch {per_rank} "
+                    f"(global_batch_size {gb} / world size {world_size})"
+                )
+            acc = per_rank // mb
+        if mb * acc * world_size != gb:
+            raise RecipeError(
+                f"train.micro_batch_size {mb} x train.grad_accum_steps {acc} x world size {world_size} = "
+                f"{mb * acc * world_size}, not train.global_batch_size {gb}; set one of them to null to derive it"
+            )
+        return mb, acc
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed engine settings that are not derived from other sections."""
+
+    zero_stage: int = 1
+    """ZeRO stage 0-3: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO-Offload; stages 1-3)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduction bucket."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _check(not (self.offload_optimizer and self.zero_stage == 0), "offload_optimizer", "needs zero_stage >= 1")
+        _check(self.reduce_bucket_size >= 1, "reduce_bucket_size", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (periodic during training and tools/eval.py)."""
+
+    mode: Literal["full", "clips"] = "full"
+    """clips: K uniform clips x crops per video; full: the whole video in one pass (fully convolutional models)."""
+    num_clips: int = 10
+    """K for mode="clips"."""
+    num_crops: int = 3
+    """Spatial crops per clip for mode="clips" (1 = centre, 3 = left/centre/right)."""
+    max_frames: int = 300
+    """Cap on frames per video for mode="full" (and for YouTube-8M features)."""
+    batch_size: int = 8
+    """Videos (or images) per evaluation batch per rank."""
+    top_k: int = 20
+    """Predictions kept per video for GAP/mAP (the YouTube-8M convention is 20)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_clips >= 1, "num_clips", "must be >= 1")
+        _check(self.num_crops in (1, 3), "num_crops", "must be 1 or 3")
+        _check(self.max_frames >= 1, "max_frames", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.top_k >= 1, "top_k", "must be >= 1")
+
+
+@dataclass
+class Recipe:
+    """One training run. Every section is optional in the JSON except model.name and the data source."""
+
+    description: str = ""
+    """What this run is and the result it should reach (cite the paper's table)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network (model.name is required)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data pipeline."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The EnsembleNet loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length, batch and precision."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+    def __post_init__(self) -> None:
+        multi_label = self.data.kind == "features"
+        if multi_label and self.objective.loss == "softmax_ce":
+            raise _FieldError(
+                "objective.loss",
+                "softmax_ce is single-label but data.kind is \"features\" (YouTube-8M, multi-label): use sigmoid_bce",
+            )
+        if not multi_label and self.objective.loss == "sigmoid_bce":
+            raise _FieldError(
+                "objective.loss",
+                f"sigmoid_bce is multi-label but data.kind is {self.data.kind!r} (single-label): use softmax_ce",
+            )
+
+
+SECTIONS = ("model", "data", "objective", "optim", "train", "deepspeed", "eval")
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "an object"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` (parsed JSON) against the annotation `tp` and return the typed value."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except RecipeError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {json.dumps(close[0])}?" if close else ""
+        raise RecipeError(f"{path}: {json.dumps(value)} is not {_type_name(tp)}{hint}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{path}: expected a list of {len(args)} values, got {json.dumps(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{path}: expected a list of {len(args)} values, got {len(value)}: {json.dumps(value)}")
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{path}: expected a list, got {json.dumps(value)}")
+        (a,) = get_args(tp)
+        return [_convert(v, a, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected an object, got {json.dumps(value)}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise RecipeError(f"{path}: must be a finite number, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only reachable by adding a field of an unsupported type
+        raise TypeError(f"{path}: unsupported annotation {tp!r}")
+    raise RecipeError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    where = path or "the recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected an object with keys of {cls.__name__}, got {json.dumps(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        sub = f"{path}.{key}" if path else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
+            raise RecipeError(f"unknown key {sub!r}{hint} Valid keys of {where}: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], sub)
+    for name in names:  # absent sections are built from {} here so their checks report the right path
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name)
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        full = f"{path}.{e.field_name}" if path else e.field_name
+        raise RecipeError(f"{full}: {e}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.1")
+    key, text = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise RecipeError(f"--set {item!r}: empty key part in {key!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text  # a bare word such as `structure=ensembling` is a string
+    return keys, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply dotted `key=value` overrides to a raw recipe dict (values parsed as JSON, else taken as strings).
+
+    Intermediate objects are created as needed; the result is validated by `recipe_from_dict`, so an override
+    that names an unknown key fails the same way a file would.
+    """
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {item!r}: {k!r} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def recipe_from_dict(raw: dict, *, source: str = "<dict>") -> Recipe:
+    try:
+        return _build(Recipe, raw, "")
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and validate a recipe file, applying `--set`-style overrides first."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found (recipes live in recipes/*.json)") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return recipe_from_dict(apply_overrides(raw, list(overrides)), source=source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(recipe)))
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe atomically (temp file + rename); `load_recipe` of it gives an equal Recipe."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m video_ens.config", description="Validate and resolve a recipe.")
+    ap.add_argument("recipe")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--dump", help="write the resolved recipe here")
+    ap.add_argument("--quiet", action="store_true", help="print nothing on success")
+    args = ap.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dump:
+        dump_recipe(recipe, args.dump)
+    if not args.quiet:
+        print(json.dumps(recipe_to_dict(recipe), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

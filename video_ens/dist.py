@@ -1,0 +1,76 @@
+"""Process-group helpers: who am I, start and stop the group, log once.
+
+Launchers (`torchrun`, SLURM's `srun` through launch.sh) set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; everything here reads those. A single process without them is rank 0 of 1 and needs no group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """"auto": this rank's CUDA device when CUDA is available, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device is \"cuda\" but no CUDA device is visible: set train.device to \"auto\" or \"cpu\"")
+    torch.cuda.set_device(local_rank())
+    return torch.device("cuda", local_rank())
+
+
+def init(device: torch.device) -> None:
+    """Join the process group the launcher described (nccl on GPU, gloo on CPU); a no-op for one process."""
+    if is_initialized() or (int(os.environ.get("WORLD_SIZE", 1)) == 1 and "MASTER_ADDR" not in os.environ):
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the group: without both, 2 of 6 two-rank runs aborted at exit (environment.md)."""
+    if is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def get_logger(name: str = "video_ens") -> logging.Logger:
+    """A logger that prints on rank 0 only (other ranks log warnings and errors)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_main() else logging.WARNING)
+    return logger
