@@ -15,7 +15,7 @@ LAYERS = [
     {"config", "dist"},
     {"kernels"},
     {"models", "data"},
-    {"objective", "metrics"},
+    {"objective", "metrics", "optim"},
     {"engine"},
     {"trainer"},
     {"train"},

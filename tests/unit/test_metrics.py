@@ -1,0 +1,405 @@
+"""Metrics: hand-worked cases, a loop-by-loop replay of the YouTube-8M starter code, and the accumulator's
+de-duplication, merging and two-rank gloo sync."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+from video_ens.metrics import EnsembleMetrics, gap, hit_at_one, mean_ap, topk_accuracy
+
+# --------------------------------------------------------------------------------------------------------------------
+# An independent, literal replay of the starter code (google/youtube-8m eval_util.py, average_precision_calculator.py,
+# mean_average_precision_calculator.py): per-video argpartition, per-class lists, a heap, the seeded
+# random.sample shuffle, Python's sorted(reverse=True) and the precision loop.
+
+
+def _starter_lists(predictions, labels, k):
+    k = min(k, predictions.shape[1])
+    per_class_scores = [[] for _ in range(predictions.shape[1])]
+    per_class_labels = [[] for _ in range(predictions.shape[1])]
+    for video in range(predictions.shape[0]):
+        for c in np.argpartition(predictions[video], -k)[-k:]:
+            per_class_scores[c].append(predictions[video][c])
+            per_class_labels[c].append(labels[video][c])
+    positives = [np.sum(labels[:, c]) for c in range(predictions.shape[1])]
+    return per_class_scores, per_class_labels, positives
+
+
+def _starter_ap(scores, labels, num_positives):
+    heap = []
+    for pair in zip(scores, labels, strict=True):
+        heapq.heappush(heap, pair)
+    if not heap:
+        return 0.0
+    columns = np.array(list(zip(*heap, strict=True)))
+    preds, acts = columns[0], columns[1]
+    random.seed(0)
+    shuffle = random.sample(range(len(preds)), len(preds))
+    preds, acts = preds[shuffle], acts[shuffle]
+    ranking = sorted(range(len(preds)), key=lambda i: preds[i], reverse=True)
+    if num_positives == 0:
+        return 0.0
+    ap, found = 0.0, 0.0
+    for position, i in enumerate(ranking):
+        if acts[i] > 0:
+            found += 1
+            ap += found / (position + 1) * (1.0 / num_positives)
+    return ap
+
+
+def _starter_gap(predictions, labels, k):
+    scores, labs, positives = _starter_lists(predictions, labels, k)
+    flat_scores = [s for per_class in scores for s in per_class]
+    flat_labels = [x for per_class in labs for x in per_class]
+    return _starter_ap(flat_scores, flat_labels, sum(positives))
+
+
+def _starter_map(predictions, labels, k):
+    scores, labs, positives = _starter_lists(predictions, labels, k)
+    aps = [_starter_ap(scores[c], labs[c], positives[c]) for c in range(len(scores)) if positives[c] > 0]
+    return float(np.mean(aps))
+
+
+def _tied_data(seed, videos, classes, levels=6, positive_rate=0.25):
+    """float32 scores on a coarse grid (many ties, also at the top-k cut) and int multi-hot labels."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, levels, (videos, classes)) / levels).astype(np.float32)
+    labels = (rng.random((videos, classes)) < positive_rate).astype(np.int64)
+    return scores, labels
+
+
+def _smooth_data(seed, videos, classes, positive_rate=0.1):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((videos, classes)) < positive_rate).astype(np.int64)
+    scores = (rng.random((videos, classes)) + 0.5 * labels).astype(np.float32)  # better than chance
+    return scores, labels
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GAP / mAP / hit@1 by hand
+
+# 3 videos x 4 classes, top_k = 2. Kept entries (class: score, label):
+#   v0: c0 0.9 +, c1 0.8 -   (its positive c2 at 0.1 is cut off)
+#   v1: c1 0.7 +, c2 0.6 -
+#   v2: c2 0.95 -, c0 0.5 +
+# Class 3 has no positive anywhere.
+HAND_SCORES = np.array([[0.9, 0.8, 0.1, 0.3], [0.2, 0.7, 0.6, 0.1], [0.5, 0.4, 0.95, 0.05]])
+HAND_LABELS = np.array([[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+
+
+def test_gap_by_hand_counts_cut_off_positives():
+    # Pooled ranking: 0.95 -, 0.9 +, 0.8 -, 0.7 +, 0.6 -, 0.5 +  -> precisions 1/2, 2/4, 3/6 at the positives.
+    # Denominator: all 4 positives, not the 3 that made a top-2 (which would give 0.5).
+    assert gap(HAND_SCORES, HAND_LABELS, top_k=2) == pytest.approx((1 / 2 + 2 / 4 + 3 / 6) / 4)
+    assert gap(HAND_SCORES, HAND_LABELS, top_k=2) == pytest.approx(0.375)
+
+
+def test_mean_ap_by_hand_drops_classes_without_positives():
+    # c0: [0.9 +, 0.5 +], P=2 -> (1/1 + 2/2) / 2 = 1
+    # c1: [0.8 -, 0.7 +], P=1 -> (1/2) / 1 = 0.5
+    # c2: [0.95 -, 0.6 -], P=1 (v0's positive was cut off) -> 0
+    # c3: P=0 -> left out (averaging it in as 0 would give 0.375)
+    assert mean_ap(HAND_SCORES, HAND_LABELS, top_k=2) == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+def test_top_k_larger_than_classes_keeps_all():
+    # All 12 entries ranked: with k >= C nothing is cut, so the denominators are reachable.
+    assert gap(HAND_SCORES, HAND_LABELS, top_k=50) == pytest.approx(_starter_gap(HAND_SCORES, HAND_LABELS, 50))
+    assert mean_ap(HAND_SCORES, HAND_LABELS, top_k=4) == pytest.approx(_starter_map(HAND_SCORES, HAND_LABELS, 4))
+
+
+def test_no_positives():
+    labels = np.zeros_like(HAND_LABELS)
+    assert gap(HAND_SCORES, labels, top_k=2) == 0.0
+    assert np.isnan(mean_ap(HAND_SCORES, labels, top_k=2))
+
+
+def test_hit_at_one_by_hand():
+    # arg-max classes 0, 1, 2: positives for v0 and v1 only.
+    assert hit_at_one(HAND_SCORES, HAND_LABELS) == pytest.approx(2 / 3)
+    # A tie at the top goes to the lower index, as np.argmax does.
+    assert hit_at_one(np.array([[0.5, 0.5]]), np.array([[0, 1]])) == 0.0
+    assert hit_at_one(np.array([[0.5, 0.5]]), np.array([[1, 0]])) == 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Against the replayed starter code
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shape,top_k", [((40, 9), 3), ((25, 30), 20), ((7, 5), 20)])
+def test_matches_starter_code_with_ties(seed, shape, top_k):
+    scores, labels = _tied_data(seed, *shape)
+    assert gap(scores, labels, top_k) == pytest.approx(_starter_gap(scores, labels, top_k), abs=1e-12)
+    assert mean_ap(scores, labels, top_k) == pytest.approx(_starter_map(scores, labels, top_k), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_starter_code_without_ties(seed):
+    scores, labels = _smooth_data(seed, 120, 40)
+    assert gap(scores, labels, 20) == pytest.approx(_starter_gap(scores, labels, 20), abs=1e-12)
+    assert mean_ap(scores, labels, 20) == pytest.approx(_starter_map(scores, labels, 20), abs=1e-12)
+
+
+def test_tie_order_matters_in_the_replay():
+    """Guard the test above: on this data, ranking ties in plain push order gives another GAP, so an
+    implementation without the seeded shuffle would fail it."""
+    scores, labels = _tied_data(0, 40, 9)
+    kept, kept_labels, positives = _starter_lists(scores, labels, 3)
+    flat = np.array([s for c in kept for s in c], dtype=np.float64)
+    flat_labels = np.array([x for c in kept_labels for x in c])
+    ranked = flat_labels[np.argsort(-flat, kind="stable")]
+    hits = np.flatnonzero(ranked) + 1.0
+    unshuffled = float(np.sum(np.arange(1, hits.size + 1) / hits) / sum(positives))
+    assert abs(unshuffled - gap(scores, labels, 3)) > 1e-6
+
+
+def test_numpy_and_torch_inputs_agree():
+    scores, labels = _tied_data(3, 30, 12)
+    t_scores, t_labels = torch.from_numpy(scores), torch.from_numpy(labels).bool()
+    assert gap(t_scores, t_labels, 5) == gap(scores, labels, 5)
+    assert mean_ap(t_scores, t_labels, 5) == mean_ap(scores, labels, 5)
+    assert hit_at_one(t_scores, t_labels) == hit_at_one(scores, labels)
+    target = labels.argmax(1)
+    assert topk_accuracy(t_scores, torch.from_numpy(target), 3) == topk_accuracy(scores, target, 3)
+    # bfloat16 is read exactly (through float32).
+    b_scores = t_scores.bfloat16()
+    assert gap(b_scores, t_labels, 5) == gap(b_scores.float().numpy(), labels, 5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Top-k accuracy
+
+
+def test_topk_accuracy_by_hand():
+    scores = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.2], [0.2, 0.1, 0.7]])
+    target = np.array([2, 1, 2])
+    # Row 0: class 1 is above the target. Row 1: class 0 ties with the target and has the lower index, so it ranks
+    # first. Row 2: the target is the best.
+    assert topk_accuracy(scores, target, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(scores, target, 2) == 1.0
+    assert topk_accuracy(scores, np.eye(3)[target], 1) == pytest.approx(1 / 3)  # one-hot targets
+    assert topk_accuracy(torch.tensor(scores), torch.tensor(target), 2) == 1.0
+    # A constant output is no better than the lowest index.
+    assert topk_accuracy(np.zeros((3, 4)), np.array([0, 1, 3]), 1) == pytest.approx(1 / 3)
+
+
+def test_topk_accuracy_rejects_bad_targets():
+    with pytest.raises(ValueError, match="outside"):
+        topk_accuracy(np.zeros((2, 3)), np.array([0, 3]), 1)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_accuracy(np.zeros((2, 3)), np.array([0, 1]), 0)
+
+
+def test_nan_scores_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        gap(np.array([[np.nan, 1.0]]), np.array([[1, 0]]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# EnsembleMetrics
+
+N_BRANCHES, CLASSES = 2, 9
+
+
+def _heads(scores_by_branch):
+    """(N, B, C) branches and their mean as the ensemble."""
+    branches = np.stack(scores_by_branch)
+    return branches, branches.mean(0)
+
+
+def _multi_label_set(seed, videos=50):
+    branches, ensemble_labels = [], None
+    for b in range(N_BRANCHES):
+        scores, labels = _tied_data(seed * 10 + b, videos, CLASSES)
+        branches.append(scores)
+        ensemble_labels = labels if ensemble_labels is None else ensemble_labels
+    branch_scores, ensemble = _heads(branches)
+    return branch_scores, ensemble.astype(np.float32), ensemble_labels
+
+
+def _expected_multi_label(branch_scores, ensemble, labels, top_k):
+    def one(s):
+        return {"gap": gap(s, labels, top_k), "map": mean_ap(s, labels, top_k), "hit_at_one": hit_at_one(s, labels)}
+
+    return {"ensemble": one(ensemble), "branches": [one(s) for s in branch_scores], "num_samples": len(labels)}
+
+
+def _feed(acc, ids, branch_scores, ensemble, targets, batch, views=None):
+    for start in range(0, len(ids), batch):
+        sl = slice(start, start + batch)
+        acc.update(
+            ids[sl], branch_scores[:, sl], ensemble[sl], targets[sl], view_ids=None if views is None else views[sl]
+        )
+
+
+def test_accumulator_in_chunks_equals_one_shot_multi_label():
+    branch_scores, ensemble, labels = _multi_label_set(0)
+    expected = _expected_multi_label(branch_scores, ensemble, labels, 4)
+    acc = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=4)
+    # Arrival in a scrambled order and odd batch sizes: results are ordered by id, so nothing changes.
+    order = np.random.default_rng(1).permutation(len(labels))
+    _feed(acc, order, branch_scores[:, order], ensemble[order], labels[order], batch=7)
+    assert acc.compute() == expected
+
+
+def test_accumulator_single_label_and_torch_inputs():
+    rng = np.random.default_rng(2)
+    branch_scores = torch.from_numpy(rng.random((N_BRANCHES, 33, CLASSES)).astype(np.float32))
+    ensemble = branch_scores.mean(0)
+    target = torch.from_numpy(rng.integers(0, CLASSES, 33))
+    acc = EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES)
+    for start in range(0, 33, 8):
+        sl = slice(start, start + 8)
+        acc.update(torch.arange(33)[sl], list(branch_scores[:, sl]), ensemble[sl], target[sl])
+    result = acc.compute()
+    assert result["num_samples"] == 33
+    assert result["ensemble"] == {
+        "top1": topk_accuracy(ensemble, target, 1),
+        "top5": topk_accuracy(ensemble, target, 5),
+    }
+    for b in range(N_BRANCHES):
+        assert result["branches"][b]["top5"] == topk_accuracy(branch_scores[b], target, 5)
+
+
+def test_duplicate_ids_count_once():
+    branch_scores, ensemble, labels = _multi_label_set(1)
+    expected = _expected_multi_label(branch_scores, ensemble, labels, 4)
+    ids = np.arange(len(labels))
+    pad = np.array([0, 1, 2, 0])  # padding repeats real samples; repeats of a repeat too
+    acc = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=4)
+    _feed(acc, ids, branch_scores, ensemble, labels, batch=16)
+    # The repeated rows carry other scores: aggregate="first" must keep the first occurrence, not these.
+    _feed(acc, ids[pad], branch_scores[:, pad][::-1], ensemble[pad][::-1], labels[pad], batch=3)
+    assert len(acc) == len(labels)
+    assert acc.compute() == expected
+
+
+def test_conflicting_targets_for_one_id_raise():
+    acc = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1)
+    scores = np.ones((1, 2, 3)) / 3
+    acc.update([5, 6], scores, scores[0], [0, 1])
+    acc.update([5], scores[:, :1], scores[0, :1], [2])
+    with pytest.raises(ValueError, match="sample id 5"):
+        acc.compute()
+
+
+def test_merge_equals_union():
+    branch_scores, ensemble, labels = _multi_label_set(2, videos=40)
+    ids = np.arange(40)
+    part_a, part_b = np.arange(0, 25), np.arange(18, 40)  # overlap 18..24, as padding would make
+    accs = [EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=3) for _ in "ab"]
+    for acc, part in zip(accs, (part_a, part_b), strict=True):
+        _feed(acc, ids[part], branch_scores[:, part], ensemble[part], labels[part], batch=6)
+    whole = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=3)
+    _feed(whole, ids, branch_scores, ensemble, labels, batch=40)
+    assert accs[0].merge(accs[1]).compute() == whole.compute()
+    with pytest.raises(ValueError, match="different settings"):
+        accs[0].merge(EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=20))
+
+
+def test_mean_aggregation_averages_clips_and_drops_padded_clips():
+    rng = np.random.default_rng(3)
+    videos, clips = 12, 3
+    clip_scores = rng.random((clips, N_BRANCHES, videos, CLASSES)).astype(np.float32)  # (clip, N, B, C)
+    clip_ens = clip_scores.mean(1)  # (clip, B, C)
+    labels = (rng.random((videos, CLASSES)) < 0.2).astype(np.int64)
+    # Expected: the mean over the 3 clips, summed in arrival order in float64.
+    mean_branches = (clip_scores[0].astype(np.float64) + clip_scores[1] + clip_scores[2]) / 3
+    mean_ens = (clip_ens[0].astype(np.float64) + clip_ens[1] + clip_ens[2]) / 3
+    expected = _expected_multi_label(mean_branches, mean_ens, labels, 4)
+
+    acc = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=4, aggregate="mean")
+    ids = np.arange(videos)
+    for clip in range(clips):
+        _feed(acc, ids, clip_scores[clip], clip_ens[clip], labels, batch=5, views=np.full(videos, clip))
+    # A padded repeat of (video 4, clip 1) with different scores must not enter the average.
+    acc.update([4], clip_scores[0][:, 4:5] + 1, clip_ens[0][4:5] + 1, labels[4:5], view_ids=[1])
+    assert acc.compute() == expected
+    assert acc.compute()["num_samples"] == videos
+
+
+def test_sync_without_process_group_is_a_no_op():
+    acc = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1)
+    acc.update([0], np.eye(3)[None, :1], np.eye(3)[:1], [0])
+    assert acc.sync() is acc and len(acc) == 1
+
+
+def test_compute_without_samples_raises():
+    with pytest.raises(ValueError, match="no samples"):
+        EnsembleMetrics(task="multi_label", num_classes=5, num_branches=2).compute()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two gloo ranks with a padding DistributedSampler
+
+DIST_VIDEOS, DIST_CLIPS, DIST_CLASSES, DIST_TOP_K = 23, 3, 10, 3
+
+
+def _dist_data():
+    """Per-video multi-label data (tied scores) and per-clip single-label data, identical in every process."""
+    branch_scores, labels = [], None
+    for b in range(N_BRANCHES):
+        scores, lab = _tied_data(100 + b, DIST_VIDEOS, DIST_CLASSES)
+        branch_scores.append(scores)
+        labels = lab if labels is None else labels
+    branch_scores = np.stack(branch_scores)  # (N, V, C)
+    rng = np.random.default_rng(7)
+    clip_scores = rng.random((N_BRANCHES, DIST_VIDEOS * DIST_CLIPS, DIST_CLASSES)).astype(np.float32)  # (N, V*clips, C)
+    clip_target = rng.integers(0, DIST_CLASSES, DIST_VIDEOS)
+    return branch_scores, branch_scores.mean(0), labels, clip_scores, clip_target
+
+
+def _evaluate(rank, world):
+    """What one rank of an evaluation loop does: its sampler's share, batches of 4, sync, compute."""
+    branch_scores, ensemble, labels, clip_scores, clip_target = _dist_data()
+    videos = EnsembleMetrics(task="multi_label", num_classes=DIST_CLASSES, num_branches=N_BRANCHES, top_k=DIST_TOP_K)
+    clips = EnsembleMetrics(
+        task="single_label", num_classes=DIST_CLASSES, num_branches=N_BRANCHES, aggregate="mean", accuracy_ks=(1, 3)
+    )
+    video_share = list(DistributedSampler(range(DIST_VIDEOS), num_replicas=world, rank=rank, shuffle=False))
+    clip_share = list(DistributedSampler(range(DIST_VIDEOS * DIST_CLIPS), num_replicas=world, rank=rank, shuffle=False))
+    for start in range(0, len(video_share), 4):
+        rows = video_share[start : start + 4]
+        videos.update(torch.tensor(rows), torch.from_numpy(branch_scores[:, rows]), ensemble[rows], labels[rows])
+    for start in range(0, len(clip_share), 4):
+        rows = np.array(clip_share[start : start + 4])
+        video, clip = rows // DIST_CLIPS, rows % DIST_CLIPS
+        clip_ens = clip_scores[:, rows].mean(0)
+        clips.update(video, clip_scores[:, rows], clip_ens, clip_target[video], view_ids=clip)
+    return {"videos": videos.sync().compute(), "clips": clips.sync().compute()}
+
+
+def _gloo_worker(rank, world, init_file, out_dir):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        result = _evaluate(rank, world)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+@pytest.mark.integration
+def test_sync_across_two_gloo_ranks_equals_single_process(tmp_path):
+    # Both samplers pad (23 videos and 69 clips over 2 ranks), so each rank sees one repeated row.
+    assert DIST_VIDEOS % 2 and (DIST_VIDEOS * DIST_CLIPS) % 2
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    single = json.loads(json.dumps(_evaluate(0, 1)))  # one rank: no padding, no process group
+    assert single["videos"]["num_samples"] == DIST_VIDEOS and single["clips"]["num_samples"] == DIST_VIDEOS
+    _, ensemble, labels, _, _ = _dist_data()
+    assert single["videos"]["ensemble"]["gap"] == gap(ensemble, labels, DIST_TOP_K)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single

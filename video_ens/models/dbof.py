@@ -1,0 +1,262 @@
+"""DBoF with context gating, SWAP pooling and a mixture-of-experts classifier (YouTube-8M; paper section 4.2).
+
+    frames (B, T, 1152) --input_bn--cluster--cluster_bn--ReLU6--context_gate--> (B, T, K) --pool (SWAP)--> (B, K)
+        = base; the fork is here (fork="pool")
+    (B, K) --hidden--hidden_bn--ReLU6--context_gate--dropout--moe--> p (B, C), per branch
+
+Every layer below the fork works on single frames, so the base runs on the *packed* valid frames, gathered into
+(sum(lengths), D). Padding frames then never reach a BatchNorm, which keeps training statistics (and so the output)
+independent of how much a batch was padded, and no compute is spent on them. SWAP itself ignores padding through
+`lengths`. Architecture and sizes: design/architecture.md section 3; the paper's counts (229M / 415M baseline,
+226M / 410M two-branch) are reproduced exactly with BN folded and video-level FLOPs only.
+
+Initialisation: every Linear keeps PyTorch's default (Kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in)),
+std 1/sqrt(3 fan_in)). The starter code draws the cluster weights from N(0, 1/fan_in) and uses Xavier for the
+MoE: the same order of scale, and the paper states no other choice. There are no convs, so `conv_init` changes
+nothing here; it is accepted (and checked) so that every family takes the same keywords.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import context_gate_reference, swap_pool_reference
+from .ensemble import EnsembleNet
+from .layers import init_conv_weights
+
+FORKS = ("pool",)
+
+
+class ContextGate(nn.Module):
+    """y = x * sigmoid(BN(W x)), W (D, D) without bias: BN's shift takes the bias's place (Miech et al. 2017).
+
+    Training runs linear -> BN (batch statistics) -> sigmoid -> multiply. Evaluation folds BN's running statistics
+    into the linear (`folded()`) and calls `context_gate_reference`, the op the fused kernel implements; the folded
+    form equals the unfolded one to fp32 rounding. Folding costs D^2 multiplies per call (16.8M at D = 4096, the
+    price of one extra row of the matmul), so it is recomputed rather than cached: a cache would go stale whenever
+    the weights or statistics change.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim, bias=False)
+        self.bn = nn.BatchNorm1d(dim)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (D, D), bias (D,)) with BN's running statistics folded in, so gates = x W'^T + b'."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (D,): BN's per-gate gain
+        weight = self.linear.weight * scale[:, None]  # (D, D): row d feeds gate d, so it takes gate d's gain
+        bias = bn.bias - bn.running_mean * scale  # (D,)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, D)
+        if self.training or self.bn.running_mean is None:
+            return x * torch.sigmoid(self.bn(self.linear(x)))
+        weight, bias = self.folded()
+        return context_gate_reference(x, weight, bias)
+
+
+class SwapPool(nn.Module):
+    """Self-Weighted Average Pooling over the valid frames (paper eq. 4); no parameters."""
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D) -> (B, D)
+        return swap_pool_reference(x, lengths)
+
+
+class MoE(nn.Module):
+    """Per-class mixture of logistic experts, as the YouTube-8M starter code's `MoeModel`.
+
+        p_c = sum_{m < M} softmax(G_c h)_m * sigmoid(E_{c,m} h + b_{c,m})
+
+    The softmax runs over M + 1 gate logits per class; the last one belongs to a "dummy" expert that always says 0,
+    so its weight is dropped and p_c can stay near 0 however confident the real experts are. Logits are laid out
+    class-major, (C, M + 1) and (C, M), matching the starter code's reshape to (-1, M + 1).
+
+    Args:
+        in_dim: H, the hidden width. num_classes: C. num_mixtures: M (>= 1).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, num_mixtures: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_mixtures = num_mixtures
+        self.gates = nn.Linear(in_dim, num_classes * (num_mixtures + 1), bias=False)
+        self.experts = nn.Linear(in_dim, num_classes * num_mixtures)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, H) -> (B, C) probabilities
+        c, m = self.num_classes, self.num_mixtures
+        gates = self.gates(h).unflatten(-1, (c, m + 1))  # (B, C, M+1)
+        # fp32 softmax: under bf16 autocast the gate weights would otherwise carry only ~3 significant digits.
+        gates = torch.softmax(gates.float(), dim=-1)[..., :m]  # (B, C, M): the dummy expert's weight dropped
+        experts = torch.sigmoid(self.experts(h).unflatten(-1, (c, m)).float())  # (B, C, M)
+        return (gates * experts).sum(dim=-1)  # (B, C)
+
+
+class DBoFBase(nn.Module):
+    """Frame-level part plus pooling: layers 1-4 of architecture.md section 3.2.
+
+    Args:
+        feature_dim: D, per-frame input width (rgb 1024 + audio 128 = 1152, rgb first).
+        cluster_size: K, width of the cluster layer and of the first context gate.
+    """
+
+    def __init__(self, *, feature_dim: int, cluster_size: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.input_bn = nn.BatchNorm1d(feature_dim)
+        self.cluster = nn.Linear(feature_dim, cluster_size, bias=False)
+        self.cluster_bn = nn.BatchNorm1d(cluster_size)
+        self.context_gate = ContextGate(cluster_size)
+        self.pool = SwapPool()
+
+    def frames(self, x: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, K), M frames of any videos
+        x = self.input_bn(x)
+        x = F.relu6(self.cluster_bn(self.cluster(x)))
+        return self.context_gate(x)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) frame features; lengths (B,) valid frame counts, None = all T valid. Returns (B, K)."""
+        if x.dim() != 3 or x.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"DBoF expects frame features of shape (B, T, {self.feature_dim}), got {tuple(x.shape)}; "
+                "set rgb_dim/audio_dim to match the data"
+            )
+        b, t, _ = x.shape
+        if lengths is None:
+            y = self.frames(x.flatten(0, 1)).unflatten(0, (b, t))  # (B*T, D) -> (B, T, K)
+            return self.pool(y)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must have shape ({b},), one frame count per video; got {tuple(lengths.shape)}")
+        lengths = lengths.to(x.device)
+        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]  # (B, T)
+        # The number of valid frames is data-dependent: nonzero costs one host sync per step on GPU and a graph
+        # break under torch.compile. Everything after it is plain index_select / index_copy, whose backward needs
+        # no further nonzero (a boolean-mask index_put would redo it in backward and break the compiled graph again).
+        rows = valid.flatten().nonzero().squeeze(1)  # (S,), S = sum(lengths): valid frames in (B*T) order
+        packed = self.frames(x.flatten(0, 1).index_select(0, rows))  # (B*T, D) -> (S, D) -> (S, K)
+        y = packed.new_zeros(b * t, packed.shape[-1]).index_copy(0, rows, packed)  # (B*T, K), padding frames 0
+        y = y.unflatten(0, (b, t))  # (B, T, K)
+        return self.pool(y, lengths)
+
+
+class DBoFBranch(nn.Module):
+    """Video-level part of one head: layers 5-7 of architecture.md section 3.2 (hidden, CG2, MoE).
+
+    Args:
+        in_dim: K, the pooled width. hidden_size: H. num_classes: C. num_mixtures: M.
+        dropout: probability of the dropout right before the MoE (0 = none).
+    """
+
+    def __init__(self, *, in_dim: int, hidden_size: int, num_classes: int, num_mixtures: int, dropout: float) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_dim, hidden_size, bias=False)
+        self.hidden_bn = nn.BatchNorm1d(hidden_size)
+        self.context_gate = ContextGate(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.moe = MoE(hidden_size, num_classes, num_mixtures)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, C) probabilities
+        h = F.relu6(self.hidden_bn(self.hidden(h)))
+        h = self.context_gate(h)
+        return self.moe(self.dropout(h))
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def build(
+    *,
+    num_branches: int = 1,
+    width_ratio: float = 1.0,
+    fork: str = "pool",
+    num_classes: int = 3862,
+    dropout: float = 0.0,
+    conv_init: str = "default",
+    conv_init_std: float = 0.03,
+    rgb_dim: int = 1024,
+    audio_dim: int = 128,
+    cluster_size: int = 4096,
+    hidden_size: int = 4096,
+    num_mixtures: int = 5,
+    branch_hidden_size: int | None = None,
+    branch_mixtures: int | None = None,
+    train_frames: int = 25,
+    max_frames: int = 300,
+) -> EnsembleNet:
+    """DBoF as an EnsembleNet: the base (layers 1-4) and `num_branches` heads (layers 5-7), outputs probabilities.
+
+    Args (beyond the common ones documented in video_ens.models):
+        rgb_dim, audio_dim: per-frame feature widths; the input is their concatenation, rgb first.
+        cluster_size: K, the cluster layer and first context gate (in the base).
+        hidden_size: the baseline hidden width; branches use round(hidden_size * width_ratio) unless
+            branch_hidden_size is given (the paper's two-branch model: 3000, which 3000/4096 would also give).
+        num_mixtures: the baseline's MoE experts per class; branches use branch_mixtures when given.
+        fork: only "pool" (after SWAP, as in the paper): below it every layer is frame-level.
+        train_frames, max_frames: recorded in input_spec for the data pipeline: frames sampled per training video
+            (paper: 25) and the most frames a YouTube-8M video has (300, one per second); evaluation uses all.
+    """
+    if fork not in FORKS:
+        raise ValueError(f"fork must be one of {FORKS} for DBoF (branches start after SWAP pooling), got {fork!r}")
+    if not width_ratio > 0:
+        raise ValueError(f"width_ratio must be > 0, got {width_ratio}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    _positive("num_branches", num_branches)
+    feature_dim = _positive("rgb_dim", rgb_dim) + audio_dim
+    branch_hidden = branch_hidden_size if branch_hidden_size is not None else round(hidden_size * width_ratio)
+    mixtures = branch_mixtures if branch_mixtures is not None else num_mixtures
+    for name, value in (
+        ("num_classes", num_classes),
+        ("cluster_size", cluster_size),
+        ("branch hidden width (branch_hidden_size, or hidden_size * width_ratio)", branch_hidden),
+        ("num_mixtures / branch_mixtures", mixtures),
+    ):
+        _positive(name, value)
+
+    base = DBoFBase(feature_dim=feature_dim, cluster_size=cluster_size)
+    branches = [
+        DBoFBranch(
+            in_dim=cluster_size,
+            hidden_size=branch_hidden,
+            num_classes=num_classes,
+            num_mixtures=mixtures,
+            dropout=dropout,
+        )
+        for _ in range(num_branches)
+    ]
+    model = EnsembleNet(
+        base,
+        branches,
+        output_type="probs",
+        activation="sigmoid",
+        input_spec={
+            "kind": "features",
+            "dim": feature_dim,
+            "rgb_dim": rgb_dim,
+            "audio_dim": audio_dim,
+            "train_frames": train_frames,
+            "max_frames": max_frames,
+        },
+    )
+    init_conv_weights(model, conv_init=conv_init, conv_init_std=conv_init_std)  # no convs: only checks the values
+    return model
+
+
+PRESETS: dict[str, dict] = {
+    # Paper Table 2 baseline: 229,093,358 parameters (BN folded), 415,121,408 video-level FLOPs.
+    "dbof": dict(cluster_size=4096, hidden_size=4096, num_mixtures=5),
+    # Paper Table 2 multi-headed: base cluster-4096, branches (hidden-3000, MoE-3): 226,320,324 / 409,560,000.
+    "dbof_ens2": dict(num_branches=2, cluster_size=4096, hidden_size=4096, branch_hidden_size=3000, branch_mixtures=3),
+    # Tests and CPU demos: the real 1152-d input, so they run on the real data pipeline; forward + backward of
+    # 4 videos x 25 frames takes a few ms on one CPU core.
+    "dbof_tiny": dict(num_classes=16, cluster_size=64, hidden_size=64, num_mixtures=2),
+    "dbof_tiny_ens2": dict(
+        num_branches=2, num_classes=16, cluster_size=64, hidden_size=64, branch_hidden_size=48, branch_mixtures=2
+    ),
+}
