@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Start a training run: recipe + overrides -> torchrun (one node or many) -> python -m video_ens.train
+#
+#   bash launch.sh RECIPE [--run-dir DIR] [--set key=value ...]
+#
+# Processes: one per visible GPU, or NPROC, or one on CPU.
+# Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or, under SLURM, SLURM_NNODES, SLURM_NODEID and the
+# first host of SLURM_JOB_NODELIST); run the same command on every node. No SSH is needed.
+# DRY_RUN=1 validates the recipe, builds the model and the data, runs one step and writes nothing.
+# The environment: the active one when it has video_ens, else .venv (created by tools/setup_env.sh).
+set -euo pipefail
+root=$(cd "$(dirname "$0")" && pwd)
+
+if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+if [ -n "${VIRTUAL_ENV:-}" ] && python -c "import video_ens" >/dev/null 2>&1; then
+  py=python
+else
+  bash "$root/tools/setup_env.sh"
+  py="$root/.venv/bin/python"
+fi
+
+# Fail before any process starts: an unknown key, a wrong type or an impossible value names its JSON path.
+recipe=$1
+shift
+sets=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  if [ "${args[$i]}" = "--set" ] && [ $((i + 1)) -lt ${#args[@]} ]; then sets+=(--set "${args[$((i + 1))]}"); fi
+done
+"$py" -m video_ens.config "$recipe" "${sets[@]}" --quiet
+
+if [ -n "${SLURM_NNODES:-}" ] && [ -z "${NNODES:-}" ]; then
+  NNODES=$SLURM_NNODES
+  NODE_RANK=${SLURM_NODEID:-0}
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+fi
+nnodes=${NNODES:-1}
+node_rank=${NODE_RANK:-0}
+master_addr=${MASTER_ADDR:-127.0.0.1}
+master_port=${MASTER_PORT:-29500}
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$py" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+
+extra=()
+[ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != "0" ] && extra+=(--dry-run)
+# One OpenMP thread per process unless told otherwise: data workers and ranks already fill the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
+  rdzv=(--standalone)
+else
+  rdzv=(--nnodes "$nnodes" --node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
+fi
+cmd=("$py" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
+  -m video_ens.train "$recipe" "$@" "${extra[@]}")
+echo "launch: ${cmd[*]}"
+exec "${cmd[@]}"

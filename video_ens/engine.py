@@ -1,0 +1,212 @@
+"""The DeepSpeed engine: config derivation, initialisation, checkpoints, export. The only DeepSpeed importer.
+
+Batch fields are derived once from the recipe (micro-batch x accumulation x world size = global batch). Mixed
+precision uses DeepSpeed's `torch_autocast` block rather than its `bf16` block: the latter casts every parameter,
+BatchNorm's included, to bf16 (Lightning-AI/pytorch-lightning#14197), and on CPU fails unless the model is cast
+first; `torch_autocast` keeps fp32 parameters and runs convs and matmuls in bf16 (design/ecosystem.md).
+
+Checkpoints are DeepSpeed checkpoints (per-rank ZeRO shards) written under `<tag>.partial` and renamed to `<tag>`
+only after every rank has finished writing and flushed its files, so a directory without the suffix is complete
+by construction and a crash mid-save leaves only a `.partial` directory that is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from . import dist
+from .config import Recipe, RecipeError
+
+_TAG = re.compile(r"^step_(\d{9})$")
+PARTIAL = ".partial"
+
+
+def deepspeed_config(recipe: Recipe, *, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config dict for this recipe on `world_size` ranks (RecipeError when it cannot run here)."""
+    train, ds = recipe.train, recipe.deepspeed
+    micro, accum = train.batch_layout(world_size)
+    cfg: dict = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {
+            "stage": ds.zero_stage,
+            "overlap_comm": ds.overlap_comm,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "contiguous_gradients": True,
+        },
+        # our torch optimizers are not on DeepSpeed's list of tested ZeRO optimizers; they are standard torch ones
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own step prints would interleave
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if recipe.optim.grad_clip is not None:
+        cfg["gradient_clipping"] = recipe.optim.grad_clip
+    if train.precision == "bf16":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif train.precision == "fp16":
+        if device.type != "cuda":
+            raise RecipeError(
+                'train.precision: "fp16" needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use "bf16" or "fp32"'
+            )
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """DeepSpeed needs a process group even for one process: make a single-rank one when no launcher did."""
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init(device)
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """Wrap model and optimizer in a DeepSpeed engine (call `ensure_process_group` first)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first, as (step, path)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _TAG.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> tuple[int, Path] | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, *, keep: int) -> Path:
+    """Write a complete checkpoint for `step` (all ranks call this), then keep only the newest `keep`."""
+    root = Path(root)
+    tag = step_tag(step)
+    partial = root / (tag + PARTIAL)
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag + PARTIAL, client_state=client_state, save_latest=False)
+    _fsync_tree(partial)  # each rank flushes what it wrote (shared file systems: flushing twice is harmless)
+    _barrier()
+    final = root / tag
+    if dist.is_main():
+        (partial / "complete.json").write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)  # the commit point: a directory rename is atomic on POSIX file systems
+        _fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def remove_partial_checkpoints(root: str | Path) -> list[Path]:
+    """Delete `.partial` directories left by a crash mid-save (rank 0 only); returns what was removed."""
+    root = Path(root)
+    removed = []
+    if dist.is_main() and root.is_dir():
+        for p in root.iterdir():
+            if p.name.endswith(PARTIAL):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    _barrier()
+    return removed
+
+
+def load_checkpoint(engine, path: str | Path) -> dict:
+    """Load model, optimizer and engine state from a complete checkpoint directory; returns its client_state."""
+    path = Path(path)
+    if not _TAG.match(path.name) or not (path / "complete.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (expected step_NNNNNNNNN/ with complete.json)")
+    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    return client_state or {}
+
+
+def consolidated_state_dict(engine, checkpoint: str | Path | None = None) -> dict[str, torch.Tensor] | None:
+    """Full fp32 model weights and buffers on rank 0 (None on other ranks), loadable without DeepSpeed.
+
+    ZeRO stages 0-2 with fp32 or autocast keep full fp32 parameters on every rank, so the module's own state dict
+    is the answer. ZeRO-3 (partitioned parameters) and fp16 (half-precision module, fp32 masters in the optimizer)
+    are rebuilt from the saved `checkpoint` with DeepSpeed's zero_to_fp32.
+    """
+    stage = engine.zero_optimization_stage()
+    half = engine.fp16_enabled()
+    if stage < 3 and not half:
+        if not dist.is_main():
+            return None
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in engine.module.state_dict().items()}
+    if checkpoint is None:
+        raise ValueError("ZeRO-3 and fp16 runs export their fp32 weights from a saved checkpoint: pass checkpoint=")
+    _barrier()
+    if not dist.is_main():
+        return None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint = Path(checkpoint)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    buffers = {k: v.detach().cpu().clone() for k, v in engine.module.named_buffers()}
+    return {**buffers, **{k: v.float() for k, v in weights.items()}}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        tdist.barrier()

@@ -1,0 +1,169 @@
+"""Composition root: the only place that holds the whole recipe and builds every component from its section.
+
+    python -m video_ens.train RECIPE [--run-dir DIR] [--set key=value ...] [--dry-run]
+
+normally started by launch.sh through torchrun (one process per GPU, or one on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist, engine
+from .config import RecipeError, dump_recipe, load_recipe, recipe_to_dict
+from .data import loader
+from .models import create_model
+from .models.size import count_params
+from .objective import loss_for
+from .optim import create_optimizer, peak_lr
+from .trainer import Trainer, all_reduce_bn_stats
+
+LOG = dist.get_logger("video_ens.train")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _default_run_dir(recipe_path: str) -> Path:
+    return Path("runs") / Path(recipe_path).stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m video_ens.train", description=__doc__.split("\n")[0])
+    ap.add_argument("recipe")
+    ap.add_argument("--run-dir", default=None, help="run folder (default: runs/<recipe name>)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--dry-run", action="store_true", help="validate, build model and data, run one step, write nothing")
+    args = ap.parse_args(argv)
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.recipe)
+
+    device = dist.pick_device(recipe.train.device)
+    engine.ensure_process_group(device)
+    try:
+        return _run(recipe, run_dir, device, dry_run=args.dry_run)
+    except RecipeError as e:
+        LOG.error(f"error: {e}")
+        return 2
+    finally:
+        dist.shutdown()
+
+
+def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
+    world = dist.world_size()
+    ds_config = engine.deepspeed_config(recipe, world_size=world, device=device)  # fails fast on bad batch fields
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+
+    _seed_everything(recipe.train.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
+    model = create_model(recipe.model.name, **recipe.model.builder_kwargs())
+    if recipe.train.bn_sync == "sync_bn":
+        if device.type != "cuda":
+            raise RecipeError('train.bn_sync: "sync_bn" needs CUDA (SyncBatchNorm does not run on CPU); use "all_reduce"')
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if recipe.model.channels_last:
+        fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last
+        model = model.to(memory_format=fmt)
+    loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
+
+    data_root = loader.prepare(recipe.data, dry_run=dry_run)
+    train_data = loader.train_stream(
+        recipe.data, input_spec=model.input_spec, micro_batch_size=micro, rank=dist.rank(), world_size=world,
+        seed=recipe.train.seed, root=data_root,
+    )
+    eval_data = loader.eval_stream(
+        recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
+    )
+    criterion = loss_for(recipe.objective, model)
+    optimizer = create_optimizer(model, recipe.optim, lr=peak_lr(recipe.optim, recipe.train.global_batch_size))
+    eng = engine.initialize(model, optimizer, ds_config)
+    if recipe.model.compile:
+        eng.compile()
+
+    if dry_run:
+        trainer = Trainer(recipe=recipe, run_dir=_scratch_dir(), engine=eng, criterion=criterion,
+                          train_data=train_data, eval_data=None, device=device,
+                          metrics_task=loader.metrics_task(recipe.data))
+        trainer.total_steps = 1
+        trainer.fit(save_fn=lambda t: None)
+        LOG.info("dry run: recipe valid, model and data built, one step ran")
+        return 0
+
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.json")
+    torch.distributed.barrier() if dist.is_initialized() else None
+
+    trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
+                      eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data))
+    ckpt_root = run_dir / "checkpoints"
+    engine.remove_partial_checkpoints(ckpt_root)
+    latest = engine.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        trainer.restore(engine.load_checkpoint(eng, latest[1]))
+        LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
+    else:
+        _log_model_table(recipe, model, run_dir)
+
+    def save(t: Trainer) -> None:
+        all_reduce_bn_stats(eng.module)
+        engine.save_checkpoint(eng, ckpt_root, t.step, t.client_state(), keep=recipe.train.keep_checkpoints)
+
+    trainer.fit(save_fn=save)
+    result = trainer.evaluate()
+    last = engine.latest_checkpoint(ckpt_root)
+    weights = engine.consolidated_state_dict(eng, last[1] if last else None)
+    if dist.is_main():
+        _write_outputs(run_dir, result, weights, recipe)
+    trainer.log.close()
+    return 0
+
+
+def _scratch_dir() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="video_ens_dry_run_"))
+
+
+def _log_model_table(recipe, model, run_dir: Path) -> None:
+    if not dist.is_main():
+        return
+    params = count_params(model)
+    LOG.info(f"model {recipe.model.name}: {model.num_branches} branch(es), {params:,} parameters (BN folded)")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "model", "step": 0, "name": recipe.model.name, "params_folded": params,
+                            "num_branches": model.num_branches}) + "\n")
+
+
+def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
+    from safetensors.torch import save_file
+
+    out = {"ensemble": result.get("ensemble", {}), "branches": result.get("branches", []),
+           "num_samples": result.get("num_samples", 0), "recipe": recipe_to_dict(recipe)}
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(run_dir / "eval.json")
+    tmp = run_dir / "model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"model": recipe.model.name})
+    tmp.replace(run_dir / "model.safetensors")
+    LOG.info(f"wrote {run_dir / 'eval.json'} and {run_dir / 'model.safetensors'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""The training loop: step, log, evaluate, checkpoint. The four engine calls stay visible in `_train_step`.
+
+Data contract. The trainer reads batches, dicts with
+    "inputs"  (B, ...) model input          "target"  (B,) class indices or (B, C) multi-hot
+    "ids"     list of B sample ids          "lengths" (B,) valid frames (features only; optional)
+from a train stream with `batches(epoch, start)`, an iterator over the micro-batches of one nominal epoch of this
+rank beginning at micro-batch `start`, and `micro_batches_per_epoch`. The stream must be a pure function of
+(seed, rank, epoch, position): that is what lets a resumed run reproduce the per-step losses of an uninterrupted
+one, since the trainer restarts the epoch's iterator at the exact micro-batch the checkpoint recorded. The eval
+stream yields every evaluation sample once across ranks (`batches()`) and knows `num_classes`.
+
+Run folder: recipe.json (resolved), metrics.jsonl, tb/, checkpoints/, eval.json, model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from . import dist
+from .metrics import EnsembleMetrics
+from .optim import lr_at, set_lr
+
+LOG = dist.get_logger("video_ens.trainer")
+
+
+class MetricsLog:
+    """metrics.jsonl (append, one JSON object per line, flushed) and TensorBoard scalars, on rank 0 only."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.enabled = dist.is_main()
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency; a stripped environment still gets the JSON lines
+            LOG.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self._tb is not None:
+            for key, value in _flatten(values).items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, list | tuple):
+            for i, item in enumerate(v):
+                out.update(_flatten(item, f"{key}/{i}/") if isinstance(item, dict) else {f"{key}/{i}": item})
+        else:
+            out[key] = v
+    return out
+
+
+class Progress:
+    """Steps, rate and ETA on rank 0: a tqdm bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, every: int) -> None:
+        self.total, self.every = total, every
+        self.enabled = dist.is_main()
+        self.bar = None
+        self.t0, self.s0 = time.monotonic(), start
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            rate = (step - self.s0) / max(time.monotonic() - self.t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("inf")
+            fields = " ".join(f"{k}={v:.4g}" for k, v in info.items())
+            LOG.info(f"step {step}/{self.total} ({rate:.2f} step/s, eta {_fmt_eta(eta)}) {fields}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def all_reduce_bn_stats(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics across ranks (each rank's drift apart; rank 0's would be saved)."""
+    if not dist.is_initialized() or dist.world_size() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+                    buf /= dist.world_size()
+
+
+class Trainer:
+    """Runs the loop for one recipe; built by `video_ens.train`, which owns every component."""
+
+    def __init__(
+        self,
+        *,
+        recipe,
+        run_dir: Path,
+        engine,
+        criterion,
+        train_data,
+        eval_data,
+        device: torch.device,
+        metrics_task: str,
+        flops_per_sample: float | None = None,
+    ) -> None:
+        self.recipe, self.run_dir, self.engine, self.criterion = recipe, Path(run_dir), engine, criterion
+        self.train_data, self.eval_data, self.device = train_data, eval_data, device
+        self.metrics_task = metrics_task
+        self.flops_per_sample = flops_per_sample
+        t = recipe.train
+        self.global_batch = t.global_batch_size
+        self.accum = engine.gradient_accumulation_steps()
+        self.samples_per_epoch = train_data.micro_batches_per_epoch * engine.train_micro_batch_size_per_gpu() * (
+            dist.world_size()
+        )
+        self.steps_per_epoch = max(train_data.micro_batches_per_epoch // self.accum, 1)
+        total = int(round(t.epochs * self.steps_per_epoch))
+        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self.step = 0  # optimizer steps done
+        self.bad_in_a_row = 0
+        self.log = MetricsLog(self.run_dir)
+
+    # ------------------------------------------------------------------ state carried in checkpoints
+    def client_state(self) -> dict:
+        return {"step": self.step, "recipe": self.recipe_dict(), "bad_in_a_row": self.bad_in_a_row}
+
+    def recipe_dict(self) -> dict:
+        from .config import recipe_to_dict
+
+        return recipe_to_dict(self.recipe)
+
+    def restore(self, client_state: dict) -> None:
+        self.step = int(client_state["step"])
+        self.bad_in_a_row = int(client_state.get("bad_in_a_row", 0))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, save_fn, on_step_end=None) -> None:
+        """Train from `self.step` to `total_steps`; `save_fn(trainer)` writes a checkpoint (the engine's job)."""
+        t = self.recipe.train
+        progress = Progress(self.total_steps, self.step, t.log_every)
+        window_t0, window_samples = time.monotonic(), 0
+        stream = self._micro_batches()
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(
+                    self.recipe.optim,
+                    samples_seen=self.step * self.global_batch,
+                    total_samples=self.total_steps * self.global_batch,
+                    samples_per_epoch=self.samples_per_epoch,
+                    global_batch_size=self.global_batch,
+                )
+                set_lr(self.engine.optimizer, lr)
+                terms = self._train_step(stream)
+                self.step += 1
+                window_samples += self.global_batch
+                info = {"loss": terms["loss"], "lr": lr}
+                progress.update(self.step, info)
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    dt = max(time.monotonic() - window_t0, 1e-9)
+                    rate = window_samples / dt
+                    record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch}
+                    if self.flops_per_sample and self.device.type == "cuda":
+                        # forward + backward ~ 3x the forward FLOPs, per GPU
+                        record["tflops_per_gpu"] = 3 * self.flops_per_sample * rate / dist.world_size() / 1e12
+                    self.log.write("train", self.step, record)
+                    window_t0, window_samples = time.monotonic(), 0
+                last = self.step == self.total_steps
+                if t.eval_every and self.step % t.eval_every == 0 and not last:
+                    self.evaluate()
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+                    save_fn(self)
+                if on_step_end is not None:
+                    on_step_end(self)
+        finally:
+            progress.close()
+
+    def _micro_batches(self):
+        """Micro-batches from the exact position `self.step` implies, across epoch boundaries."""
+        per_epoch = self.steps_per_epoch * self.accum
+        epoch, start = divmod(self.step * self.accum, per_epoch)
+        while True:
+            n = 0
+            for batch in self.train_data.batches(epoch, start):
+                yield batch
+                n += 1
+                if start + n >= per_epoch:
+                    break
+            epoch, start = epoch + 1, 0
+
+    def _train_step(self, stream) -> dict[str, Any]:
+        """One optimizer step = `accum` micro-batches; returns the mean loss terms over them."""
+        self.engine.train()
+        sums: dict[str, torch.Tensor] = {}
+        skipped = 0
+        for _ in range(self.accum):
+            batch = next(stream)
+            inputs = batch["inputs"].to(self.device, non_blocking=True)
+            target = batch["target"].to(self.device, non_blocking=True)
+            kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
+            out = self.engine(inputs, **kwargs)  # 1. forward (autocast per the DeepSpeed config)
+            terms = self.criterion(out.branches, target)
+            loss = terms["loss"]
+            if not self._finite_everywhere(loss):
+                # every rank sees the same verdict, so all skip this backward together (no collective mismatch)
+                # A zero loss that still touches every parameter keeps ZeRO's gradient hooks in step; its gradient
+                # is exactly zero, so nothing non-finite reaches the weights.
+                skipped += 1
+                loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+            self.engine.backward(loss)  # 2. backward
+            self.engine.step()  # 3. optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)
+            for k in ("loss", "ensemble", "branch"):
+                sums[k] = sums.get(k, 0.0) + terms[k].detach().float()
+        if skipped:
+            self.bad_in_a_row += 1
+            self.log.write("skip", self.step, {"reason": "non-finite loss", "micro_batches": skipped})
+            LOG.warning(f"step {self.step}: {skipped} micro-batch(es) with a non-finite loss were not applied")
+            if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss (train.max_bad_steps = "
+                    f"{self.recipe.train.max_bad_steps}): lower optim.lr or check the data"
+                )
+        else:
+            self.bad_in_a_row = 0
+        vec = torch.cat([sums["loss"].reshape(1), sums["ensemble"].reshape(1), sums["branch"].reshape(-1)])
+        vec = vec / self.accum
+        if dist.is_initialized():
+            tdist.all_reduce(vec, op=tdist.ReduceOp.SUM)
+            vec /= dist.world_size()
+        vec = vec.tolist()
+        return {"loss": vec[0], "ensemble": vec[1], "branch": vec[2:]}
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if dist.is_initialized():
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Every metric per branch and for the ensemble, over every evaluation sample once across ranks."""
+        if self.eval_data is None:
+            return {}
+        all_reduce_bn_stats(self.engine.module)
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        # Built before the loop: a rank whose share of the evaluation set is empty must still join the sync.
+        acc = EnsembleMetrics(task=self.metrics_task, num_classes=self.eval_data.num_classes,
+                              num_branches=model.num_branches, top_k=self.recipe.eval.top_k)
+        t0 = time.monotonic()
+        for batch in self.eval_data.batches():
+            inputs = batch["inputs"].to(self.device, non_blocking=True)
+            kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
+            with self._autocast():
+                out = model(inputs, **kwargs)
+            probs = _branch_probs(model, out.branches)  # (N, B, C)
+            acc.update(batch["ids"], probs, out.ensemble.float(), batch["target"])
+        acc = acc.sync()
+        result = acc.compute()
+        result["seconds"] = round(time.monotonic() - t0, 3)
+        model.train(was_training)
+        self.log.write("eval", self.step, result)
+        if dist.is_main():
+            ens = ", ".join(f"{k}={v:.4f}" for k, v in result["ensemble"].items())
+            LOG.info(f"eval at step {self.step} on {result['num_samples']} samples: ensemble {ens}")
+        return result
+
+    def _autocast(self):
+        if self.recipe.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.recipe.train.precision == "fp16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+
+def _branch_probs(model, branches: torch.Tensor) -> torch.Tensor:
+    from .models.ensemble import branch_probs
+
+    return branch_probs(branches, model.output_type, model.activation)
