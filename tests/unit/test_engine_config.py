@@ -1,0 +1,79 @@
+"""DeepSpeed config derivation and checkpoint bookkeeping (no DeepSpeed process needed)."""
+
+import pytest
+import torch
+
+from video_ens import engine
+from video_ens.config import RecipeError, recipe_from_dict
+
+BASE = {"model": {"name": "s3dg_tiny"}, "data": {"demo": "kinetics"}}
+
+
+def _recipe(**sections):
+    raw = {**BASE, **sections}
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "train, world, expect",
+    [
+        ({"global_batch_size": 2048, "micro_batch_size": 8}, 64, (8, 4)),
+        ({"global_batch_size": 2048, "micro_batch_size": 8}, 128, (8, 2)),
+        ({"global_batch_size": 32}, 2, (16, 1)),
+        ({"global_batch_size": 32, "grad_accum_steps": 2}, 2, (8, 2)),
+    ],
+)
+def test_batch_fields_are_derived_once(train, world, expect):
+    cfg = engine.deepspeed_config(_recipe(train=train), world_size=world, device=torch.device("cpu"))
+    mb, acc = expect
+    assert cfg["train_micro_batch_size_per_gpu"] == mb
+    assert cfg["gradient_accumulation_steps"] == acc
+    assert cfg["train_batch_size"] == mb * acc * world == train["global_batch_size"]
+
+
+def test_inconsistent_batch_fields_are_rejected():
+    r = _recipe(train={"global_batch_size": 2048, "micro_batch_size": 8, "grad_accum_steps": 4})
+    with pytest.raises(RecipeError, match="x world size 32 = 1024, not train.global_batch_size 2048"):
+        engine.deepspeed_config(r, world_size=32, device=torch.device("cpu"))
+    with pytest.raises(RecipeError, match="not divisible by the world size 3"):
+        engine.deepspeed_config(_recipe(train={"global_batch_size": 32}), world_size=3, device=torch.device("cpu"))
+
+
+def test_precision_blocks():
+    cpu = torch.device("cpu")
+    bf16 = engine.deepspeed_config(_recipe(train={"precision": "bf16"}), world_size=1, device=cpu)
+    # torch_autocast keeps BatchNorm parameters in fp32; the bf16 block would cast them (ecosystem.md)
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in bf16 and "fp16" not in bf16
+    fp32 = engine.deepspeed_config(_recipe(train={"precision": "fp32"}), world_size=1, device=cpu)
+    assert "torch_autocast" not in fp32 and "fp16" not in fp32
+    with pytest.raises(RecipeError, match='train.precision: "fp16" needs a CUDA GPU'):
+        engine.deepspeed_config(_recipe(train={"precision": "fp16"}), world_size=1, device=cpu)
+    fp16 = engine.deepspeed_config(_recipe(train={"precision": "fp16"}), world_size=1, device=torch.device("cuda"))
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0
+
+
+def test_zero_clipping_and_offload():
+    r = _recipe(deepspeed={"zero_stage": 2, "offload_optimizer": True}, optim={"grad_clip": 1.0})
+    cfg = engine.deepspeed_config(r, world_size=1, device=torch.device("cpu"))
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert cfg["gradient_clipping"] == 1.0
+
+
+def test_only_complete_checkpoints_are_listed(tmp_path):
+    for name in ("step_000000010", "step_000000020", "step_000000030.partial", "junk", "step_12"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_000000040").write_text("a file, not a checkpoint")
+    assert [s for s, _ in engine.list_checkpoints(tmp_path)] == [10, 20]
+    assert engine.latest_checkpoint(tmp_path)[0] == 20
+    assert engine.latest_checkpoint(tmp_path / "missing") is None
+    removed = engine.remove_partial_checkpoints(tmp_path)
+    assert [p.name for p in removed] == ["step_000000030.partial"]
+    assert not (tmp_path / "step_000000030.partial").exists()
+
+
+def test_loading_refuses_an_unfinished_checkpoint(tmp_path):
+    (tmp_path / "step_000000010").mkdir()  # no complete.json
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        engine.load_checkpoint(object(), tmp_path / "step_000000010")

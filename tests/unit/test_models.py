@@ -1,0 +1,145 @@
+"""One interface for every model: parametrised over the whole table in video_ens.models.MODELS."""
+
+import pytest
+import torch
+
+from video_ens.models import MODELS, create_model
+from video_ens.objective import EnsembleLoss
+
+TINY = sorted(n for n in MODELS if "tiny" in n)
+PAPER = ["s3dg", "s3dg_ens2", "dbof", "dbof_ens2", "resnet152", "resnet152_ens2", "seresnet152", "seresnet152_ens2"]
+
+
+def _batch(model, b=2, gen=None):
+    """An input of the kind the model declares, and matching targets."""
+    gen = gen or torch.Generator().manual_seed(0)
+    spec = model.input_spec
+    kind = spec["kind"]
+    if kind == "clip":
+        x = torch.randn(b, 3, spec["frames"], spec["size"], spec["size"], generator=gen)
+        return x, {}, None
+    if kind == "image":
+        return torch.randn(b, 3, spec["size"], spec["size"], generator=gen), {}, None
+    assert kind == "features", spec
+    t = 12
+    x = torch.randn(b, t, spec["dim"], generator=gen)
+    lengths = torch.tensor([t - 3 * i for i in range(b)])
+    return x, {"lengths": lengths}, None
+
+
+def _targets(model, out, gen):
+    n, b, c = out.branches.shape
+    if model.activation == "sigmoid":
+        return (torch.rand(b, c, generator=gen) < 0.2).float()
+    return torch.randint(0, c, (b,), generator=gen)
+
+
+def _loss(model, structure="codistillation", weight=2.0):
+    kind = "sigmoid_bce" if model.activation == "sigmoid" else "softmax_ce"
+    return EnsembleLoss(structure, weight, kind, inputs=model.output_type)
+
+
+def test_the_paper_configurations_are_all_there():
+    assert set(PAPER) <= set(MODELS)
+    assert TINY, "tiny presets of every family"
+    families = {"s3dg", "dbof", "resnet", "seresnet"}
+    assert all(any(n.startswith(f) for n in TINY) for f in families)
+
+
+def test_unknown_model_names_the_closest():
+    with pytest.raises(ValueError, match="did you mean 's3dg_ens2'"):
+        create_model("s3dg_ens")
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_models_build_on_meta(name):
+    with torch.device("meta"):
+        m = create_model(name)
+    assert all(p.is_meta for p in m.parameters())
+    expect_n = 2 if name.endswith("_ens2") else 1
+    assert m.num_branches == expect_n
+    keys = list(m.state_dict())
+    assert all(k.startswith(("base.", "branches.")) for k in keys), keys[:5]
+    assert any(k.startswith(f"branches.{expect_n - 1}.") for k in keys)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_shapes_and_probabilities(name):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    x, kw, _ = _batch(m)
+    with torch.no_grad():
+        out = m(x, **kw)
+    n, b, c = out.branches.shape
+    assert (n, b) == (m.num_branches, 2)
+    assert out.ensemble.shape == (b, c)
+    assert out.ensemble.dtype == torch.float32
+    assert torch.all((out.ensemble >= 0) & (out.ensemble <= 1))
+    if m.activation == "softmax":
+        torch.testing.assert_close(out.ensemble.sum(-1), torch.ones(b))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    m = create_model(name).train()
+    x, kw, _ = _batch(m, b=3, gen=gen)
+    out = m(x, **kw)
+    loss = _loss(m)(out.branches, _targets(m, out, gen))["loss"]
+    loss.backward()
+    missing = [k for k, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    dead = [k for k, p in m.named_parameters() if p.grad.abs().sum() == 0]
+    assert not dead, f"parameters with an all-zero gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_eval_is_deterministic(name):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    x, kw, _ = _batch(m)
+    with torch.no_grad():
+        a, b = m(x, **kw), m(x, **kw)
+    assert torch.equal(a.branches, b.branches) and torch.equal(a.ensemble, b.ensemble)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_tiny_model_learns_a_fixed_batch(name):
+    """A few Adam steps on one batch with the co-distillation loss: the ground-truth term N l(g, p_ens) falls
+    (overfitting is learning). The distillation terms are not compared: they include the entropy of p_ens."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    m = create_model(name).train()
+    x, kw, _ = _batch(m, b=4, gen=gen)
+    with torch.no_grad():
+        tgt = _targets(m, m(x, **kw), gen)
+    crit = _loss(m)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        terms = crit(m(x, **kw).branches, tgt)
+        terms["loss"].backward()
+        opt.step()
+        losses.append(terms["ensemble"].item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_width_and_branch_count_are_recipe_fields(name):
+    m = create_model(name, num_branches=3)
+    assert m.num_branches == 3
+    assert len({type(b) for b in m.branches}) == 1
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_state_dict_round_trip(name):
+    torch.manual_seed(0)
+    a = create_model(name).eval()
+    torch.manual_seed(1)
+    b = create_model(name).eval()
+    b.load_state_dict(a.state_dict())
+    x, kw, _ = _batch(a)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, **kw).ensemble, b(x, **kw).ensemble, rtol=0, atol=0)
