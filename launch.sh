@@ -7,6 +7,7 @@
 # Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or, under SLURM, SLURM_NNODES, SLURM_NODEID and the
 # first host of SLURM_JOB_NODELIST); run the same command on every node. No SSH is needed.
 # DRY_RUN=1 validates the recipe, builds the model and the data, runs one step and writes nothing.
+# Demo recipes (data.demo set) generate their dataset under data/demo first (DEMO_DIR to change).
 # The environment: the active one when it has video_ens, else .venv (created by tools/setup_env.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
@@ -32,6 +33,12 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   if [ "${args[$i]}" = "--set" ] && [ $((i + 1)) -lt ${#args[@]} ]; then sets+=(--set "${args[$((i + 1))]}"); fi
 done
 "$py" -m video_ens.config "$recipe" "${sets[@]}" --quiet
+
+# Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
+demo=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get data.demo)
+if [ -n "$demo" ] && [ "${NODE_RANK:-${SLURM_NODEID:-0}}" = "0" ]; then
+  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}"
+fi
 
 if [ -n "${SLURM_NNODES:-}" ] && [ -z "${NNODES:-}" ]; then
   NNODES=$SLURM_NNODES

@@ -98,7 +98,7 @@ class DataConfig:
     val_shards: str = ""
     """Evaluation shard set, same forms as train_shards."""
     demo: Literal["kinetics", "yt8m", "images"] | None = None
-    """Generate this demo dataset (tools/make_demo_data.py) into the shard folders if they are missing."""
+    """launch.sh generates this demo dataset (tools/make_demo_data.py --kind ...) under data/demo when missing."""
     samples_per_epoch: int | None = None
     """Nominal epoch length, set on the loader (resampled shards); None = the dataset's sample count."""
     num_workers: int = 4
@@ -131,7 +131,8 @@ class DataConfig:
         _check(0 <= self.color_jitter <= 1, "color_jitter", "must be in [0, 1]")
         _check(0 < self.max_skip_fraction <= 1, "max_skip_fraction", "must be in (0, 1]")
         _check(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "samples_per_epoch", "must be >= 1")
-        _check(bool(self.train_shards) or self.demo is not None, "train_shards", "is required (or set data.demo)")
+        _check(bool(self.train_shards), "train_shards", "is required: a converted dataset folder (tools/convert_*.py)")
+        _check(bool(self.val_shards), "val_shards", "is required: a converted dataset folder (tools/convert_*.py)")
 
 
 @dataclass
@@ -572,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--dump", help="write the resolved recipe here")
     ap.add_argument("--quiet", action="store_true", help="print nothing on success")
+    ap.add_argument("--get", metavar="KEY", help="print one resolved field (e.g. data.demo; null prints nothing)")
     args = ap.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -580,7 +582,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dump:
         dump_recipe(recipe, args.dump)
-    if not args.quiet:
+    if args.get:
+        node: Any = recipe_to_dict(recipe)
+        for part in args.get.split("."):
+            if not isinstance(node, dict) or part not in node:
+                print(f"error: {args.get!r} is not a field of the recipe", file=sys.stderr)
+                return 2
+            node = node[part]
+        if node is not None:
+            print(node if isinstance(node, str) else json.dumps(node))
+    elif not args.quiet:
         print(json.dumps(recipe_to_dict(recipe), indent=2))
     return 0
 

@@ -22,7 +22,7 @@ from video_ens.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-MINIMAL = {"model": {"name": "s3dg_tiny"}, "data": {"demo": "kinetics"}}
+MINIMAL = {"model": {"name": "s3dg_tiny"}, "data": {"train_shards": "data/t", "val_shards": "data/v"}}
 
 
 def _write(tmp_path, raw):
@@ -64,7 +64,7 @@ def test_minimal_recipe_fills_defaults():
         ({"model": {"name": "x", "num_branches": 0}}, "model.num_branches: must be >= 1"),
         ({"train": {"global_batch_size": 8, "micro_batch_size": 3}}, "does not divide global_batch_size 8"),
         ({"eval": {"num_crops": 2}}, "eval.num_crops: must be 1 or 3"),
-        ({"data": {"demo": None, "train_shards": ""}}, "data.train_shards: is required"),
+        ({"data": {"train_shards": ""}}, "data.train_shards: is required"),
         ({"data": {"kind": "features"}}, "objective.loss: softmax_ce is single-label"),
         ({"optim": {"name": "adam", "nesterov": True}}, "optim.nesterov"),
     ],
@@ -79,7 +79,7 @@ def test_errors_name_the_path_and_the_fix(patch, expect):
 
 
 def test_missing_model_section_names_model_name():
-    assert "model.name: is required" in _error({"data": {"demo": "kinetics"}})
+    assert "model.name: is required" in _error({"data": MINIMAL["data"]})
 
 
 def test_overrides_go_through_the_same_checks():
@@ -184,6 +184,9 @@ def test_cli_validates_without_torch(tmp_path):
     ok = subprocess.run([sys.executable, "-c", code, str(src), "--quiet"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-c", code, str(src), "--set", "optim.lrr=1"], capture_output=True, text=True)
+    got = subprocess.run([sys.executable, "-c", code, str(src), "--get", "data.train_shards"], capture_output=True,
+                         text=True)
+    assert got.stdout == "data/t\n"
     assert bad.returncode == 2
     assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in bad.stderr
 

@@ -6,7 +6,7 @@ import torch
 from video_ens import engine
 from video_ens.config import RecipeError, recipe_from_dict
 
-BASE = {"model": {"name": "s3dg_tiny"}, "data": {"demo": "kinetics"}}
+BASE = {"model": {"name": "s3dg_tiny"}, "data": {"train_shards": "data/t", "val_shards": "data/v"}}
 
 
 def _recipe(**sections):
