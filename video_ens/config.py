@@ -96,7 +96,7 @@ class DataConfig:
     train_shards: str = ""
     """Training shard set: a folder with _info.json, or a brace pattern like "data/k400/train-{000000..000999}.tar"."""
     val_shards: str = ""
-    """Evaluation shard set, same forms as train_shards."""
+    """Evaluation dataset folder (with _info.json: evaluation splits samples across ranks by its shard counts)."""
     demo: Literal["kinetics", "yt8m", "images"] | None = None
     """launch.sh generates this demo dataset (tools/make_demo_data.py --kind ...) under data/demo when missing."""
     samples_per_epoch: int | None = None
@@ -335,7 +335,7 @@ class EvalConfig:
     max_frames: int = 300
     """Cap on frames per video for mode="full" (and for YouTube-8M features)."""
     batch_size: int = 8
-    """Videos (or images) per evaluation batch per rank."""
+    """Model inputs per evaluation batch per rank: videos, images, or views (clips x crops) in mode "clips"."""
     top_k: int = 20
     """Predictions kept per video for GAP/mAP (the YouTube-8M convention is 20)."""
 

@@ -81,7 +81,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         model = model.to(memory_format=fmt)
     loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
 
-    data_root = loader.prepare(recipe.data, dry_run=dry_run)
+    data_root = loader.prepare(recipe.data, dry_run=dry_run)  # DataPaths(train, val)
     train_data = loader.train_stream(
         recipe.data, input_spec=model.input_spec, micro_batch_size=micro, rank=dist.rank(), world_size=world,
         seed=recipe.train.seed, root=data_root,
@@ -89,6 +89,12 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     eval_data = loader.eval_stream(
         recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
     )
+    model_classes = _num_classes(recipe)
+    if model_classes is not None and model_classes != train_data.num_classes:
+        raise RecipeError(
+            f"model.num_classes: model {recipe.model.name} has {model_classes} classes but the dataset "
+            f"{data_root.train} has {train_data.num_classes}: set model.num_classes to {train_data.num_classes}"
+        )
     criterion = loss_for(recipe.objective, model)
     optimizer = create_optimizer(model, recipe.optim, lr=peak_lr(recipe.optim, recipe.train.global_batch_size))
     eng = engine.initialize(model, optimizer, ds_config)
@@ -133,6 +139,21 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         _write_outputs(run_dir, result, weights, recipe)
     trainer.log.close()
     return 0
+
+
+def _num_classes(recipe) -> int | None:
+    """The classifier width the recipe builds: model.num_classes, else the preset's, else the builder's default."""
+    import inspect
+
+    from .models import MODELS
+
+    if recipe.model.num_classes is not None:
+        return recipe.model.num_classes
+    build, preset = MODELS[recipe.model.name]
+    if "num_classes" in preset:
+        return preset["num_classes"]
+    default = inspect.signature(build).parameters.get("num_classes")
+    return None if default is None or default.default is inspect.Parameter.empty else default.default
 
 
 def _scratch_dir() -> Path:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as tdist
 
 from . import dist
+from .config import RecipeError
 from .metrics import EnsembleMetrics
 from .optim import lr_at, set_lr
 
@@ -154,7 +155,13 @@ class Trainer:
         self.samples_per_epoch = train_data.micro_batches_per_epoch * engine.train_micro_batch_size_per_gpu() * (
             dist.world_size()
         )
-        self.steps_per_epoch = max(train_data.micro_batches_per_epoch // self.accum, 1)
+        if train_data.micro_batches_per_epoch < self.accum:
+            raise RecipeError(
+                f"an epoch has {train_data.micro_batches_per_epoch} micro-batches per rank, fewer than "
+                f"the {self.accum} accumulation steps of one optimizer step: raise data.samples_per_epoch or lower "
+                "train.global_batch_size"
+            )
+        self.steps_per_epoch = train_data.micro_batches_per_epoch // self.accum
         total = int(round(t.epochs * self.steps_per_epoch))
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.step = 0  # optimizer steps done
@@ -199,7 +206,8 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     dt = max(time.monotonic() - window_t0, 1e-9)
                     rate = window_samples / dt
-                    record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch}
+                    record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch,
+                              "bad_samples": _bad_samples(self.train_data.stats)}
                     if self.flops_per_sample and self.device.type == "cuda":
                         # forward + backward ~ 3x the forward FLOPs, per GPU
                         record["tflops_per_gpu"] = 3 * self.flops_per_sample * rate / dist.world_size() / 1e12
@@ -288,7 +296,8 @@ class Trainer:
         model.eval()
         # Built before the loop: a rank whose share of the evaluation set is empty must still join the sync.
         acc = EnsembleMetrics(task=self.metrics_task, num_classes=self.eval_data.num_classes,
-                              num_branches=model.num_branches, top_k=self.recipe.eval.top_k)
+                              num_branches=model.num_branches, top_k=self.recipe.eval.top_k,
+                              aggregate=self.eval_data.aggregate)
         t0 = time.monotonic()
         for batch in self.eval_data.batches():
             inputs = batch["inputs"].to(self.device, non_blocking=True)
@@ -296,10 +305,11 @@ class Trainer:
             with self._autocast():
                 out = model(inputs, **kwargs)
             probs = _branch_probs(model, out.branches)  # (N, B, C)
-            acc.update(batch["ids"], probs, out.ensemble.float(), batch["target"])
+            acc.update(batch["ids"], probs, out.ensemble.float(), batch["target"], view_ids=batch.get("view_ids"))
         acc = acc.sync()
         result = acc.compute()
         result["seconds"] = round(time.monotonic() - t0, 3)
+        result["bad_samples"] = _bad_samples(self.eval_data.stats)
         model.train(was_training)
         self.log.write("eval", self.step, result)
         if dist.is_main():
@@ -313,6 +323,11 @@ class Trainer:
         if self.recipe.train.precision == "fp16":
             return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return torch.autocast(device_type=self.device.type, enabled=False)
+
+
+def _bad_samples(stats: dict) -> dict:
+    """The skipped-sample counters of a stream, for the metrics log (keys of the last few bad samples included)."""
+    return {k: stats[k] for k in ("bad", "bad_by_reason", "last_bad") if k in stats}
 
 
 def _branch_probs(model, branches: torch.Tensor) -> torch.Tensor:
