@@ -24,7 +24,6 @@ else
   py="$root/.venv/bin/python"
 fi
 
-# Fail before any process starts: an unknown key, a wrong type or an impossible value names its JSON path.
 recipe=$1
 shift
 sets=()
@@ -32,13 +31,6 @@ args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   if [ "${args[$i]}" = "--set" ] && [ $((i + 1)) -lt ${#args[@]} ]; then sets+=(--set "${args[$((i + 1))]}"); fi
 done
-"$py" -m video_ens.config "$recipe" "${sets[@]}" --quiet
-
-# Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
-demo=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get data.demo)
-if [ -n "$demo" ] && [ "${NODE_RANK:-${SLURM_NODEID:-0}}" = "0" ]; then
-  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}"
-fi
 
 if [ -n "${SLURM_NNODES:-}" ] && [ -z "${NNODES:-}" ]; then
   NNODES=$SLURM_NNODES
@@ -51,6 +43,16 @@ master_addr=${MASTER_ADDR:-127.0.0.1}
 master_port=${MASTER_PORT:-29500}
 if [ -z "${NPROC:-}" ]; then
   NPROC=$("$py" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+
+# Fail before any process starts: an unknown key, a wrong type, an impossible value or batch fields that do not
+# fit this world size stop here, naming the JSON path.
+"$py" -m video_ens.config "$recipe" "${sets[@]}" --world-size $((NPROC * nnodes)) --quiet
+
+# Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
+demo=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get data.demo)
+if [ -n "$demo" ] && [ "$node_rank" = "0" ]; then
+  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}"
 fi
 
 extra=()

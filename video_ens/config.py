@@ -574,9 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dump", help="write the resolved recipe here")
     ap.add_argument("--quiet", action="store_true", help="print nothing on success")
     ap.add_argument("--get", metavar="KEY", help="print one resolved field (e.g. data.demo; null prints nothing)")
+    ap.add_argument("--world-size", type=int, default=None, help="also check the batch fields for this many ranks")
     args = ap.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.world_size is not None:
+            recipe.train.batch_layout(args.world_size)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,246 @@
+"""End-to-end training on CPU: two gloo ranks through launch.sh/torchrun, DeepSpeed ZeRO-1 and -2.
+
+Golden per-step losses (tests/assets/golden_losses.json) pin the whole numeric path: data stream, augmentation,
+model, loss, optimizer, engine. Regenerate them deliberately with `UPDATE_GOLDEN=1 bash tools/test.sh
+tests/integration/test_train.py` after a change that is meant to alter the numbers, and say why in the commit.
+Independent of the golden file, ZeRO-1 and ZeRO-2 must agree with each other, and a run killed with SIGKILL and
+restarted must end with exactly the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
+STEPS = 4
+RTOL = 2e-4  # same torch build and thread count; a changed formula moves losses by far more
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Small demo datasets of all three kinds, made once per session through the real converters."""
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    demo = importlib.import_module("make_demo_data")
+    root = tmp_path_factory.mktemp("demo")
+    demo.make_kinetics(str(root / "kinetics"), num_train=48, num_val=12, shard_size=8)
+    demo.make_yt8m(str(root / "yt8m"), num_train=64, num_validate=24, shard_size=16)
+    demo.make_images(str(root / "images"), num_train=64, num_val=16, shard_size=16)
+    return root
+
+
+def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **train) -> dict:
+    data = {
+        "s3dg": {"kind": "clip", "train_shards": str(demo_root / "kinetics/train"),
+                 "val_shards": str(demo_root / "kinetics/val"), "frames": 16, "frame_stride": 2, "crop_size": 64,
+                 "short_side": [64, 72], "flip": False, "num_workers": 0},
+        "dbof": {"kind": "features", "train_shards": str(demo_root / "yt8m/train"),
+                 "val_shards": str(demo_root / "yt8m/val"), "frames": 25, "num_workers": 0},
+        "resnet": {"kind": "image", "train_shards": str(demo_root / "images/train"),
+                   "val_shards": str(demo_root / "images/val"), "crop_size": 32, "short_side": [32, 36],
+                   "num_workers": 0},
+    }[family]
+    model = {"s3dg": {"name": "s3dg_tiny_ens2"}, "dbof": {"name": "dbof_tiny_ens2"},
+             "resnet": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}}}[family]
+    loss = "sigmoid_bce" if family == "dbof" else "softmax_ce"
+    return {
+        "description": f"test: tiny {family}, 2 ranks, ZeRO-{zero}",
+        "model": model,
+        "data": data,
+        "objective": {"structure": "codistillation", "weight": 2.0, "loss": loss},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+        "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
+                  "log_every": 1, "checkpoint_every": 0, "seed": 0, **train},
+        "deepspeed": {"zero_stage": zero},
+        "eval": {"mode": "full", "max_frames": 32, "batch_size": 4},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, env=None, extra=(), timeout=600, background=False):
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f"{run_dir.name}.recipe.json"
+    path.write_text(json.dumps(recipe))
+    cmd = ["bash", str(ROOT / "launch.sh"), str(path), "--run-dir", str(run_dir), *extra]
+    env = env or _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return out
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Per-step total loss from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
+    steps = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            steps[rec["step"]] = rec["loss"]
+    return steps
+
+
+def _check(out: subprocess.CompletedProcess) -> None:
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+
+
+FAMILIES = ["s3dg", "dbof", "resnet"]
+
+
+@pytest.fixture(scope="session")
+def trained(demo_root, tmp_path_factory):
+    """Every (family, ZeRO stage) run once per session; tests read their run folders."""
+    runs = {}
+    base = tmp_path_factory.mktemp("runs")
+
+    def get(family: str, zero: int) -> Path:
+        if (family, zero) not in runs:
+            run_dir = base / f"{family}_zero{zero}"
+            _check(_launch(_recipe(family, demo_root, zero=zero), run_dir))
+            runs[family, zero] = run_dir
+        return runs[family, zero]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero1_and_zero2_train_identically_and_match_golden(family, trained):
+    one, two = _losses(trained(family, 1)), _losses(trained(family, 2))
+    assert sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=RTOL), f"ZeRO-1 vs ZeRO-2 at step {step}"
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden[family] = [one[s] for s in sorted(one)]
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+    assert family in golden, f"no golden losses for {family}: run with UPDATE_GOLDEN=1 once"
+    assert [one[s] for s in sorted(one)] == pytest.approx(golden[family], rel=RTOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_folder_outputs(family, trained):
+    run = trained(family, 1)
+    for name in ("recipe.json", "metrics.jsonl", "eval.json", "model.safetensors"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").iterdir()), "TensorBoard events"
+    result = json.loads((run / "eval.json").read_text())
+    assert len(result["branches"]) == 2
+    expect = {"gap", "map", "hit_at_one"} if family == "dbof" else {"top1", "top5"}
+    assert set(result["ensemble"]) >= expect
+    assert result["num_samples"] == {"s3dg": 12, "dbof": 12, "resnet": 16}[family]
+    # the consolidated weights load into a fresh model without DeepSpeed
+    from safetensors.torch import load_file
+
+    from video_ens.config import load_recipe
+    from video_ens.models import create_model
+
+    recipe = load_recipe(run / "recipe.json")
+    model = create_model(recipe.model.name, **recipe.model.builder_kwargs())
+    model.load_state_dict(load_file(str(run / "model.safetensors")), strict=True)  # raises on any key mismatch
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, trained, tmp_path):
+    """SIGKILL the whole job after step 5 (a checkpoint exists at step 4, maybe one in flight at 6), restart the
+    same command: it resumes from the newest complete checkpoint and logs the same per-step losses."""
+    steps = 8
+    recipe = _recipe("s3dg", demo_root, zero=1, steps=steps, checkpoint_every=2)
+    reference = tmp_path / "reference"
+    _check(_launch(recipe, reference))
+    run = tmp_path / "killed"
+    proc = _launch(recipe, run, background=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"run ended before it could be killed: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    done = _losses(run)
+    assert max(done) < steps, "the kill came too late to test anything"
+    _check(_launch(recipe, run))
+    resumed, expect = _losses(run), _losses(reference)
+    assert sorted(resumed) == sorted(expect) == list(range(1, steps + 1))
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expect[s] for s in sorted(expect)], rel=1e-6)
+    log = (run / "metrics.jsonl").read_text()
+    assert log.count('"kind": "train"') > steps, "the restarted run should have re-logged the steps after the checkpoint"
+
+
+def test_two_node_launch_on_localhost(demo_root, tmp_path):
+    """NNODES=2 with one process per node, both on this machine: the same command with NODE_RANK 0 and 1."""
+    recipe = _recipe("resnet", demo_root, zero=2, steps=2)
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        env = _env(NPROC="1", NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(_launch(recipe, tmp_path / "run", env=env, background=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=600)[0])
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "--nnodes 2 --node-rank 1" in outs[1]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    assert (tmp_path / "run" / "eval.json").is_file()
+
+
+def test_bad_recipe_fails_before_any_process_starts(demo_root, tmp_path):
+    recipe = _recipe("resnet", demo_root, zero=1)
+    out = _launch(recipe, tmp_path / "run", extra=["--set", "optim.lrr=0.1"])
+    assert out.returncode == 2
+    assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in out.stderr
+    assert "launch:" not in out.stdout, "torchrun must not have been started"
+    recipe["train"]["micro_batch_size"] = 3
+    out = _launch(recipe, tmp_path / "run")
+    assert out.returncode == 2 and "train.micro_batch_size: 3 does not divide global_batch_size 8" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_inconsistent_batch_for_the_world_size_is_named(demo_root, tmp_path):
+    recipe = _recipe("resnet", demo_root, zero=1)
+    recipe["train"].update(global_batch_size=6, micro_batch_size=2, grad_accum_steps=3)  # 2 x 3 x 2 ranks = 12
+    out = _launch(recipe, tmp_path / "run")
+    assert out.returncode == 2
+    assert "x world size 2 = 12, not train.global_batch_size 6" in out.stderr
+    assert "launch:" not in out.stdout, "torchrun must not have been started"
+
+
+def test_dry_run_writes_nothing(demo_root, tmp_path):
+    recipe = _recipe("dbof", demo_root, zero=1)
+    out = _launch(recipe, tmp_path / "run", env=_env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(_free_port())))
+    _check(out)
+    assert "--dry-run" in out.stdout
+    assert not (tmp_path / "run").exists()
