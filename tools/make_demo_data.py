@@ -1,0 +1,557 @@
+#!/usr/bin/env python
+"""Generate the small, learnable demo datasets used by the quickstart and CI, through the real converters.
+
+    python tools/make_demo_data.py --out data/demo [--kind kinetics|yt8m|images|all] [--seed 0] [--overwrite]
+
+    data/demo/kinetics/{train,val}   H.264 clips whose class is a motion        (tools/convert_kinetics.py)
+    data/demo/yt8m/{train,val}       YouTube-8M-style multi-label frame features (tools/convert_yt8m.py)
+    data/demo/images/{train,val}     32x32 PNG/JPEG patterns                     (tools/convert_images.py)
+
+Each kind is written as its raw form first (mp4 files + a Kinetics annotation CSV; TFRecords of SequenceExamples;
+a class-per-folder image tree) in a temporary folder, then converted by the converter's library function, so the
+demo data goes through exactly the shard format and checks real data goes through.
+
+kinetics: 8 classes of motion of one large textured shape: move left/right/up/down, rotate cw/ccw, grow, shrink.
+    Start positions, sizes and angles are drawn so that a single frame says little about the class (grow and
+    shrink share their mid-clip sizes, every position and angle occurs in every class): the change over time tells. One to three smaller distractor shapes move, turn and scale at random,
+    the large shape also drifts, turns or scales a little, and every frame gets pixel noise, so a tiny model does
+    not saturate in one epoch.
+yt8m: 16 classes, 1-3 labels per video, 10-60 frames. Each class adds its own pattern (1024-d visual, 128-d audio;
+    odd classes partly copy the previous class's pattern, so pairs are confusable) on a random contiguous stretch
+    of the video's frames, on top of frame noise and a per-video offset; features are quantized as YouTube-8M's
+    are. Validate records are split 50/50 by the converter's hash holdout, as the paper's split does with 10%.
+images: 10 classes of pattern (horizontal/vertical/two diagonal stripes, checkerboard, disc, ring, cross, dots,
+    square outline) with random colours, period, phase and position, plus noise; even-numbered files PNG, odd JPEG.
+
+Deterministic: the same seed gives the same bytes for features and images, and the same decoded frames for the
+clips (libx264 runs single-threaded on explicitly converted, numbered frames; with the same FFmpeg build the clip
+bytes are identical too). An existing
+demo folder made with the same settings is kept (printed as up to date); different settings need --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from fractions import Fraction
+
+import numpy as np
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:  # the converters are scripts beside this one, not package modules
+    sys.path.insert(0, TOOLS)
+
+import convert_images  # noqa: E402
+import convert_kinetics  # noqa: E402
+import convert_yt8m  # noqa: E402
+
+from video_ens.data.schema import DatasetInfo, read_info  # noqa: E402
+from video_ens.data.tfrecord import TFRecordWriter, bytes_feature, encode_sequence_example, int64_feature  # noqa: E402
+from video_ens.data.writer import map_ordered  # noqa: E402
+
+GENERATOR_VERSION = "1"
+KINDS = ("kinetics", "yt8m", "images")
+MOTION_CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw", "grow", "shrink")
+PATTERN_CLASSES = (
+    "stripes_horizontal",
+    "stripes_vertical",
+    "stripes_diagonal_up",
+    "stripes_diagonal_down",
+    "checkerboard",
+    "disc",
+    "ring",
+    "cross",
+    "dots",
+    "square_outline",
+)
+_SPLIT_CODE = {"train": 0, "val": 1, "validate": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Motion clips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _shape_alpha(u: np.ndarray, v: np.ndarray, shape: int, r: float) -> np.ndarray:
+    """Anti-aliased coverage of a unit shape at object coordinates (u, v) (in radii); r = radius in pixels."""
+    if shape == 0:  # square
+        d = np.maximum(np.abs(u), np.abs(v))
+    elif shape == 1:  # disc
+        d = np.sqrt(u * u + v * v)
+    else:  # diamond
+        d = (np.abs(u) + np.abs(v)) * 0.85
+    return np.clip((1.0 - d) * r + 0.5, 0.0, 1.0)
+
+
+def _random_object(rng: np.random.Generator, radius: float) -> dict:
+    color_a = rng.uniform(20, 235, 3)
+    color_b = np.clip(255 - color_a + rng.normal(0, 25, 3), 0, 255)  # contrasting stripes
+    return {
+        "shape": int(rng.integers(3)),
+        "r": radius,
+        "colors": (color_a, color_b),
+        "freq": rng.uniform(1.1, 1.9),  # stripe cycles per radius: enough to see a turn, scales with the object
+        "stripe_angle": rng.uniform(0, math.pi),
+        "phase": rng.uniform(0, 2 * math.pi),
+    }
+
+
+def _draw(img: np.ndarray, xx: np.ndarray, yy: np.ndarray, obj: dict, cx: float, cy: float, angle: float, r: float):
+    """Composite one striped shape, centred at (cx, cy), turned by `angle` (radians), of radius r, onto img."""
+    dx, dy = xx - cx, yy - cy
+    c, s = math.cos(angle), math.sin(angle)
+    u = (c * dx + s * dy) / r  # object coordinates, in radii
+    v = (-s * dx + c * dy) / r
+    alpha = _shape_alpha(u, v, obj["shape"], r)[..., None]  # (H, W, 1)
+    sa, ca = math.sin(obj["stripe_angle"]), math.cos(obj["stripe_angle"])
+    t = 0.5 + 0.5 * np.sin(2 * math.pi * obj["freq"] * (ca * u + sa * v) + obj["phase"])[..., None]
+    color_a, color_b = obj["colors"]
+    img *= 1.0 - alpha
+    img += alpha * (t * color_a + (1.0 - t) * color_b)
+
+
+def render_motion_clip(
+    seed: int, split: str, index: int, label: int, *, frames: int = 32, size: int = 64
+) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of one clip of class MOTION_CLASSES[label]; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index, 17])
+    name = MOTION_CLASSES[label]
+    h = w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    steps = np.arange(frames, dtype=np.float64)
+    unit = size / 64.0  # all distances below are for 64-pixel frames
+
+    # Background: two soft colour gradients and a faint texture, still.
+    bg = np.empty((h, w, 3), np.float32)
+    base = rng.uniform(60, 190, 3)
+    for ch in range(3):
+        fx, fy = rng.uniform(-1.5, 1.5, 2) / size
+        bg[..., ch] = base[ch] + 35 * np.sin(2 * math.pi * (fx * xx + fy * yy) + rng.uniform(0, 6.3))
+    bg += rng.normal(0, 6, (h, w, 1)).astype(np.float32)
+
+    # The large object: its class motion plus small nuisance motion of the other kinds.
+    span = frames - 1
+    r0 = rng.uniform(8.5, 11.0) * unit
+    angle0 = rng.uniform(0, 2 * math.pi)
+    spin = math.radians(rng.uniform(-1.2, 1.2))  # nuisance turn per frame
+    scale = np.exp(rng.uniform(-0.08, 0.08) * steps / span)  # nuisance zoom
+    drift = rng.normal(0, 0.08 * unit, 2)  # nuisance drift per frame
+    if name.startswith("move"):
+        speed = rng.uniform(0.5, 0.85) * unit
+        heading = {"move_left": math.pi, "move_right": 0.0, "move_up": -math.pi / 2, "move_down": math.pi / 2}[name]
+        heading += math.radians(rng.uniform(-12, 12))
+        velocity = speed * np.array([math.cos(heading), math.sin(heading)])
+    elif name.startswith("rotate"):
+        spin = math.radians(rng.uniform(4.0, 7.5)) * (1 if name == "rotate_cw" else -1)  # +angle turns clockwise
+        velocity = drift
+    else:
+        factor = rng.uniform(1.6, 2.1)  # end radius / start radius for grow; its inverse for shrink
+        r0 = rng.uniform(7.5, 9.5) * unit / math.sqrt(factor)  # start radius, so that the mid-clip size is class-free
+        if name == "shrink":
+            r0 *= factor
+            factor = 1 / factor
+        scale = factor ** (steps / span)
+        velocity = drift
+    radius = r0 * scale  # (T,)
+    travel = velocity * span
+    margin = float(radius.max()) * 0.6
+    lo = np.maximum(margin, margin - travel)  # keep the centre inside the frame over the whole path
+    hi = np.minimum(size - margin, size - margin - travel)
+    start = rng.uniform(lo, np.maximum(lo, hi))
+    centre = start[None, :] + velocity[None, :] * steps[:, None]  # (T, 2)
+    angle = angle0 + spin * steps
+    main = (_random_object(rng, r0), centre, angle, radius)
+
+    # Distractors: smaller shapes with random motion of every kind.
+    objects = [main]
+    for _ in range(int(rng.integers(1, 4))):
+        rd = rng.uniform(3.5, 6.0) * unit
+        pos = rng.uniform(0, size, 2) + rng.normal(0, 0.5 * unit, 2)[None, :] * steps[:, None]  # (T, 2)
+        turn = rng.uniform(0, 6.3) + math.radians(rng.uniform(-6, 6)) * steps
+        zoom = rd * rng.uniform(0.75, 1.33) ** (steps / span)
+        objects.append((_random_object(rng, rd), pos, turn, zoom))
+    order = rng.permutation(len(objects))  # the large object is sometimes occluded
+
+    clip = np.empty((frames, h, w, 3), np.uint8)
+    gain = 1.0 + rng.normal(0, 0.03, frames)  # slight flicker
+    for t in range(frames):
+        img = bg.copy()
+        for k in order:
+            obj, pos, ang, rad = objects[k]
+            _draw(img, xx, yy, obj, float(pos[t, 0]), float(pos[t, 1]), float(ang[t]), float(rad[t]))
+        img = img * gain[t] + rng.normal(0, 7, img.shape).astype(np.float32)
+        clip[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return clip
+
+
+def encode_h264(frames: np.ndarray, fps: int) -> bytes:
+    """MP4 bytes of uint8 (T, H, W, 3) frames, libx264 single-threaded (deterministic)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.thread_count = 1
+        # A keyframe every 16 frames, like the converter's re-encode default. mbtree=0: with x264's macroblock-tree
+        # rate control on, repeated encodes of the same frames differed (decoded frames included) in 22 of 96
+        # trials when the heap held different garbage; with it off, 0 of 240 (asm=0 or rc-lookahead=0 also cure it).
+        stream.options = {
+            "crf": "20",
+            "preset": "fast",
+            "threads": "1",
+            "x264-params": "keyint=16:min-keyint=16:mbtree=0",
+        }
+        for i, rgb in enumerate(frames):
+            # Convert to yuv420p here and number the frames: handing rgb24 frames to encode() (PyAV converts them
+            # itself) gave different bytes on 5 of 6 repeated encodes of one clip here; with both, 24 of 24 agree.
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _write_clip(job: tuple) -> str:
+    """Render and encode one clip to `path` (runs in a worker)."""
+    path, seed, split, index, label, frames, size, fps = job
+    data = encode_h264(render_motion_clip(seed, split, index, label, frames=frames, size=size), fps)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def make_kinetics(
+    out: str,
+    *,
+    seed: int = 0,
+    num_train: int = 200,
+    num_val: int = 80,
+    frames: int = 32,
+    size: int = 64,
+    fps: int = 16,
+    shard_size: int = 20,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, DatasetInfo]:
+    """Write `out`/train and `out`/val (kind "video") through convert_kinetics."""
+    settings = {"generator": "make_demo_data.kinetics", "version": GENERATOR_VERSION, "seed": seed}
+    settings.update(num_train=num_train, num_val=num_val, frames=frames, size=size, fps=fps, shard_size=shard_size)
+    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    if kept is not None:
+        return kept
+    duration = max(1, math.ceil(frames / fps))
+    with tempfile.TemporaryDirectory(prefix="demo-kinetics-") as tmp:
+        videos = os.path.join(tmp, "videos")
+        os.makedirs(videos)
+        rows, jobs = [], []
+        for split, n in (("train", num_train), ("val", num_val)):
+            for i in range(n):
+                label = i % len(MOTION_CLASSES)
+                youtube_id = f"demo-{split}-{i:05d}"
+                path = os.path.join(videos, f"{youtube_id}_{0:06d}_{duration:06d}.mp4")
+                rows.append((MOTION_CLASSES[label], youtube_id, 0, duration, split))
+                jobs.append((path, seed, split, i, label, frames, size, fps))
+        for _ in map_ordered(_write_clip, jobs, workers=workers, chunksize=8):
+            pass
+        annotations = os.path.join(tmp, "annotations.csv")
+        with open(annotations, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
+            writer.writerows(rows)
+        infos = {}
+        for split in ("train", "val"):
+            infos[split] = convert_kinetics.convert(
+                annotations=annotations,
+                videos=videos,
+                out=os.path.join(out, split),
+                split=split,
+                labels=sorted(MOTION_CLASSES),
+                workers=workers,
+                shard_size=shard_size,
+                seed=seed,
+                overwrite=True,
+                progress=progress,
+                extra_info={"demo": settings},
+            )
+    return infos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YouTube-8M-style features
+# ---------------------------------------------------------------------------------------------------------------
+
+# The starter code's quantization range (google/youtube-8m utils.py Dequantize: max 2, min -2); quantize inverts
+# schema.dequantize: x ~ q * 4/255 + (4/512 - 2).
+_Q_SCALE = 4.0 / 255.0
+_Q_BIAS = 4.0 / 512.0 - 2.0
+
+
+def _quantize(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint((x - _Q_BIAS) / _Q_SCALE), 0, 255).astype(np.uint8)
+
+
+def _class_patterns(seed: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(num_classes, 1024) and (num_classes, 128) patterns; each odd class shares 60% of the previous one's."""
+    rng = np.random.default_rng([seed, 8, 0])
+    out = []
+    for dim, amplitude in ((1024, 0.09), (128, 0.16)):
+        p = rng.normal(0, 1, (num_classes, dim))
+        p[1::2] = 0.6 * p[0::2][: p[1::2].shape[0]] + 0.8 * p[1::2]
+        out.append((amplitude * p).astype(np.float32))
+    return out[0], out[1]
+
+
+def render_yt8m_video(
+    seed: int, split: str, index: int, patterns: tuple[np.ndarray, np.ndarray]
+) -> tuple[str, list[int], np.ndarray, np.ndarray]:
+    """(video id, labels, rgb uint8 (T, 1024), audio uint8 (T, 128)) of one synthetic video."""
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index, 8])
+    rgb_p, audio_p = patterns
+    num_classes = rgb_p.shape[0]
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    video_id = "".join(alphabet[k] for k in rng.integers(len(alphabet), size=6)) + f"{split[0]}{index:05d}"
+    t = int(rng.integers(10, 61))
+    prior = 1.0 / (1.0 + np.arange(num_classes) / 4.0)  # some classes rarer than others
+    k = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+    labels = sorted(int(c) for c in rng.choice(num_classes, size=k, replace=False, p=prior / prior.sum()))
+    feats = []
+    for pat, noise in ((rgb_p, 0.5), (audio_p, 0.6)):
+        x = rng.normal(0, noise, (t, pat.shape[1])) + rng.normal(0, 0.3, pat.shape[1])  # frame noise + video offset
+        for c in labels:
+            length = max(2, int(round(t * rng.uniform(0.3, 0.8))))
+            start = int(rng.integers(0, t - length + 1))
+            x[start : start + length] += rng.uniform(0.6, 1.4) * pat[c]  # the class shows for a stretch
+        feats.append(_quantize(x))
+    return video_id, labels, feats[0], feats[1]
+
+
+def _yt8m_record(video_id: str, labels: list[int], rgb: np.ndarray, audio: np.ndarray) -> bytes:
+    context = {"id": bytes_feature([video_id.encode()]), "labels": int64_feature(labels)}
+    lists = {
+        "rgb": [bytes_feature([row.tobytes()]) for row in rgb],
+        "audio": [bytes_feature([row.tobytes()]) for row in audio],
+    }
+    return encode_sequence_example(context, lists)
+
+
+def make_yt8m(
+    out: str,
+    *,
+    seed: int = 0,
+    num_train: int = 320,
+    num_validate: int = 160,
+    num_classes: int = 16,
+    holdout_fraction: float = 0.5,
+    train_files: int = 2,
+    shard_size: int = 20,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, DatasetInfo]:
+    """Write `out`/train (train records + the rest of validate) and `out`/val (held-out validate) via convert_yt8m."""
+    settings = {"generator": "make_demo_data.yt8m", "version": GENERATOR_VERSION, "seed": seed}
+    settings.update(num_train=num_train, num_validate=num_validate, num_classes=num_classes)
+    settings.update(holdout_fraction=holdout_fraction, train_files=train_files, shard_size=shard_size)
+    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    if kept is not None:
+        return kept
+    patterns = _class_patterns(seed, num_classes)
+    with tempfile.TemporaryDirectory(prefix="demo-yt8m-") as tmp:
+        train_paths = [os.path.join(tmp, f"train{j:04d}.tfrecord") for j in range(train_files)]
+        validate_path = os.path.join(tmp, "validate0000.tfrecord")
+        writers = [TFRecordWriter(p) for p in train_paths]
+        for i in range(num_train):
+            writers[i * train_files // max(1, num_train)].write(
+                _yt8m_record(*render_yt8m_video(seed, "train", i, patterns))
+            )
+        for w in writers:
+            w.close()
+        with TFRecordWriter(validate_path) as w:
+            for i in range(num_validate):
+                w.write(_yt8m_record(*render_yt8m_video(seed, "validate", i, patterns)))
+        vocabulary = os.path.join(tmp, "vocabulary.csv")
+        with open(vocabulary, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Index", "Name"])
+            writer.writerows([c, f"topic_{c:02d}"] for c in range(num_classes))
+        infos = convert_yt8m.convert(
+            inputs=train_paths,
+            holdout_inputs=[validate_path],
+            holdout_fraction=holdout_fraction,
+            out=os.path.join(out, "train"),
+            holdout_out=os.path.join(out, "val"),
+            num_classes=num_classes,
+            vocabulary=vocabulary,
+            workers=workers,
+            shard_size=shard_size,
+            overwrite=True,
+            progress=progress,
+            extra_info={"demo": settings},
+        )
+    return {"train": infos["main"], "val": infos["holdout"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pattern images
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render_pattern_image(seed: int, split: str, index: int, label: int, *, size: int = 32) -> np.ndarray:
+    """uint8 (H, W, 3) image of class PATTERN_CLASSES[label]."""
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], index, 10])
+    name = PATTERN_CLASSES[label]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    fg = rng.uniform(0, 255, 3)
+    bg = np.clip(255 - fg + rng.normal(0, 40, 3), 0, 255)
+    period = rng.uniform(4.0, 9.0) * size / 32
+    phase = rng.uniform(0, 2 * math.pi)
+    tilt = math.radians(rng.uniform(-10, 10))
+    cx, cy = rng.uniform(0.35, 0.65, 2) * size
+    radius = rng.uniform(0.2, 0.35) * size
+    rx, ry = xx - cx, yy - cy
+    wave = lambda a: np.sin(2 * math.pi * (math.cos(a) * xx + math.sin(a) * yy) / period + phase)  # noqa: E731
+    if name == "stripes_horizontal":
+        m = wave(math.pi / 2 + tilt) > 0
+    elif name == "stripes_vertical":
+        m = wave(tilt) > 0
+    elif name == "stripes_diagonal_up":
+        m = wave(-math.pi / 4 + tilt) > 0
+    elif name == "stripes_diagonal_down":
+        m = wave(math.pi / 4 + tilt) > 0
+    elif name == "checkerboard":
+        m = (wave(tilt) > 0) ^ (wave(math.pi / 2 + tilt) > 0)
+    elif name == "disc":
+        m = rx * rx + ry * ry < radius * radius
+    elif name == "ring":
+        d = np.sqrt(rx * rx + ry * ry)
+        m = np.abs(d - radius) < rng.uniform(1.2, 2.5) * size / 32
+    elif name == "cross":
+        half = rng.uniform(1.2, 2.5) * size / 32
+        m = ((np.abs(rx) < half) | (np.abs(ry) < half)) & (np.maximum(np.abs(rx), np.abs(ry)) < radius * 1.3)
+    elif name == "dots":
+        m = (np.sin(2 * math.pi * xx / period + phase) > 0.6) & (np.sin(2 * math.pi * yy / period + phase * 0.7) > 0.6)
+    else:  # square_outline
+        d = np.maximum(np.abs(rx), np.abs(ry))
+        m = np.abs(d - radius) < rng.uniform(1.2, 2.5) * size / 32
+    img = np.where(m[..., None], fg, bg) + rng.normal(0, 14, (size, size, 3))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def make_images(
+    out: str,
+    *,
+    seed: int = 0,
+    num_train: int = 500,
+    num_val: int = 200,
+    size: int = 32,
+    shard_size: int = 50,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, DatasetInfo]:
+    """Write `out`/train and `out`/val (kind "image") through convert_images."""
+    from PIL import Image  # a dependency of tensorboard, which video_ens requires
+
+    settings = {"generator": "make_demo_data.images", "version": GENERATOR_VERSION, "seed": seed}
+    settings.update(num_train=num_train, num_val=num_val, size=size, shard_size=shard_size)
+    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    if kept is not None:
+        return kept
+    infos = {}
+    with tempfile.TemporaryDirectory(prefix="demo-images-") as tmp:
+        for split, n in (("train", num_train), ("val", num_val)):
+            root = os.path.join(tmp, split)
+            for cls in PATTERN_CLASSES:
+                os.makedirs(os.path.join(root, cls))
+            for i in range(n):
+                label = i % len(PATTERN_CLASSES)
+                image = Image.fromarray(render_pattern_image(seed, split, i, label, size=size))
+                stem = os.path.join(root, PATTERN_CLASSES[label], f"{split}_{i:05d}")
+                if i % 2 == 0:
+                    image.save(stem + ".png", format="PNG", optimize=False)
+                else:
+                    image.save(stem + ".jpg", format="JPEG", quality=90)
+            infos[split] = convert_images.convert(
+                root=root,
+                out=os.path.join(out, split),
+                labels=list(PATTERN_CLASSES),
+                workers=workers,
+                shard_size=shard_size,
+                seed=seed,
+                overwrite=True,
+                progress=progress,
+                extra_info={"demo": settings},
+            )
+    return infos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _up_to_date(
+    out: str, splits: tuple[str, ...], settings: dict, overwrite: bool, verbose: bool = False
+) -> dict[str, DatasetInfo] | None:
+    """The existing infos when `out` already holds these splits made with `settings`; None to (re)generate.
+
+    Raises FileExistsError when `out` holds data made differently and overwrite is False.
+    """
+    if overwrite:
+        return None
+    infos = {}
+    for split in splits:
+        folder = os.path.join(out, split)
+        if not os.path.exists(folder):
+            return None if not infos else _differs(out, "a split is missing")
+        try:
+            infos[split] = read_info(folder)
+        except (FileNotFoundError, ValueError) as e:
+            _differs(out, str(e))
+        if infos[split].extra.get("demo") != settings:
+            _differs(out, f"it was made with {json.dumps(infos[split].extra.get('demo'))}")
+    if verbose:
+        print(f"{out}: up to date (seed {settings['seed']}; --overwrite regenerates it)")
+    return infos
+
+
+def _differs(out: str, why: str):
+    raise FileExistsError(f"{out} exists but is not this demo data ({why}); pass --overwrite to regenerate it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/demo", help="parent folder of kinetics/, yt8m/, images/")
+    p.add_argument("--kind", choices=(*KINDS, "all"), default="all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--overwrite", action="store_true", help="regenerate even if present")
+    a = p.parse_args(argv)
+    makers = {"kinetics": make_kinetics, "yt8m": make_yt8m, "images": make_images}
+    status = 0
+    for kind in KINDS if a.kind == "all" else (a.kind,):
+        start = time.perf_counter()
+        out = os.path.join(a.out, kind)
+        try:
+            infos = makers[kind](out, seed=a.seed, workers=a.workers, overwrite=a.overwrite, progress=True)
+        except FileExistsError as e:
+            print(f"make_demo_data: {e}", file=sys.stderr)
+            status = 2
+            continue
+        for split, info in infos.items():
+            print(f"{os.path.join(out, split)}: {info.summary()}")
+        print(f"  {kind}: {time.perf_counter() - start:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Data: shard formats, converters' shared writing code, TFRecord reading, decoding and loading.
+
+Modules (import the one you need; this package imports nothing so that `import video_ens.data` stays cheap and the
+model code never pulls in WebDataset or a video decoder):
+
+    schema.py     sample layout of each dataset kind, `_info.json`, typed decoding of samples, YouTube-8M dequantize
+    writer.py     atomic dataset folders of WebDataset shards (used by tools/convert_*.py and tools/make_demo_data.py)
+    tfrecord.py   TFRecord reading/writing with CRC-32C checks and tf.train protobuf parsing, without TensorFlow
+    decode.py     decoding frames from encoded clips
+    transforms.py clip and image transforms
+    loader.py     WebDataset training and evaluation streams over the shards
+"""

@@ -1,0 +1,276 @@
+"""Writing a dataset folder: WebDataset shards plus `_info.json`, published in one rename.
+
+The converters never write into the output folder directly. They write into a hidden sibling,
+`.<name>.partial-<pid>`, and only after the last shard and `_info.json` are on disk is that folder renamed to
+`<name>` (a same-filesystem rename is atomic). A run that crashes or is interrupted leaves at most the hidden
+folder behind, never a half dataset under the real name; an existing dataset is only replaced with
+`overwrite=True`, and a folder that is not a dataset (non-empty, no `_info.json`) is never replaced.
+
+Shards are plain tars written by `webdataset.ShardWriter` with a fixed member mtime, so the same samples give the
+same bytes. Samples arrive already encoded (`schema.encode_*_sample`): the writer adds no encoding of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from video_ens import __version__
+from video_ens.data.schema import INFO_NAME, KINDS, DatasetInfo, ShardInfo
+
+__all__ = ["DatasetWriter", "ShardSeries", "map_ordered"]
+
+# Member timestamp inside shards: any constant makes the tars reproducible; this one is 2020-01-01 UTC.
+_MTIME = 1577836800.0
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ShardSeries:
+    """Write samples into `<folder>/<stem>-%06d.tar`, at most `shard_size` samples (or ~`max_shard_bytes`) each.
+
+    Opened lazily, so a series that receives no sample leaves no file. `close()` returns [(path, count), ...].
+    Safe to use inside a worker process (each worker with its own stem).
+    """
+
+    def __init__(self, folder: str, stem: str, *, shard_size: int, max_shard_bytes: float = 1e9, start: int = 0):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.pattern = os.path.join(folder, f"{stem}-%06d.tar")
+        self.shard_size = shard_size
+        self.max_shard_bytes = max_shard_bytes
+        self.start = start
+        self._writer = None
+        self._counts: dict[str, int] = {}
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None:
+            import webdataset as wds
+
+            self._writer = wds.ShardWriter(
+                self.pattern,
+                maxcount=self.shard_size,
+                maxsize=self.max_shard_bytes,
+                start_shard=self.start,
+                verbose=0,
+                encoder=False,  # samples are bytes already; never fall back to pickling
+                mtime=_MTIME,
+            )
+        self._writer.write(sample)
+        # ShardWriter rotates before a write when the open shard is full, so after the write `fname` names the
+        # shard that holds this sample.
+        self._counts[self._writer.fname] = self._counts.get(self._writer.fname, 0) + 1
+
+    def close(self) -> list[tuple[str, int]]:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return list(self._counts.items())
+
+
+class DatasetWriter:
+    """Build one dataset folder atomically (see the module docstring).
+
+        with DatasetWriter(out, kind="video", converter={...}, shard_size=256) as w:
+            for sample in samples:
+                w.write(sample)            # or w.add_shards(...) for shards written by worker processes
+            w.skip("a.mp4", "unreadable: ...")
+            info = w.commit(num_classes=400, label_names=names)
+
+    Leaving the `with` block without `commit()` (an exception, or simply forgetting) deletes the partial folder.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        kind: str,
+        converter: dict[str, Any],
+        shard_size: int,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        max_shard_bytes: float = 1e9,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.out = os.path.abspath(os.fspath(out))
+        self.kind = kind
+        self.converter = {**converter, "video_ens_version": __version__}
+        self.shard_size = shard_size
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        name = os.path.basename(self.out)
+        self.prefix = prefix or name
+        check_replaceable(self.out, overwrite=overwrite)
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+        if os.path.exists(self.tmp):  # left by a crashed run that had our pid
+            shutil.rmtree(self.tmp)
+        os.makedirs(self.tmp)
+        self._shards: list[tuple[str, int]] = []  # (path inside tmp, count), in final order
+        self._series: ShardSeries | None = None
+        self._series_no = 0
+        self._skipped: list[dict[str, str]] = []
+        self._done = False
+
+    @property
+    def parts_dir(self) -> str:
+        """A folder inside the partial dataset where worker processes may write their own shard series."""
+        path = os.path.join(self.tmp, "_parts")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._series is None:
+            self._series = ShardSeries(
+                self.tmp, f"_seq{self._series_no:04d}", shard_size=self.shard_size, max_shard_bytes=self.max_shard_bytes
+            )
+            self._series_no += 1
+        self._series.write(sample)
+
+    def _close_series(self) -> None:
+        if self._series is not None:
+            self._shards += self._series.close()
+            self._series = None
+
+    def add_shards(self, shards: Iterable[tuple[str, int]]) -> None:
+        """Adopt finished shard files (written under `parts_dir`), in order, after anything written so far."""
+        self._close_series()
+        for path, count in shards:
+            if not os.path.abspath(path).startswith(self.tmp + os.sep):
+                raise ValueError(f"{path} is not inside the partial dataset {self.tmp}: write it under parts_dir")
+            self._shards.append((path, count))
+
+    def skip(self, source: str, reason: str) -> None:
+        """Record an input that was left out, and why (listed in `_info.json`)."""
+        self._skipped.append({"source": str(source), "reason": str(reason)})
+
+    @property
+    def num_written(self) -> int:
+        pending = sum(self._series._counts.values()) if self._series is not None else 0
+        return sum(c for _, c in self._shards) + pending
+
+    def commit(
+        self, *, num_classes: int, label_names: list[str] | None, extra: dict[str, Any] | None = None
+    ) -> DatasetInfo:
+        """Name the shards `<prefix>-%06d.tar`, write `_info.json`, and publish the folder under its real name."""
+        if self._done:
+            raise RuntimeError("commit() called twice")
+        self._close_series()
+        shards = []
+        for i, (path, count) in enumerate(x for x in self._shards if x[1] > 0):
+            name = f"{self.prefix}-{i:06d}.tar"
+            os.replace(path, os.path.join(self.tmp, name))
+            shards.append(ShardInfo(name=name, count=count, bytes=os.path.getsize(os.path.join(self.tmp, name))))
+        shutil.rmtree(os.path.join(self.tmp, "_parts"), ignore_errors=True)
+        info = DatasetInfo(
+            kind=self.kind,
+            num_samples=sum(s.count for s in shards),
+            shards=shards,
+            num_classes=int(num_classes),
+            label_names=None if label_names is None else [str(n) for n in label_names],
+            skipped=self._skipped,
+            converter=self.converter,
+            extra=dict(extra or {}),
+        )
+        info.validate(where=os.path.join(self.out, INFO_NAME))
+        _write_atomic(os.path.join(self.tmp, INFO_NAME), info.to_json())
+        self._publish()
+        self._done = True
+        return info
+
+    def _publish(self) -> None:
+        check_replaceable(self.out, overwrite=self.overwrite)  # again: the folder may have appeared meanwhile
+        if os.path.exists(self.out):
+            old = os.path.join(os.path.dirname(self.out), f".{os.path.basename(self.out)}.old-{os.getpid()}")
+            os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
+
+    def abort(self) -> None:
+        if self._series is not None:
+            try:
+                self._series.close()
+            except Exception:  # the folder is deleted next; a half-written tar does not matter
+                pass
+            self._series = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+
+def check_replaceable(out: str, *, overwrite: bool) -> None:
+    """Raise unless `out` is absent, an empty folder, or (with overwrite) a dataset folder."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if not os.listdir(out):
+        return
+    if not os.path.isfile(os.path.join(out, INFO_NAME)):
+        raise FileExistsError(
+            f"{out} exists and is not a dataset folder (no {INFO_NAME}); remove it or pick another --out"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
+    return [fn(item) for item in chunk]
+
+
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, chunksize: int = 1) -> Iterator[R]:
+    """`map(fn, items)` in order, in `workers` spawned processes when workers > 1.
+
+    Spawned rather than forked: FFmpeg and numpy thread pools do not survive a fork reliably, and `fn` must then be
+    a module-level function of an importable module. A `concurrent.futures` pool rather than `multiprocessing.Pool`:
+    when a worker dies (a decoder crashing on a damaged file, or a failed start), the executor raises
+    BrokenProcessPool, where Pool silently replaces the worker and waits forever for the lost result. At most
+    4 chunks per worker are in flight, so results (whole encoded clips) never pile up in memory.
+    """
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: collections.deque = collections.deque()
+    try:
+        chunk: list[T] = []
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == chunksize:
+                pending.append(pool.submit(_apply_chunk, fn, chunk))
+                chunk = []
+                if len(pending) >= 4 * workers:
+                    yield from pending.popleft().result()
+        if chunk:
+            pending.append(pool.submit(_apply_chunk, fn, chunk))
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
