@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import context_gate_reference, swap_pool_reference
+from ..kernels import IMPLS, context_gate, gate_epilogue, swap_pool
 from .ensemble import EnsembleNet
 from .layers import init_conv_weights
 
@@ -32,8 +32,8 @@ FORKS = ("pool",)
 class ContextGate(nn.Module):
     """y = x * sigmoid(BN(W x)), W (D, D) without bias: BN's shift takes the bias's place (Miech et al. 2017).
 
-    Training runs linear -> BN (batch statistics) -> sigmoid -> multiply. Evaluation folds BN's running statistics
-    into the linear (`folded()`) and calls `context_gate_reference`, the op the fused kernel implements; the folded
+    Training runs linear -> BN (batch statistics) -> `gate_epilogue` (sigmoid and multiply, fused). Evaluation folds
+    BN's running statistics into the linear (`folded()`) and calls `context_gate`, the fused op; the folded
     form equals the unfolded one to fp32 rounding. Folding costs D^2 multiplies per call (16.8M at D = 4096, the
     price of one extra row of the matmul), so it is recomputed rather than cached: a cache would go stale whenever
     the weights or statistics change.
@@ -43,6 +43,7 @@ class ContextGate(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
+        self.kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...), not part of the state dict
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (D, D), bias (D,)) with BN's running statistics folded in, so gates = x W'^T + b'."""
@@ -54,16 +55,18 @@ class ContextGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, D)
         if self.training or self.bn.running_mean is None:
-            return x * torch.sigmoid(self.bn(self.linear(x)))
+            return gate_epilogue(x, self.bn(self.linear(x)), impl=self.kernels)
         weight, bias = self.folded()
-        return context_gate_reference(x, weight, bias)
+        return context_gate(x, weight, bias, impl=self.kernels)
 
 
 class SwapPool(nn.Module):
     """Self-Weighted Average Pooling over the valid frames (paper eq. 4); no parameters."""
 
+    kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D) -> (B, D)
-        return swap_pool_reference(x, lengths)
+        return swap_pool(x, lengths, impl=self.kernels)
 
 
 class MoE(nn.Module):
@@ -188,6 +191,7 @@ def build(
     branch_mixtures: int | None = None,
     train_frames: int = 25,
     max_frames: int = 300,
+    kernels: str = "reference",
 ) -> EnsembleNet:
     """DBoF as an EnsembleNet: the base (layers 1-4) and `num_branches` heads (layers 5-7), outputs probabilities.
 
@@ -200,6 +204,8 @@ def build(
         fork: only "pool" (after SWAP, as in the paper): below it every layer is frame-level.
         train_frames, max_frames: recorded in input_spec for the data pipeline: frames sampled per training video
             (paper: 25) and the most frames a YouTube-8M video has (300, one per second); evaluation uses all.
+        kernels: the context gates' and SWAP's implementation, video_ens.kernels `impl`: "reference" (plain
+            PyTorch), "triton" (fused kernels; CUDA) or "auto" (Triton on CUDA when it imports).
     """
     if fork not in FORKS:
         raise ValueError(f"fork must be one of {FORKS} for DBoF (branches start after SWAP pooling), got {fork!r}")
@@ -207,6 +213,8 @@ def build(
         raise ValueError(f"width_ratio must be > 0, got {width_ratio}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if kernels not in IMPLS:
+        raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
     _positive("num_branches", num_branches)
     feature_dim = _positive("rgb_dim", rgb_dim) + audio_dim
     branch_hidden = branch_hidden_size if branch_hidden_size is not None else round(hidden_size * width_ratio)
@@ -245,6 +253,9 @@ def build(
         },
     )
     init_conv_weights(model, conv_init=conv_init, conv_init_std=conv_init_std)  # no convs: only checks the values
+    for module in model.modules():
+        if isinstance(module, (ContextGate, SwapPool)):
+            module.kernels = kernels
     return model
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import feature_gate_reference
+from ..kernels import IMPLS, feature_gate
 from .ensemble import EnsembleNet
 from .layers import init_conv_weights
 
@@ -91,6 +91,7 @@ class FeatureGate(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, channels, 1, 1, 1))
+        self.kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...), not part of the state dict
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -98,7 +99,7 @@ class FeatureGate(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> same
-        return feature_gate_reference(x, self.weight)
+        return feature_gate(x, self.weight, impl=self.kernels)
 
 
 class Unit3d(nn.Module):
@@ -244,6 +245,7 @@ def build(
     frames: int = 64,
     size: int = 224,
     widths_scale: float = 1.0,
+    kernels: str = "reference",
 ) -> EnsembleNet:
     """S3D-G with `num_branches` heads forking after layer `fork`; input (B, 3, T, H, W), output (N, B, classes).
 
@@ -255,6 +257,8 @@ def build(
         frames, size: the clip the model is meant for, recorded in input_spec; any T >= 1 and H, W >= 1 run.
         widths_scale: multiplies every width, base and branches, before width_ratio applies to the branches:
             1/8 gives the tiny presets with the same blocks.
+        kernels: the gates' implementation, video_ens.kernels `impl`: "reference" (plain PyTorch), "triton"
+            (fused kernels; CUDA) or "auto" (Triton on CUDA when it imports).
     """
     if not (isinstance(num_branches, int) and num_branches >= 1):
         raise ValueError(f"num_branches must be an int >= 1, got {num_branches!r}")
@@ -267,6 +271,8 @@ def build(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not (isinstance(num_classes, int) and num_classes >= 1):
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if kernels not in IMPLS:
+        raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
 
     split = LAYER_NAMES.index(fork) + 1
     base_layers, fork_channels = _stack(LAYER_NAMES[:split], 3, lambda c: _scaled(c, widths_scale))
@@ -291,6 +297,8 @@ def build(
             nn.init.normal_(m.weight, mean=0.0, std=conv_init_std)
         if isinstance(m, SepConv3d):
             m.reset_temporal()
+        if isinstance(m, FeatureGate):
+            m.kernels = kernels
     return model
 
 
