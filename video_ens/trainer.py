@@ -198,6 +198,10 @@ class Trainer:
                     global_batch_size=self.global_batch,
                 )
                 set_lr(self.engine.optimizer, lr)
+                # Dropout and any other in-model randomness draw from the global generator: reseeding it from
+                # (seed, rank, step) makes every step's randomness independent of history, so a resumed run
+                # repeats exactly what an uninterrupted one does without saving generator states per rank.
+                torch.manual_seed(_step_seed(t.seed, dist.rank(), self.step))
                 terms = self._train_step(stream)
                 self.step += 1
                 window_samples += self.global_batch
@@ -323,6 +327,14 @@ class Trainer:
         if self.recipe.train.precision == "fp16":
             return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return torch.autocast(device_type=self.device.type, enabled=False)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one (seed, rank, step), mixed so that neighbouring steps or ranks get unrelated streams."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _bad_samples(stats: dict) -> dict:
