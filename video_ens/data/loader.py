@@ -779,7 +779,8 @@ def _eval_items(raw: dict, plan: _EvalPlan) -> list[_Item]:
     if rec.kind == "clip":
         sample = _video(raw, rec)
         if plan.mode == "full":
-            indices = list(range(min(sample.num_frames, plan.max_frames)))
+            # the frame rate the model was trained at: every frame_stride-th frame, at most max_frames of them
+            indices = list(range(0, sample.num_frames, rec.frame_stride))[: plan.max_frames]
             frames = _frames(sample, indices, rec.crop_size, rec)
             clip = ClipEvalTransform(short_side=rec.crop_size, crop_size=rec.crop_size, num_crops=1)(frames)[0]
             return [_Item(sample.key, clip, sample.label)]
