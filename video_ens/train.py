@@ -20,7 +20,7 @@ from . import dist, engine
 from .config import RecipeError, dump_recipe, load_recipe, recipe_to_dict
 from .data import loader
 from .models import create_model
-from .models.size import count_params
+from .models.size import model_size_report
 from .objective import loss_for
 from .optim import create_optimizer, peak_lr
 from .trainer import Trainer, all_reduce_bn_stats
@@ -116,16 +116,21 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         dump_recipe(recipe, run_dir / "recipe.json")
     torch.distributed.barrier() if dist.is_initialized() else None
 
-    trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
-                      eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data))
     ckpt_root = run_dir / "checkpoints"
     engine.remove_partial_checkpoints(ckpt_root)
     latest = engine.latest_checkpoint(ckpt_root)
+    size = _model_size(recipe)
+    # FLOPs per training sample for the TFLOP/s log: DBoF's count covers only the video-level part, so add the
+    # frame-level base at the number of frames trained on.
+    flops = size["flops"] + size.get("frame_flops", 0) * recipe.data.frames
+    trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
+                      eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data),
+                      flops_per_sample=flops)
     if latest is not None:
         trainer.restore(engine.load_checkpoint(eng, latest[1]))
         LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
     else:
-        _log_model_table(recipe, model, run_dir)
+        _log_model_table(recipe, size, run_dir, model.num_branches)
 
     def save(t: Trainer) -> None:
         all_reduce_bn_stats(eng.module)
@@ -162,14 +167,28 @@ def _scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="video_ens_dry_run_"))
 
 
-def _log_model_table(recipe, model, run_dir: Path) -> None:
+def _model_size(recipe) -> dict:
+    """Parameters and FLOPs per sample as the paper counts them (meta device: nothing is allocated or run)."""
+    return model_size_report(recipe.model.name, **recipe.model.builder_kwargs())
+
+
+def _log_model_table(recipe, size: dict, run_dir: Path, num_branches: int) -> None:
     if not dist.is_main():
         return
-    params = count_params(model)
-    LOG.info(f"model {recipe.model.name}: {model.num_branches} branch(es), {params:,} parameters (BN folded)")
+    frame = f", {_si(size['frame_flops'])} FLOPs per frame in the base" if "frame_flops" in size else ""
+    LOG.info(
+        f"model {recipe.model.name}: {num_branches} branch(es), {_si(size['params'])} parameters (BN folded), "
+        f"{_si(size['flops'])} FLOPs per sample ({size['counted']}, input {size['input']}){frame}"
+    )
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "model", "step": 0, "name": recipe.model.name, "params_folded": params,
-                            "num_branches": model.num_branches}) + "\n")
+        f.write(json.dumps({"kind": "model", "step": 0, "num_branches": num_branches, "size": size}) + "\n")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:g}"
 
 
 def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
