@@ -16,6 +16,7 @@ LAYERS = [
     {"kernels"},
     {"models", "data"},
     {"objective", "metrics", "optim"},
+    {"evaluate"},
     {"engine"},
     {"trainer"},
     {"train"},

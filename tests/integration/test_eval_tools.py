@@ -1,0 +1,340 @@
+"""tools/eval.py, tools/plot.py, tools/compare.py and video_ens.evaluate on tiny models and a tiny demo dataset.
+
+The run folder is built by hand (random tiny S3D-G, BatchNorm calibrated so that its output depends on the input,
+saved as model.safetensors next to recipe.json), so nothing here trains. Expectations are computed independently:
+the one-pass model output for the chunked forward, per-video averages and ranks computed here for multi-view
+testing, `count_params` / `count_flops` for the size table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from video_ens.config import dump_recipe, load_recipe, recipe_from_dict
+from video_ens.data import loader
+from video_ens.data.schema import read_info
+from video_ens.evaluate import evaluate, full_clip_forward, load_weights
+from video_ens.models import create_model
+from video_ens.models.s3dg import SepConv3d
+from video_ens.models.size import count_flops, count_params
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
+MODEL = "s3dg_tiny_ens2"
+NUM_VAL = 6
+CLIP_FRAMES = 40  # longer than the model's 16-frame training clips, so whole-clip evaluation has something to chunk
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on two shared cores under load, two OpenMP threads waiting on each other made the 10 x 3
+    test take 83 s instead of 1.4 s on 4 videos (the tool subprocesses run with OMP_NUM_THREADS=1 for this reason)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tool(name: str):
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    return importlib.import_module(name)
+
+
+def _random_tiny_s3dg(seed: int = 0) -> torch.nn.Module:
+    """Tiny S3D-G whose temporal convs mix frames (they start as identities) and whose BN statistics are those of
+    random clips: with PyTorch's default init and unit running variances the logits barely depend on the input."""
+    torch.manual_seed(seed)
+    model = create_model(MODEL)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SepConv3d):
+                torch.nn.init.normal_(m.temporal.weight, std=(2.0 / (3 * m.temporal.in_channels)) ** 0.5)
+                torch.nn.init.normal_(m.temporal.bias, std=0.05)
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for _ in range(2):
+            model(torch.randn(2, 3, 24, 64, 64))
+    return model.eval()
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _is_png(path: Path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+@pytest.fixture(scope="module")
+def kinetics(tmp_path_factory) -> Path:
+    demo = _tool("make_demo_data")
+    root = tmp_path_factory.mktemp("data") / "kinetics"
+    demo.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=CLIP_FRAMES, shard_size=2)
+    return root
+
+
+def _recipe_dict(kinetics: Path, **eval_cfg) -> dict:
+    return {
+        "description": "test: tiny S3D-G evaluation",
+        "model": {"name": MODEL},
+        "data": {"kind": "clip", "train_shards": str(kinetics / "train"), "val_shards": str(kinetics / "val"),
+                 "frames": 16, "frame_stride": 1, "crop_size": 64, "short_side": [64, 72], "num_workers": 0},
+        "objective": {"structure": "codistillation", "weight": 2.0},
+        "train": {"precision": "fp32", "device": "cpu"},
+        "eval": {"mode": "full", "batch_size": 2, **eval_cfg},
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(kinetics, tmp_path_factory) -> Path:
+    """A finished-looking run folder: recipe.json and model.safetensors (with the model name, as train.py saves)."""
+    from safetensors.torch import save_file
+
+    run = tmp_path_factory.mktemp("runs") / "tiny_mu2"
+    run.mkdir()
+    dump_recipe(recipe_from_dict(_recipe_dict(kinetics)), run / "recipe.json")
+    state = {k: v.contiguous() for k, v in _random_tiny_s3dg().state_dict().items()}
+    save_file(state, str(run / "model.safetensors"), metadata={"model": MODEL})
+    return run
+
+
+def _loaded_model(run: Path) -> torch.nn.Module:
+    model = create_model(MODEL)
+    load_weights(model, run / "model.safetensors", expect_model=MODEL)
+    return model.eval()
+
+
+def _rank_of_target(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of the target class per row, classes ordered by score, then by lower index on ties."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.argmax(order == target[:, None], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole-clip evaluation in temporal windows
+
+
+@pytest.mark.parametrize(("frames", "window"), [(40, 16), (41, 10)])
+def test_chunked_whole_clip_equals_one_pass(frames, window):
+    model = _random_tiny_s3dg()
+    x = torch.randn(2, 3, frames, 64, 64, generator=torch.Generator().manual_seed(1))
+    seen: dict[str, list[int]] = {"stem": [], "branch": []}
+    hooks = [
+        model.base.Conv2d_1a.conv.register_forward_hook(lambda m, i, o: seen["stem"].append(i[0].shape[2])),
+        model.branches[1].Mixed_4b.Branch_1.Conv3d_0b_3x3.temporal.register_forward_hook(
+            lambda m, i, o: seen["branch"].append(i[0].shape[2])
+        ),
+    ]
+    with torch.no_grad():
+        chunked = full_clip_forward(model, x, max_chunk_frames=window)
+        for h in hooks:
+            h.remove()
+        reference = model(x)
+        other = model(torch.randn_like(x))
+        # Whole network per window, logits averaged: what a gate-free network would allow.
+        starts = range(0, frames - window + 1, window)
+        per_window = torch.stack([model(x[:, :, s : s + window]).branches for s in starts]).mean(0)
+    assert len(seen["stem"]) > 1 and max(seen["stem"]) <= window, seen["stem"]
+    if window == 10:  # 41 frames leave 11 after MaxPool_4a: the branches are windowed too
+        assert len(seen["branch"]) > 1 and max(seen["branch"]) <= window, seen["branch"]
+    assert chunked.branches.shape == reference.branches.shape == (2, 2, 8)
+    torch.testing.assert_close(chunked.branches, reference.branches, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.ensemble, reference.ensemble, rtol=0, atol=1e-5)
+    # The comparison has teeth: another clip, or windows whose gates see only their own frames, differ by far more.
+    assert (other.branches - reference.branches).abs().max() > 1e-2
+    assert (per_window - reference.branches).abs().max() > 1e-3
+
+
+def test_chunk_window_must_fit_two_halos():
+    model = _random_tiny_s3dg()
+    with pytest.raises(ValueError, match="max_chunk_frames 6 leaves no room"):
+        full_clip_forward(model, torch.randn(1, 3, 20, 64, 64), max_chunk_frames=6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools/eval.py
+
+
+def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kinetics, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--run-dir", str(run_dir), "--save-scores"]
+    out = _run([str(TOOLS / "eval.py"), *common, "--out", str(one)])
+    # two gloo ranks, and temporal windows on top: the 40-frame videos go through full_clip_forward
+    _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+          str(TOOLS / "eval.py"), *common, "--out", str(two), "--max-chunk-frames", "16"])
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
+    assert a["num_samples"] == b["num_samples"] == read_info(kinetics / "val").num_samples == NUM_VAL
+    assert a["ensemble"] == b["ensemble"] and a["branches"] == b["branches"]
+    assert (a["world_size"], b["world_size"], b["max_chunk_frames"], a["mode"]) == (1, 2, 16, "full")
+    assert a["throughput"]["inputs"] == NUM_VAL and a["throughput"]["samples_per_s"] > 0
+    assert a["recipe"] == json.loads((run_dir / "recipe.json").read_text())
+    sa, sb = np.load(one / "scores.npz"), np.load(two / "scores.npz")
+    assert list(sa["ids"]) == list(sb["ids"]) and len(sa["ids"]) == NUM_VAL
+    np.testing.assert_allclose(sa["ensemble"], sb["ensemble"], rtol=0, atol=1e-5)
+
+    # Independent expectation: the same weights, one pass per video here, ranks counted by hand.
+    model = _loaded_model(run_dir)
+    recipe = load_recipe(run_dir / "recipe.json")
+    stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
+                                root=loader.DataPaths(train=kinetics / "train", val=kinetics / "val"))
+    probs, targets = {}, {}
+    with torch.no_grad():
+        for batch in stream.batches():
+            assert batch["inputs"].shape[2] == CLIP_FRAMES  # the whole video
+            out_ = model(batch["inputs"])
+            heads = torch.cat([torch.softmax(out_.branches, -1), out_.ensemble[None]])  # (N + 1, B, C)
+            for j, key in enumerate(batch["ids"]):
+                probs[key], targets[key] = heads[:, j].numpy(), int(batch["target"][j])
+    keys = sorted(probs)
+    np.testing.assert_allclose(sa["ensemble"], np.stack([probs[k][-1] for k in keys]), rtol=0, atol=1e-5)
+    target = np.array([targets[k] for k in keys])
+    for head, expect in enumerate([*a["branches"], a["ensemble"]]):
+        rank = _rank_of_target(np.stack([probs[k][head] for k in keys]), target)
+        assert expect == {"top1": pytest.approx(np.mean(rank < 1)), "top5": pytest.approx(np.mean(rank < 5))}
+
+    table = (one / "eval.md").read_text()
+    assert "| ensemble |" in table and "| branch 1 |" in table and "top5" in table
+    assert f"{100 * a['ensemble']['top1']:.2f}" in out.stdout  # the table is printed too
+
+
+def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, kinetics):
+    recipe = recipe_from_dict(_recipe_dict(kinetics, mode="clips", num_clips=10, num_crops=3, batch_size=7))
+    model = _loaded_model(run_dir)
+    root = loader.DataPaths(train=kinetics / "train", val=kinetics / "val")
+
+    def stream():
+        return loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
+                                  root=root)
+
+    result = evaluate(model, stream(), task="single_label", top_k=20, device=torch.device("cpu"), keep_scores=True)
+    assert result["num_samples"] == NUM_VAL and result["inputs"] == NUM_VAL * 30
+
+    views: dict[str, dict[int, np.ndarray]] = {}
+    targets: dict[str, int] = {}
+    with torch.no_grad():
+        for batch in stream().batches():  # batches of 7 views: a video's 30 views straddle batches
+            out = model(batch["inputs"])
+            heads = torch.cat([torch.softmax(out.branches, -1), out.ensemble[None]])  # (N + 1, B, C)
+            for j, key in enumerate(batch["ids"]):
+                views.setdefault(key, {})[int(batch["view_ids"][j])] = heads[:, j].numpy()
+                targets[key] = int(batch["target"][j])
+    assert len(views) == NUM_VAL and all(sorted(v) == list(range(30)) for v in views.values())
+    keys = sorted(views)
+    mean = np.stack([np.mean([views[k][v] for v in range(30)], axis=0) for k in keys])  # (V, N + 1, C)
+    target = np.array([targets[k] for k in keys])
+    np.testing.assert_allclose(result["scores"]["ensemble"], mean[:, -1], rtol=0, atol=1e-6)
+    assert list(result["scores"]["views"]) == [30] * NUM_VAL
+    for head, expect in enumerate([*result["branches"], result["ensemble"]]):
+        rank = _rank_of_target(mean[:, head], target)
+        assert expect == {"top1": pytest.approx(np.mean(rank < 1)), "top5": pytest.approx(np.mean(rank < 5))}
+
+
+def test_load_weights_is_strict(run_dir):
+    with pytest.raises(ValueError, match="holds weights of model 's3dg_tiny_ens2' but the recipe builds 's3dg_tiny'"):
+        load_weights(create_model("s3dg_tiny"), run_dir / "model.safetensors", expect_model="s3dg_tiny")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_weights(create_model("s3dg_tiny", num_branches=3), run_dir / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools/plot.py and tools/compare.py
+
+
+def _fake_run(parent: Path, name: str, *, model: str, structure: str, weight: float, top1: float, branches: int):
+    run = parent / name
+    run.mkdir()
+    recipe = {"model": {"name": model}, "objective": {"structure": structure, "weight": weight},
+              "data": {"train_shards": "x", "val_shards": "y"}}
+    (run / "recipe.json").write_text(json.dumps(recipe))
+    result = {"ensemble": {"top1": top1, "top5": top1 + 0.2}, "num_samples": 10,
+              "branches": [{"top1": top1 - 0.02 * (i + 1), "top5": top1 + 0.1} for i in range(branches)]}
+    (run / "eval.json").write_text(json.dumps(result))
+    return run
+
+
+def test_training_curves_png(run_dir, tmp_path):
+    from video_ens.trainer import MetricsLog
+
+    run = tmp_path / "curves_run"
+    run.mkdir()
+    log = MetricsLog(run)  # the trainer's own writer, so the format is the one training produces
+    for step in range(1, 9):
+        log.write("train", step, {"loss": 6.0 - 0.3 * step, "ensemble": 2.0 - 0.1 * step,
+                                  "branch": [2.0 - 0.1 * step, 2.1 - 0.1 * step], "lr": 0.1 * (1 - step / 9)})
+        if step % 4 == 0:
+            log.write("eval", step, {"ensemble": {"top1": 0.1 * step, "top5": 0.5}, "num_samples": 6,
+                                     "branches": [{"top1": 0.05 * step, "top5": 0.4}] * 2})
+    log.close()
+    png = tmp_path / "curves.png"
+    out = _run([str(TOOLS / "plot.py"), "curves", str(run), "--out", str(png)])
+    assert _is_png(png) and str(png) in out.stdout
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.width > 500 and im.height > 500  # four panels: loss, lr, top1, top5
+
+
+def test_sweep_png_and_points(tmp_path):
+    runs = [
+        _fake_run(tmp_path, "base", model="s3dg", structure="codistillation", weight=2.0, top1=0.70, branches=1),
+        _fake_run(tmp_path, "lam0", model="s3dg_ens2", structure="ensembling", weight=0.0, top1=0.72, branches=2),
+        _fake_run(tmp_path, "lam.5", model="s3dg_ens2", structure="ensembling", weight=0.5, top1=0.71, branches=2),
+        _fake_run(tmp_path, "mu2", model="s3dg_ens2", structure="codistillation", weight=2.0, top1=0.74, branches=2),
+    ]
+    png = tmp_path / "sweep.png"
+    _run([str(TOOLS / "plot.py"), "sweep", *map(str, runs), "--metric", "top1", "--out", str(png)])
+    assert _is_png(png)
+    plot = _tool("plot")
+    metric, points, baselines = plot.sweep_points([plot.read_run(r) for r in runs], None)
+    assert metric == "top1"
+    assert baselines == {"s3dg": [(pytest.approx(70.0), "base")]}
+    assert [(w, round(e, 6)) for w, e, _, _ in points["ensembling"]["s3dg_ens2"]] == [(0.0, 72.0), (0.5, 71.0)]
+    assert [(w, round(b, 6)) for w, _, b, _ in points["codistillation"]["s3dg_ens2"]] == [(2.0, 71.0)]  # branch mean
+
+
+def test_compare_sizes_and_metrics(run_dir, tmp_path):
+    other = _fake_run(tmp_path, "base", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5,
+                      branches=1)
+    out = _run([str(TOOLS / "compare.py"), str(run_dir), str(other), "--json", "--branches"])
+    rows = {r["run"]: r for r in json.loads(out.stdout)}
+    for name, row in ((MODEL, rows["tiny_mu2"]), ("s3dg_tiny", rows["base"])):
+        with torch.device("meta"):
+            model = create_model(name)
+        assert row["params"] == count_params(model)
+        assert row["flops"] == count_flops(model, torch.empty(1, 3, 16, 64, 64, device="meta"))
+    assert rows["tiny_mu2"]["num_branches"] == 2 and rows["tiny_mu2"]["loss"] == "codistillation μ=2"
+    assert rows["base"]["loss"] == "baseline" and rows["base"]["metrics"] == {"top1": 0.5, "top5": 0.7}
+    assert rows["tiny_mu2"]["metrics"] is None  # this run folder has no eval.json yet
+    md = _run([str(TOOLS / "compare.py"), str(other), "--markdown"]).stdout
+    assert "| base | s3dg_tiny | single network | baseline | 50.00 | 70.00 |" in md
