@@ -11,11 +11,14 @@ Each kind is written as its raw form first (mp4 files + a Kinetics annotation CS
 a class-per-folder image tree) in a temporary folder, then converted by the converter's library function, so the
 demo data goes through exactly the shard format and checks real data goes through.
 
-kinetics: 8 classes of motion of one large textured shape: move left/right/up/down, rotate cw/ccw, grow, shrink.
+kinetics: 8 classes of motion of one large striped shape: move left/right/up/down, rotate cw/ccw, grow, shrink.
     Start positions, sizes and angles are drawn so that a single frame says little about the class (grow and
-    shrink share their mid-clip sizes, every position and angle occurs in every class): the change over time tells. One to three smaller distractor shapes move, turn and scale at random,
-    the large shape also drifts, turns or scales a little, and every frame gets pixel noise, so a tiny model does
-    not saturate in one epoch.
+    shrink share their mid-clip sizes, every position and angle occurs in every class): the change over time tells.
+    Appearance comes from small shared palettes (6 flat background tones, 4 stripe colour pairs, 3 shapes) drawn
+    independently of the class, so there is no per-clip look to memorise instead of the motion. Up to two small,
+    plain, low-contrast distractor shapes move, turn and scale at random, the large shape also drifts, turns or
+    scales a little, and every frame gets slight flicker and pixel noise, so a tiny model does not saturate in one
+    epoch (the quickstart's tiny S3D-G learns it over its ~40 epochs).
 yt8m: 16 classes, 1-3 labels per video, 10-60 frames. Each class adds its own pattern (1024-d visual, 128-d audio;
     odd classes partly copy the previous class's pattern, so pairs are confusable) on a random contiguous stretch
     of the video's frames, on top of frame noise and a per-video offset; features are quantized as YouTube-8M's
@@ -56,7 +59,7 @@ from video_ens.data.schema import DatasetInfo, read_info  # noqa: E402
 from video_ens.data.tfrecord import TFRecordWriter, bytes_feature, encode_sequence_example, int64_feature  # noqa: E402
 from video_ens.data.writer import map_ordered  # noqa: E402
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 KINDS = ("kinetics", "yt8m", "images")
 MOTION_CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw", "grow", "shrink")
 PATTERN_CLASSES = (
@@ -79,6 +82,23 @@ _SPLIT_CODE = {"train": 0, "val": 1, "validate": 1}
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Appearance is shared, not per clip, and drawn independently of the class, so it cannot be memorised as a shortcut:
+# flat backgrounds of low-saturation mid tones (with a faint gradient) and a few high-contrast stripe colour pairs.
+_BACKGROUNDS = np.array(
+    [[118, 118, 118], [96, 108, 124], [128, 118, 100], [104, 122, 106], [138, 130, 136], [88, 92, 100]],
+    np.float32,
+)
+_STRIPE_COLOURS = np.array(
+    [
+        [[245, 245, 240], [20, 20, 25]],
+        [[250, 220, 40], [30, 40, 150]],
+        [[240, 70, 60], [20, 90, 40]],
+        [[80, 230, 240], [120, 20, 60]],
+    ],
+    np.float32,
+)
+
+
 def _shape_alpha(u: np.ndarray, v: np.ndarray, shape: int, r: float) -> np.ndarray:
     """Anti-aliased coverage of a unit shape at object coordinates (u, v) (in radii); r = radius in pixels."""
     if shape == 0:  # square
@@ -90,31 +110,24 @@ def _shape_alpha(u: np.ndarray, v: np.ndarray, shape: int, r: float) -> np.ndarr
     return np.clip((1.0 - d) * r + 0.5, 0.0, 1.0)
 
 
-def _random_object(rng: np.random.Generator, radius: float) -> dict:
-    color_a = rng.uniform(20, 235, 3)
-    color_b = np.clip(255 - color_a + rng.normal(0, 25, 3), 0, 255)  # contrasting stripes
-    return {
-        "shape": int(rng.integers(3)),
-        "r": radius,
-        "colors": (color_a, color_b),
-        "freq": rng.uniform(1.1, 1.9),  # stripe cycles per radius: enough to see a turn, scales with the object
-        "stripe_angle": rng.uniform(0, math.pi),
-        "phase": rng.uniform(0, 2 * math.pi),
-    }
-
-
 def _draw(img: np.ndarray, xx: np.ndarray, yy: np.ndarray, obj: dict, cx: float, cy: float, angle: float, r: float):
-    """Composite one striped shape, centred at (cx, cy), turned by `angle` (radians), of radius r, onto img."""
+    """Composite one shape, centred at (cx, cy), turned by `angle` (radians), of radius r, onto img.
+
+    obj["colors"] holds one colour (a plain shape) or two (stripes across the shape, which make its turn visible).
+    """
     dx, dy = xx - cx, yy - cy
     c, s = math.cos(angle), math.sin(angle)
     u = (c * dx + s * dy) / r  # object coordinates, in radii
     v = (-s * dx + c * dy) / r
     alpha = _shape_alpha(u, v, obj["shape"], r)[..., None]  # (H, W, 1)
-    sa, ca = math.sin(obj["stripe_angle"]), math.cos(obj["stripe_angle"])
-    t = 0.5 + 0.5 * np.sin(2 * math.pi * obj["freq"] * (ca * u + sa * v) + obj["phase"])[..., None]
-    color_a, color_b = obj["colors"]
+    colors = obj["colors"]
+    if len(colors) == 1:
+        fill = colors[0]
+    else:  # crisp stripes, one cycle per radius: they scale and turn with the shape
+        t = 0.5 + 0.5 * np.tanh(3.0 * np.sin(2 * math.pi * u + obj["phase"]))[..., None]
+        fill = t * colors[0] + (1.0 - t) * colors[1]
     img *= 1.0 - alpha
-    img += alpha * (t * color_a + (1.0 - t) * color_b)
+    img += alpha * fill
 
 
 def render_motion_clip(
@@ -128,32 +141,30 @@ def render_motion_clip(
     steps = np.arange(frames, dtype=np.float64)
     unit = size / 64.0  # all distances below are for 64-pixel frames
 
-    # Background: two soft colour gradients and a faint texture, still.
+    # Background: a shared flat colour with a faint random gradient, still.
     bg = np.empty((h, w, 3), np.float32)
-    base = rng.uniform(60, 190, 3)
-    for ch in range(3):
-        fx, fy = rng.uniform(-1.5, 1.5, 2) / size
-        bg[..., ch] = base[ch] + 35 * np.sin(2 * math.pi * (fx * xx + fy * yy) + rng.uniform(0, 6.3))
-    bg += rng.normal(0, 6, (h, w, 1)).astype(np.float32)
+    bg[:] = _BACKGROUNDS[rng.integers(len(_BACKGROUNDS))]
+    gx, gy = rng.normal(0, 1, 2)
+    bg += (10.0 * (gx * (xx - size / 2) + gy * (yy - size / 2)) / size)[..., None]
 
-    # The large object: its class motion plus small nuisance motion of the other kinds.
+    # The large striped object: its class motion plus small nuisance motion of the other kinds.
     span = frames - 1
-    r0 = rng.uniform(8.5, 11.0) * unit
+    r0 = rng.uniform(11.0, 14.0) * unit
     angle0 = rng.uniform(0, 2 * math.pi)
-    spin = math.radians(rng.uniform(-1.2, 1.2))  # nuisance turn per frame
-    scale = np.exp(rng.uniform(-0.08, 0.08) * steps / span)  # nuisance zoom
-    drift = rng.normal(0, 0.08 * unit, 2)  # nuisance drift per frame
+    spin = math.radians(rng.uniform(-1.0, 1.0))  # nuisance turn per frame
+    scale = np.exp(rng.uniform(-0.06, 0.06) * steps / span)  # nuisance zoom
+    drift = rng.normal(0, 0.06 * unit, 2)  # nuisance drift per frame
     if name.startswith("move"):
-        speed = rng.uniform(0.5, 0.85) * unit
+        speed = rng.uniform(0.7, 1.0) * unit
         heading = {"move_left": math.pi, "move_right": 0.0, "move_up": -math.pi / 2, "move_down": math.pi / 2}[name]
-        heading += math.radians(rng.uniform(-12, 12))
+        heading += math.radians(rng.uniform(-10, 10))
         velocity = speed * np.array([math.cos(heading), math.sin(heading)])
     elif name.startswith("rotate"):
-        spin = math.radians(rng.uniform(4.0, 7.5)) * (1 if name == "rotate_cw" else -1)  # +angle turns clockwise
+        spin = math.radians(rng.uniform(5.0, 8.0)) * (1 if name == "rotate_cw" else -1)  # +angle turns clockwise
         velocity = drift
     else:
-        factor = rng.uniform(1.6, 2.1)  # end radius / start radius for grow; its inverse for shrink
-        r0 = rng.uniform(7.5, 9.5) * unit / math.sqrt(factor)  # start radius, so that the mid-clip size is class-free
+        factor = rng.uniform(1.7, 2.2)  # end radius / start radius for grow; its inverse for shrink
+        r0 = rng.uniform(11.0, 14.0) * unit / math.sqrt(factor)  # start radius: the mid-clip size is class-free
         if name == "shrink":
             r0 *= factor
             factor = 1 / factor
@@ -167,26 +178,30 @@ def render_motion_clip(
     start = rng.uniform(lo, np.maximum(lo, hi))
     centre = start[None, :] + velocity[None, :] * steps[:, None]  # (T, 2)
     angle = angle0 + spin * steps
-    main = (_random_object(rng, r0), centre, angle, radius)
+    pair = _STRIPE_COLOURS[rng.integers(len(_STRIPE_COLOURS))]
+    if rng.integers(2):
+        pair = pair[::-1]
+    main = {"shape": int(rng.integers(3)), "colors": tuple(pair), "phase": rng.uniform(0, 2 * math.pi)}
 
-    # Distractors: smaller shapes with random motion of every kind.
-    objects = [main]
-    for _ in range(int(rng.integers(1, 4))):
-        rd = rng.uniform(3.5, 6.0) * unit
+    # Distractors: up to two small plain shapes of a low contrast, with random motion of every kind, drawn under
+    # the large object.
+    objects = []
+    for _ in range(int(rng.integers(0, 3))):
+        rd = rng.uniform(3.0, 4.5) * unit
         pos = rng.uniform(0, size, 2) + rng.normal(0, 0.5 * unit, 2)[None, :] * steps[:, None]  # (T, 2)
         turn = rng.uniform(0, 6.3) + math.radians(rng.uniform(-6, 6)) * steps
-        zoom = rd * rng.uniform(0.75, 1.33) ** (steps / span)
-        objects.append((_random_object(rng, rd), pos, turn, zoom))
-    order = rng.permutation(len(objects))  # the large object is sometimes occluded
+        zoom = rd * rng.uniform(0.8, 1.25) ** (steps / span)
+        colour = _BACKGROUNDS[rng.integers(len(_BACKGROUNDS))] + rng.choice([-40.0, 40.0])
+        objects.append(({"shape": int(rng.integers(3)), "colors": (colour,)}, pos, turn, zoom))
+    objects.append((main, centre, angle, radius))
 
     clip = np.empty((frames, h, w, 3), np.uint8)
-    gain = 1.0 + rng.normal(0, 0.03, frames)  # slight flicker
+    gain = 1.0 + rng.normal(0, 0.02, frames)  # slight flicker
     for t in range(frames):
         img = bg.copy()
-        for k in order:
-            obj, pos, ang, rad = objects[k]
+        for obj, pos, ang, rad in objects:
             _draw(img, xx, yy, obj, float(pos[t, 0]), float(pos[t, 1]), float(ang[t]), float(rad[t]))
-        img = img * gain[t] + rng.normal(0, 7, img.shape).astype(np.float32)
+        img = img * gain[t] + rng.normal(0, 3, img.shape).astype(np.float32)
         clip[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return clip
 
