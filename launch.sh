@@ -52,7 +52,7 @@ fi
 # Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
 demo=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get data.demo)
 if [ -n "$demo" ] && [ "$node_rank" = "0" ]; then
-  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}"
+  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}" --refresh
 fi
 
 extra=()

@@ -256,7 +256,7 @@ def make_kinetics(
     fps: int = 16,
     shard_size: int = 20,
     workers: int = 1,
-    overwrite: bool = False,
+    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train and `out`/val (kind "video") through convert_kinetics."""
@@ -371,7 +371,7 @@ def make_yt8m(
     train_files: int = 2,
     shard_size: int = 20,
     workers: int = 1,
-    overwrite: bool = False,
+    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train (train records + the rest of validate) and `out`/val (held-out validate) via convert_yt8m."""
@@ -472,7 +472,7 @@ def make_images(
     size: int = 32,
     shard_size: int = 50,
     workers: int = 1,
-    overwrite: bool = False,
+    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train and `out`/val (kind "image") through convert_images."""
@@ -515,13 +515,13 @@ def make_images(
 
 
 def _up_to_date(
-    out: str, splits: tuple[str, ...], settings: dict, overwrite: bool, verbose: bool = False
+    out: str, splits: tuple[str, ...], settings: dict, overwrite: bool | str, verbose: bool = False
 ) -> dict[str, DatasetInfo] | None:
     """The existing infos when `out` already holds these splits made with `settings`; None to (re)generate.
 
     Raises FileExistsError when `out` holds data made differently and overwrite is False.
     """
-    if overwrite:
+    if overwrite is True:
         return None
     infos = {}
     for split in splits:
@@ -532,8 +532,13 @@ def _up_to_date(
             infos[split] = read_info(folder)
         except (FileNotFoundError, ValueError) as e:
             _differs(out, str(e))
-        if infos[split].extra.get("demo") != settings:
-            _differs(out, f"it was made with {json.dumps(infos[split].extra.get('demo'))}")
+        made_with = infos[split].extra.get("demo")
+        if made_with != settings:
+            if overwrite == "stale" and isinstance(made_with, dict) and made_with.get("generator") == settings["generator"]:
+                if verbose:
+                    print(f"{out}: made by an older generator or other settings, regenerating")
+                return None  # demo data from another generator version: safe to replace
+            _differs(out, f"it was made with {json.dumps(made_with)}")
     if verbose:
         print(f"{out}: up to date (seed {settings['seed']}; --overwrite regenerates it)")
     return infos
@@ -550,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--overwrite", action="store_true", help="regenerate even if present")
+    p.add_argument(
+        "--refresh", action="store_true",
+        help="regenerate demo data made by another generator version or settings (launch.sh uses this)",
+    )
     a = p.parse_args(argv)
     makers = {"kinetics": make_kinetics, "yt8m": make_yt8m, "images": make_images}
     status = 0
@@ -557,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         out = os.path.join(a.out, kind)
         try:
-            infos = makers[kind](out, seed=a.seed, workers=a.workers, overwrite=a.overwrite, progress=True)
+            infos = makers[kind](out, seed=a.seed, workers=a.workers, overwrite=True if a.overwrite else ("stale" if a.refresh else False), progress=True)
         except FileExistsError as e:
             print(f"make_demo_data: {e}", file=sys.stderr)
             status = 2
