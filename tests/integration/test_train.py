@@ -211,24 +211,42 @@ def test_run_folder_outputs(family, trained):
     model.load_state_dict(load_file(str(run / "model.safetensors")), strict=True)  # raises on any key mismatch
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, trained, tmp_path):
+RESUME_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(demo_root, tmp_path_factory):
+    """The per-step losses of the resume tests' recipe, run without interruption."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _check(_launch(_resume_recipe(demo_root), run))
+    return _losses(run)
+
+
+def _resume_recipe(demo_root: Path) -> dict:
+    return _recipe("s3dg", demo_root, zero=1, steps=RESUME_STEPS, checkpoint_every=2)
+
+
+def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterrupted, tmp_path):
     """SIGKILL the whole job after step 5 (a checkpoint exists at step 4, maybe one in flight at 6), restart the
     same command: it resumes from the newest complete checkpoint and logs the same per-step losses."""
-    steps = 8
-    recipe = _recipe("s3dg", demo_root, zero=1, steps=steps, checkpoint_every=2)
-    reference = tmp_path / "reference"
-    _check(_launch(recipe, reference))
+    steps = RESUME_STEPS
+    recipe = _resume_recipe(demo_root)
     run = tmp_path / "killed"
     proc = _launch(recipe, run, background=True)
     victims: list[int] = []
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline:
-            if (run / "metrics.jsonl").exists() and max(_losses(run), default=0) >= 5:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before it could be killed: {proc.stdout.read()[-3000:]}")
-            time.sleep(0.2)
+        _wait_for_step(run, proc, 5)
         victims = _kill_job(proc)
     finally:
         proc.wait(timeout=60)
@@ -242,7 +260,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, trained,
     resume_from = latest_checkpoint(run / "checkpoints")
     assert resume_from is not None and resume_from[0] < steps, "the kill came too late to test anything"
     _check(_launch(recipe, run))
-    resumed, expect = _losses(run), _losses(reference)
+    resumed, expect = _losses(run), uninterrupted
     assert sorted(resumed) == sorted(expect) == list(range(1, steps + 1))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expect[s] for s in sorted(expect)], rel=1e-6)
     # the restart trained exactly the steps after the newest complete checkpoint, no more, no fewer
