@@ -316,3 +316,29 @@ def test_dry_run_writes_nothing(demo_root, tmp_path):
     _check(out)
     assert "--dry-run" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_tool_on_the_exported_weights_matches_training_eval(family, trained, tmp_path):
+    """tools/eval.py on model.safetensors (no DeepSpeed) gives the metrics training reported at its end."""
+    run = trained(family, 1)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "eval.py"), "--run-dir", str(run), "--out", str(tmp_path),
+         "--precision", "fp32"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )
+    _check(out)
+    ours, training = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, run))
+    assert ours["num_samples"] == training["num_samples"]
+    for head_ours, head_train in zip([ours["ensemble"], *ours["branches"]],
+                                     [training["ensemble"], *training["branches"]], strict=True):
+        assert head_ours == pytest.approx(head_train, abs=1e-6)
+
+
+def test_training_curves_plot_from_a_real_run(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), "curves", str(trained("s3dg", 1)),
+                          "--out", str(png)], capture_output=True, text=True, timeout=300, env=_env())
+    _check(out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
