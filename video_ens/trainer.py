@@ -164,6 +164,10 @@ class Trainer:
         self.steps_per_epoch = train_data.micro_batches_per_epoch // self.accum
         total = int(round(t.epochs * self.steps_per_epoch))
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        self._running_stats = [
+            buf for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None
+        ]
         self.step = 0  # optimizer steps done
         self.bad_in_a_row = 0
         self.log = MetricsLog(self.run_dir)
@@ -250,6 +254,7 @@ class Trainer:
             inputs = batch["inputs"].to(self.device, non_blocking=True)
             target = batch["target"].to(self.device, non_blocking=True)
             kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
+            saved = [b.clone() for b in self._running_stats]  # BN statistics: a few K floats, restored if bad
             out = self.engine(inputs, **kwargs)  # 1. forward (autocast per the DeepSpeed config)
             terms = self.criterion(out.branches, target)
             loss = terms["loss"]
@@ -259,6 +264,9 @@ class Trainer:
                 # is exactly zero, so nothing non-finite reaches the weights.
                 skipped += 1
                 loss = sum(p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad)
+                with torch.no_grad():  # the bad forward also moved BN running statistics: undo that
+                    for buf, old in zip(self._running_stats, saved, strict=True):
+                        buf.copy_(old)
             self.engine.backward(loss)  # 2. backward
             self.engine.step()  # 3. optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)
             for k in ("loss", "ensemble", "branch"):

@@ -1,0 +1,118 @@
+"""Numerical faults on two gloo ranks: a non-finite loss on one rank is seen by every rank at once, the step is
+skipped (nothing non-finite reaches the weights or the BN statistics) and logged, and the run stops after train.max_bad_steps in a row."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    from pathlib import Path
+    import torch
+    from video_ens import dist, engine
+    from video_ens.config import recipe_from_dict
+    from video_ens.models import create_model
+    from video_ens.objective import loss_for
+    from video_ens.optim import create_optimizer
+    from video_ens.trainer import Trainer
+
+    run_dir, bad_steps, max_bad = Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    recipe = recipe_from_dict({
+        "model": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
+        "data": {"kind": "image", "train_shards": "unused", "val_shards": "unused", "crop_size": 32,
+                 "short_side": [32, 36]},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+        "train": {"epochs": 1, "max_steps": 6, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
+                  "log_every": 1, "max_bad_steps": max_bad},
+    })
+    device = torch.device("cpu")
+    engine.ensure_process_group(device)
+    torch.manual_seed(0)
+    model = create_model(recipe.model.name, **recipe.model.builder_kwargs())
+    eng = engine.initialize(model, create_optimizer(model, recipe.optim, lr=0.05),
+                            engine.deepspeed_config(recipe, world_size=dist.world_size(), device=device))
+
+    class Stream:  # 4 images per rank per micro-batch; NaN pixels on rank 1 only, at the listed positions
+        micro_batches_per_epoch = 100
+        stats = {}
+        def batches(self, epoch, start):
+            for pos in range(start, self.micro_batches_per_epoch):
+                g = torch.Generator().manual_seed(1000 * dist.rank() + pos)
+                x = torch.randn(4, 3, 32, 32, generator=g)
+                if dist.rank() == 1 and pos in bad_steps:
+                    x[0, 0, 0, 0] = float("nan")
+                yield {"inputs": x, "target": torch.randint(0, 10, (4,), generator=g), "ids": [str(pos)] * 4}
+
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=loss_for(recipe.objective, model),
+                      train_data=Stream(), eval_data=None, device=device, metrics_task="single_label")
+    outcome = "finished"
+    try:
+        trainer.fit(save_fn=lambda t: None)
+    except FloatingPointError as e:
+        outcome = f"stopped: {e}"
+    finite = all(torch.isfinite(t.float()).all().item() for t in [*eng.module.parameters(), *eng.module.buffers()])
+    print(json.dumps({"rank": dist.rank(), "outcome": outcome, "finite": finite, "step": trainer.step}), flush=True)
+    trainer.log.close()
+    dist.shutdown()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path: Path, bad_steps: list[int], max_bad: int) -> tuple[list[dict], list[dict]]:
+    script = tmp_path / "fault.py"
+    script.write_text(SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(run_dir),
+           json.dumps(bad_steps), str(max_bad)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')),
+                     key=lambda r: r["rank"])
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return results, log
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    results, log = _run(tmp_path, bad_steps=[2], max_bad=3)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["outcome"] == "finished" and r["finite"] and r["step"] == 6 for r in results)
+    skips = [r for r in log if r["kind"] == "skip"]
+    # rank 0 writes the log and its own loss was finite: the skip it records is rank 1's, seen through the vote
+    assert [(s["step"], s["micro_batches"]) for s in skips] == [(2, 1)]
+    train = {r["step"]: r for r in log if r["kind"] == "train"}
+    assert sorted(train) == [1, 2, 3, 4, 5, 6]
+    assert all(math_finite(train[s]["loss"]) for s in train if s != 3)
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    results, log = _run(tmp_path, bad_steps=[1, 2, 3, 4, 5], max_bad=2)
+    assert all(r["outcome"].startswith("stopped: 2 steps in a row had a non-finite loss") for r in results)
+    assert all(r["finite"] and r["step"] == 2 for r in results)
+    assert [s["step"] for s in log if s["kind"] == "skip"] == [1, 2]
+
+
+def math_finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
