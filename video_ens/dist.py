@@ -52,6 +52,18 @@ def init(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # Under torchrun the key-value store can outlive a worker group: after `--max-restarts` restarts the group,
+        # groups created later (DeepSpeed clones the world group) would read the dead workers' addresses from it.
+        # A prefix per restart attempt keeps every attempt's keys apart.
+        r, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent and r == 0, multi_tenant=True)
+        store = dist.PrefixStore(f"video_ens/attempt_{restart}", store)
+        dist.init_process_group(backend=backend, store=store, rank=r, world_size=world, **kwargs)
+        return
     dist.init_process_group(backend=backend, **kwargs)
 
 

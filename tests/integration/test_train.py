@@ -237,6 +237,38 @@ def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float 
     pytest.fail(f"step {step} not reached in {timeout} s")
 
 
+def _worker_of_rank(proc: subprocess.Popen, rank: int) -> int:
+    for pid in _descendants(proc.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
+            return pid
+    raise AssertionError(f"no worker process with RANK={rank} under {proc.pid}")
+
+
+def test_elastic_restart_after_one_rank_is_killed(demo_root, uninterrupted, tmp_path):
+    """SIGKILL one rank mid-run under torchrun --max-restarts: the agent restarts the worker group, which resumes
+    from the newest complete checkpoint and finishes with the uninterrupted per-step losses, exit code 0."""
+    run = tmp_path / "elastic"
+    env = _env(NPROC="2", MASTER_PORT=str(_free_port()), MAX_RESTARTS="1")
+    proc = _launch(_resume_recipe(demo_root), run, env=env, background=True)
+    try:
+        _wait_for_step(run, proc, 3)
+        os.kill(_worker_of_rank(proc, 1), signal.SIGKILL)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
+    assert proc.returncode == 0, out[-4000:]
+    log = (run / "metrics.jsonl").read_text()
+    assert log.count('"kind": "train"') > RESUME_STEPS, "steps after the checkpoint should have run twice"
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterrupted, tmp_path):
     """SIGKILL the whole job after step 5 (a checkpoint exists at step 4, maybe one in flight at 6), restart the
     same command: it resumes from the newest complete checkpoint and logs the same per-step losses."""
