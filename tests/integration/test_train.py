@@ -374,3 +374,51 @@ def test_training_curves_plot_from_a_real_run(trained, tmp_path):
                           "--out", str(png)], capture_output=True, text=True, timeout=300, env=_env())
     _check(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
+    """4000 steps of the tiny DBoF on two ranks with evaluation and checkpoints every 500 steps: the workers'
+    resident memory in the last quarter stays within 10% (+32 MiB) of what it was a fifth of the way in, and when
+    the job ends no process it started is left."""
+    steps = 4000
+    recipe = _recipe("dbof", demo_root, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20,
+                     epochs=10_000)
+    proc = _launch(recipe, tmp_path / "soak", background=True)
+    samples: list[tuple[float, int]] = []  # (progress in [0, 1], total worker RSS in KiB)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in _descendants(proc.pid) if b"video_ens.train" in _cmdline(p)]
+        seen.update(workers)
+        done = max(_losses(tmp_path / "soak"), default=0) if (tmp_path / "soak" / "metrics.jsonl").exists() else 0
+        if len(workers) == 2 and done:
+            samples.append((done / steps, sum(_rss_kib(p) for p in workers)))
+        time.sleep(0.25)
+    if proc.poll() is None:
+        _kill_job(proc)
+        pytest.fail("soak run did not finish in 900 s")
+    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    early = [rss for progress, rss in samples if 0.15 <= progress <= 0.3]
+    late = [rss for progress, rss in samples if progress >= 0.75]
+    assert early and late, f"too few memory samples: {len(samples)}"
+    baseline, end = sorted(early)[len(early) // 2], max(late)
+    assert end <= baseline * 1.10 + 32 * 1024, f"worker RSS grew from {baseline} KiB to {end} KiB"
+    time.sleep(1.0)
+    assert len(seen) >= 2 and not [p for p in seen if _alive(p)], "worker processes outlived the job"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
