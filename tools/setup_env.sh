@@ -24,14 +24,16 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# pip warns once per missing folder of a configured local index; those lines say nothing about this install.
+quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; }; }
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup_env: GPU visible, keeping the CUDA build of torch"
-  "${pip[@]}" install 'torch>=2.4,<2.15'
+  quiet "${pip[@]}" install 'torch>=2.4,<2.15'
 else
   echo "setup_env: no GPU visible, installing the CPU build torch==2.13.0"
-  "${pip[@]}" install torch==2.13.0
+  quiet "${pip[@]}" install torch==2.13.0
 fi
 echo "setup_env: installing video_ens with extras [${EXTRAS:-dev,triton}]"
-"${pip[@]}" install -e "$root[${EXTRAS:-dev,triton}]"
+quiet "${pip[@]}" install -e "$root[${EXTRAS:-dev,triton}]"
 touch "$stamp"
 echo "setup_env: done ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
