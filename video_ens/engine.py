@@ -169,11 +169,40 @@ def remove_partial_checkpoints(root: str | Path) -> list[Path]:
     return removed
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its ZeRO checkpoints pickle besides tensors and builtins (found by loading ZeRO-1
+    and -2 checkpoints with weights_only=True): everything else in a checkpoint file is refused."""
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, loss_scaler.LossScaleConfig,
+            loss_scaler.LossScaleProfile, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """torch.load with weights_only=True and only DeepSpeed's own checkpoint classes allowed: a checkpoint file
+    cannot run code when it is read (DeepSpeed's engine itself loads with weights_only=False)."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError (or a RuntimeError wrapping it)
+            raise RuntimeError(
+                f"{path}: refused to load: it holds objects other than tensors and DeepSpeed's checkpoint classes "
+                f"({str(e).splitlines()[0][:200]}). Only load checkpoints you wrote."
+            ) from None
+
+
 def load_checkpoint(engine, path: str | Path) -> dict:
-    """Load model, optimizer and engine state from a complete checkpoint directory; returns its client_state."""
+    """Load model, optimizer and engine state from a complete checkpoint directory; returns its client_state.
+
+    Every file is read with `safe_torch_load` (weights_only=True) instead of DeepSpeed's unrestricted torch.load.
+    """
     path = Path(path)
     if not _TAG.match(path.name) or not (path / "complete.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (expected step_NNNNNNNNN/ with complete.json)")
+    if getattr(engine, "checkpoint_engine", None) is not None:
+        engine.checkpoint_engine.load = safe_torch_load
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")

@@ -77,3 +77,24 @@ def test_loading_refuses_an_unfinished_checkpoint(tmp_path):
     (tmp_path / "step_000000010").mkdir()  # no complete.json
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         engine.load_checkpoint(object(), tmp_path / "step_000000010")
+
+
+class _Payload:
+    """Unpickling this would call os.getpid (harmless here; a real attack would call something worse)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getpid, ())
+
+
+def test_checkpoint_files_are_read_without_unpickling_arbitrary_objects(tmp_path):
+    pytest.importorskip("deepspeed")
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(3.0), "step": 7, "names": ["a", "b"]}, good)
+    loaded = engine.safe_torch_load(str(good))
+    assert loaded["step"] == 7 and torch.equal(loaded["w"], torch.arange(3.0))
+    bad = tmp_path / "bad.pt"
+    torch.save({"w": torch.zeros(1), "x": _Payload()}, bad)
+    with pytest.raises(RuntimeError, match="bad.pt: refused to load"):
+        engine.safe_torch_load(str(bad))

@@ -485,3 +485,22 @@ def test_check_compatible_accepts_matching_recipes():
     loader.check_compatible(DataConfig(train_shards="x", val_shards="y", kind="features", frames=25), "m", FEAT_SPEC)
     assert loader.metrics_task(DataConfig(train_shards="x", val_shards="y", kind="features")) == "multi_label"
     assert loader.metrics_task(DataConfig(train_shards="x", val_shards="y", kind="clip")) == "single_label"
+
+
+def test_a_truncated_shard_is_counted_and_the_rest_still_read(tmp_path):
+    """A shard cut off mid-member (a copy that stopped early): its readable samples and every other shard are
+    used, the damaged sample is skipped and counted with its key, and nothing hangs or crashes."""
+    folder = tmp_path / "feats_cut"
+    _write(folder, "yt8m", _feat_samples(12), shard_size=4, num_classes=FEAT_CLASSES)
+    shards = sorted(folder.glob("*.tar"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    cfg = _cfg(tmp_path, "features", name="feats_cut")
+    stream = _eval(cfg, EvalConfig(batch_size=4), 0, 1)
+    ids = [i for b in stream.batches() for i in b["ids"]]
+    keys = [s["__key__"] for s in _feat_samples(12)]
+    assert set(keys[:4]) <= set(ids) and set(keys[8:]) <= set(ids), "the intact shards are read in full"
+    assert len(ids) == len(set(ids)) and 8 <= len(ids) < 12
+    # the member cut in half is skipped and counted under its key (a sample of the damaged shard)
+    assert stream.stats["bad"] >= 1
+    assert all(r["key"] in keys[4:8] or shards[1].name in r["key"] for r in stream.stats["last_bad"])
