@@ -26,7 +26,7 @@ import torch.distributed as tdist
 
 from . import dist
 from .config import RecipeError
-from .metrics import EnsembleMetrics
+from .evaluate import evaluate
 from .optim import lr_at, set_lr
 
 LOG = dist.get_logger("video_ens.trainer")
@@ -303,38 +303,14 @@ class Trainer:
         if self.eval_data is None:
             return {}
         all_reduce_bn_stats(self.engine.module)
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        # Built before the loop: a rank whose share of the evaluation set is empty must still join the sync.
-        acc = EnsembleMetrics(task=self.metrics_task, num_classes=self.eval_data.num_classes,
-                              num_branches=model.num_branches, top_k=self.recipe.eval.top_k,
-                              aggregate=self.eval_data.aggregate)
-        t0 = time.monotonic()
-        for batch in self.eval_data.batches():
-            inputs = batch["inputs"].to(self.device, non_blocking=True)
-            kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
-            with self._autocast():
-                out = model(inputs, **kwargs)
-            probs = _branch_probs(model, out.branches)  # (N, B, C)
-            acc.update(batch["ids"], probs, out.ensemble.float(), batch["target"], view_ids=batch.get("view_ids"))
-        acc = acc.sync()
-        result = acc.compute()
-        result["seconds"] = round(time.monotonic() - t0, 3)
-        result["bad_samples"] = _bad_samples(self.eval_data.stats)
-        model.train(was_training)
+        result = evaluate(self.engine.module, self.eval_data, task=self.metrics_task, top_k=self.recipe.eval.top_k,
+                          device=self.device, precision=self.recipe.train.precision, log_every=0)
+        result["bad_sample_keys"] = _bad_samples(self.eval_data.stats)  # this rank's skipped samples, by key
         self.log.write("eval", self.step, result)
         if dist.is_main():
             ens = ", ".join(f"{k}={v:.4f}" for k, v in result["ensemble"].items())
             LOG.info(f"eval at step {self.step} on {result['num_samples']} samples: ensemble {ens}")
         return result
-
-    def _autocast(self):
-        if self.recipe.train.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        if self.recipe.train.precision == "fp16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
-        return torch.autocast(device_type=self.device.type, enabled=False)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -348,9 +324,3 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 def _bad_samples(stats: dict) -> dict:
     """The skipped-sample counters of a stream, for the metrics log (keys of the last few bad samples included)."""
     return {k: stats[k] for k in ("bad", "bad_by_reason", "last_bad") if k in stats}
-
-
-def _branch_probs(model, branches: torch.Tensor) -> torch.Tensor:
-    from .models.ensemble import branch_probs
-
-    return branch_probs(branches, model.output_type, model.activation)
