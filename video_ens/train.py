@@ -81,7 +81,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         model = model.to(memory_format=fmt)
     loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
 
-    data_root = loader.prepare(recipe.data, dry_run=dry_run)  # DataPaths(train, val)
+    data_root = loader.resolve_paths(recipe.data)  # DataPaths(train, val); demo data was made by launch.sh
     train_data = loader.train_stream(
         recipe.data, input_spec=model.input_spec, micro_batch_size=micro, rank=dist.rank(), world_size=world,
         seed=recipe.train.seed, root=data_root,
@@ -114,7 +114,8 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         dump_recipe(recipe, run_dir / "recipe.json")
-    torch.distributed.barrier() if dist.is_initialized() else None
+    if dist.is_initialized():
+        torch.distributed.barrier()  # the run folder exists before any rank writes to it
 
     ckpt_root = run_dir / "checkpoints"
     engine.remove_partial_checkpoints(ckpt_root)
