@@ -249,7 +249,7 @@ class Trainer:
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}
         skipped = 0
-        for _ in range(self.accum):
+        for i in range(self.accum):
             batch = next(stream)
             inputs = batch["inputs"].to(self.device, non_blocking=True)
             target = batch["target"].to(self.device, non_blocking=True)
@@ -267,6 +267,13 @@ class Trainer:
                 with torch.no_grad():  # the bad forward also moved BN running statistics: undo that
                     for buf, old in zip(self._running_stats, saved, strict=True):
                         buf.copy_(old)
+            whole_step_bad = skipped == self.accum and i == self.accum - 1
+            if whole_step_bad:
+                # With every micro-batch skipped the gradient is zero, but momentum and weight decay would still
+                # move the weights. A learning rate of 0 for this one update leaves them (and the fp32 master
+                # copy) bit for bit unchanged; fit() sets the scheduled rate again before the next step. The
+                # optimizer's moments still decay by one step, which is the only trace the bad step leaves.
+                set_lr(self.engine.optimizer, 0.0)
             self.engine.backward(loss)  # 2. backward
             self.engine.step()  # 3. optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)
             for k in ("loss", "ensemble", "branch"):

@@ -1,5 +1,5 @@
 """Numerical faults on two gloo ranks: a non-finite loss on one rank is seen by every rank at once, the step is
-skipped (nothing non-finite reaches the weights or the BN statistics) and logged, and the run stops after train.max_bad_steps in a row."""
+skipped (the weights and BN statistics stay exactly as they were, despite momentum and weight decay) and logged, and the run stops after train.max_bad_steps in a row."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
         "model": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
         "data": {"kind": "image", "train_shards": "unused", "val_shards": "unused", "crop_size": 32,
                  "short_side": [32, 36]},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01, "schedule": "constant"},
         "train": {"epochs": 1, "max_steps": 6, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
                   "log_every": 1, "max_bad_steps": max_bad},
     })
@@ -59,13 +59,25 @@ SCRIPT = textwrap.dedent(
     torch.distributed.barrier()
     trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=loss_for(recipe.objective, model),
                       train_data=Stream(), eval_data=None, device=device, metrics_task="single_label")
+    # Which steps left every weight bit for bit as it was (momentum and weight decay move them on any real step).
+    snap = lambda: torch.cat([p.detach().flatten().clone() for p in eng.module.parameters()])
+    prev = snap()
+    unchanged = []
+    def on_step_end(t):
+        global prev
+        cur = snap()
+        if torch.equal(cur, prev):
+            unchanged.append(t.step)
+        prev = cur
     outcome = "finished"
     try:
-        trainer.fit(save_fn=lambda t: None)
+        trainer.fit(save_fn=lambda t: None, on_step_end=on_step_end)
     except FloatingPointError as e:
         outcome = f"stopped: {e}"
     finite = all(torch.isfinite(t.float()).all().item() for t in [*eng.module.parameters(), *eng.module.buffers()])
-    print(json.dumps({"rank": dist.rank(), "outcome": outcome, "finite": finite, "step": trainer.step}), flush=True)
+    print(json.dumps({"rank": dist.rank(), "outcome": outcome, "finite": finite, "step": trainer.step,
+                      "unchanged_steps": unchanged,
+                      "final_unchanged": torch.equal(snap(), prev)}), flush=True)
     trainer.log.close()
     dist.shutdown()
     """
@@ -99,6 +111,8 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     results, log = _run(tmp_path, bad_steps=[2], max_bad=3)
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["outcome"] == "finished" and r["finite"] and r["step"] == 6 for r in results)
+    # the skipped update (micro-batch 2, the 3rd step) is the only one that left the weights untouched, on both ranks
+    assert all(r["unchanged_steps"] == [3] for r in results)
     skips = [r for r in log if r["kind"] == "skip"]
     # rank 0 writes the log and its own loss was finite: the skip it records is rank 1's, seen through the vote
     assert [(s["step"], s["micro_batches"]) for s in skips] == [(2, 1)]
@@ -111,6 +125,9 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     results, log = _run(tmp_path, bad_steps=[1, 2, 3, 4, 5], max_bad=2)
     assert all(r["outcome"].startswith("stopped: 2 steps in a row had a non-finite loss") for r in results)
     assert all(r["finite"] and r["step"] == 2 for r in results)
+    # micro-batch 0 was good, 1 and 2 were not: the 2nd step and the 3rd (the one that stopped the run) left the
+    # weights exactly as the 1st step did; weight decay (0.01) and momentum did not move them either
+    assert all(r["unchanged_steps"] == [2] and r["final_unchanged"] for r in results)
     assert [s["step"] for s in log if s["kind"] == "skip"] == [1, 2]
 
 
