@@ -6,8 +6,9 @@
 #
 # Without a visible NVIDIA GPU the CPU build of torch is pinned (torch==2.13.0, the +cpu wheel): an unpinned
 # `torch` would pull a multi-GB CUDA build. With a GPU, the CUDA build that pip resolves is kept (or the one the
-# cluster already has). Triton is pinned to 3.7.1, the release CUDA torch 2.13 ships with, so the CPU
-# interpreter runs the same Triton the GPUs run.
+# cluster already has), with the Triton release that build pins. On CPU, Triton is pinned to 3.7.1, the release
+# CUDA torch 2.13 ships with, so the interpreter the tests run is the Triton of the matching GPU build (3.6.0's
+# interpreter cannot run a loop bounded by a loaded value under numpy 2.4, which our kernels do).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$root/.venv}
@@ -31,7 +32,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   quiet "${pip[@]}" install 'torch>=2.4,<2.15'
 else
   echo "setup_env: no GPU visible, installing the CPU build torch==2.13.0"
-  quiet "${pip[@]}" install torch==2.13.0
+  quiet "${pip[@]}" install torch==2.13.0 triton==3.7.1
 fi
 echo "setup_env: installing video_ens with extras [${EXTRAS:-dev,triton}]"
 quiet "${pip[@]}" install -e "$root[${EXTRAS:-dev,triton}]"
