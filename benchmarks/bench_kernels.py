@@ -83,6 +83,11 @@ SMOKE_SHAPES: dict[str, list[tuple]] = {
     "feature_gate": [(2, 12, 3, 5, 7)],
 }
 OPS = tuple(GPU_SHAPES)
+# CSV columns, in order (the run's versions and git SHA follow); every row has a subset.
+FIELDS = [
+    "op", "shape", "layout", "dtype", "pas", "impl", "ms", "gbps", "frac_peak", "tflops", "speedup_vs_eager",
+    "max_abs_err_vs_eager", "error",
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- the cases
@@ -93,6 +98,8 @@ class Case:
 
     def __init__(self, op: str, shape: tuple, dtype: torch.dtype, device: torch.device, layout: str, gen):
         self.op, self.shape, self.dtype, self.layout = op, shape, dtype, layout
+        self._compiled = None
+        torch._dynamo.reset()
         e = torch.finfo(dtype).bits // 8
         rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device, dtype)
         self.flops = {"fwd": 0.0, "bwd": 0.0}
@@ -139,8 +146,12 @@ class Case:
         if name == "triton":
             return self.fused
         if name == "compile":
-            torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes, no stale graphs
-            return torch.compile(self.ref)
+            # One compiled function per case, reset when the case is built: the inference graph (fwd) and the
+            # training graph (bwd, fwdbwd) are each compiled once, and no cache or recompile limit is shared
+            # across shapes.
+            if self._compiled is None:
+                self._compiled = torch.compile(self.ref)
+            return self._compiled
         raise ValueError(f"unknown impl {name!r}: use eager, compile or triton")
 
     def runner(self, fn: Callable, pas: str) -> Callable[[], object]:
@@ -206,8 +217,7 @@ def _max_err(a, b) -> float:
     )
 
 
-def bench_ops(args, device, timer) -> list[dict]:
-    rows = []
+def bench_ops(args, device, timer, emit: Callable[[dict], None], deadline: float) -> None:
     dtype = DTYPES[args.dtype]
     shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES
     gen = torch.Generator().manual_seed(0)
@@ -215,6 +225,9 @@ def bench_ops(args, device, timer) -> list[dict]:
         layouts = ["contiguous", "channels_last_3d"] if op == "feature_gate" else ["contiguous"]
         for shape in shapes[op]:
             for layout in layouts:
+                if time.monotonic() > deadline:
+                    print(f"--budget-s reached: {op} {shape} {layout} and later cases not run", flush=True)
+                    return
                 case = Case(op, shape, dtype, device, layout, gen)
                 for pas in args.passes:
                     eager_ms = None
@@ -228,8 +241,7 @@ def bench_ops(args, device, timer) -> list[dict]:
                             ms = timer(run)
                         except Exception as exc:  # one failing impl (e.g. compile) should not end the run
                             row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                            rows.append(row)
-                            print(_fmt(row), flush=True)
+                            emit(row)
                             continue
                         gbps = case.bytes[pas] / ms / 1e6
                         row.update(ms=round(ms, 4), gbps=round(gbps, 1), frac_peak=round(gbps / args.peak_gbps, 3))
@@ -240,12 +252,10 @@ def bench_ops(args, device, timer) -> list[dict]:
                             eager_ms = ms
                         if eager_ms:
                             row["speedup_vs_eager"] = round(eager_ms / ms, 2)
-                        rows.append(row)
-                        print(_fmt(row), flush=True)
+                        emit(row)
                 del case
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------ training steps
@@ -279,8 +289,7 @@ def _train_step(model, opt, x, extra: dict, autocast: torch.dtype | None) -> Cal
     return step
 
 
-def bench_models(args, device, timer) -> list[dict]:
-    rows = []
+def bench_models(args, device, timer, emit: Callable[[dict], None]) -> None:
     names = {
         "dbof": ("dbof_tiny", 4) if args.smoke else ("dbof", args.dbof_batch),
         "s3dg": ("s3dg_tiny", 2) if args.smoke else ("s3dg", args.s3dg_batch),
@@ -322,10 +331,8 @@ def bench_models(args, device, timer) -> list[dict]:
                 eager_ms = ms
             elif eager_ms:
                 row["speedup_vs_eager"] = round(eager_ms / ms, 3)
-            rows.append(row)
-            print(_fmt(row), flush=True)
+            emit(row)
             del model, opt
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------------- plumbing
@@ -336,6 +343,8 @@ def _fmt(row: dict) -> str:
 
 
 def _git_sha() -> str:
+    if os.environ.get("VIDEO_ENS_GIT_SHA"):  # a copy of the tree without .git (a lent GPU machine) passes it in
+        return os.environ["VIDEO_ENS_GIT_SHA"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -403,6 +412,12 @@ def main(argv=None) -> int:
     ap.add_argument("--s3dg-batch", type=int, default=8)
     ap.add_argument("--channels-last", action="store_true", help="S3D-G training step in channels_last_3d")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/kernels_<gpu>_<date>.csv)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting new op cases after this many seconds (0: no limit); the training steps still run",
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -427,11 +442,6 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr)
         return 2
 
-    timer = Timer(device, args.warmup, args.rep)
-    rows = bench_ops(args, device, timer)
-    if args.models:
-        rows += bench_models(args, device, timer)
-
     common = dict(
         device=_device_name(device),
         peak_gbps=args.peak_gbps,
@@ -441,18 +451,29 @@ def main(argv=None) -> int:
         git=_git_sha(),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    rows = [{**r, **common} for r in rows]
     slug = re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-") if device.type == "cuda" else "cpu-smoke"
     name = f"kernels_{slug}_{dt.date.today().isoformat()}.csv"
     out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) if args.smoke else RESULTS) / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
+    timer = Timer(device, args.warmup, args.rep)
+    deadline = time.monotonic() + args.budget_s if args.budget_s else float("inf")
     with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+        # Rows are written (and flushed) as they are measured, so a run stopped by a time limit keeps its rows.
+        writer = csv.DictWriter(f, fieldnames=[*FIELDS, *common])
+        writer.writeheader()
+        rows: list[dict] = []
+
+        def emit(row: dict) -> None:
+            print(_fmt(row), flush=True)
+            unknown = set(row) - set(FIELDS)
+            assert not unknown, f"add {sorted(unknown)} to FIELDS"
+            writer.writerow({**row, **common})
+            f.flush()
+            rows.append(row)
+
+        bench_ops(args, device, timer, emit, deadline)
+        if args.models:
+            bench_models(args, device, timer, emit)
     print(f"wrote {len(rows)} rows to {out}")
     failed = [r for r in rows if "error" in r]
     return 1 if (args.smoke and failed) else 0
