@@ -8,21 +8,33 @@
 # first host of SLURM_JOB_NODELIST); run the same command on every node. No SSH is needed.
 # DRY_RUN=1 validates the recipe, builds the model and the data, runs one step and writes nothing.
 # Demo recipes (data.demo set) generate their dataset under data/demo first (DEMO_DIR to change).
-# The environment: the active one when it has video_ens, else .venv (created by tools/setup_env.sh).
+# The environment: PYTHON when set; else the active virtualenv or conda env, or else the python3 on PATH (a container
+# image), when it has torch, deepspeed and webdataset; else .venv (created by tools/setup_env.sh). The package runs
+# from this checkout whichever interpreter it is.
 set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
-if [ -n "${VIRTUAL_ENV:-}" ] && python -c "import video_ens" >/dev/null 2>&1; then
+# whether interpreter $1 has what training needs (found, not imported: importing deepspeed takes seconds)
+has_deps() {
+  "$1" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("torch", "deepspeed", "webdataset")))' \
+    >/dev/null 2>&1
+}
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+elif [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && has_deps python; then
   py=python
+elif [ ! -x "$root/.venv/bin/python" ] && command -v python3 >/dev/null && has_deps python3; then
+  py=python3
 else
   bash "$root/tools/setup_env.sh"
   py="$root/.venv/bin/python"
 fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 recipe=$1
 shift

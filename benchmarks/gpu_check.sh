@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# The GPU checks of the fused kernels, as one script sized for a short lease on one H100 (about 9 minutes):
+# The GPU checks, as one script sized for a short lease on one H100 (about 9 minutes):
 #
-#   bash benchmarks/gpu_check.sh                 # results in benchmarks/results/gpu_<date>/ (or in $OUT when set)
+#   bash tools/device_wheels.sh                  # here, once: .whl/ for a machine without network (carry it along)
+#   bash benchmarks/gpu_check.sh                 # there: results in benchmarks/results/gpu_<date>/ (or $OUT)
 #   BUDGET_S=300 bash benchmarks/gpu_check.sh    # a shorter overall budget; later sections get what is left
 #   SMOKE=1 bash benchmarks/gpu_check.sh         # on CPU: tiny shapes in Triton's interpreter, to check the script
 #                                                # itself (tests/integration/test_gpu_check.py runs this)
 #
-# In order of importance, each under its own time cap and all under BUDGET_S (default 520 s), so a section that
+# In order of importance, each under its own time cap and all under BUDGET_S (default 540 s), so a section that
 # runs long takes time from the later ones and never the whole run:
-#   1. env.txt           GPU, driver, torch / triton / python versions
-#   2. pytest_cuda       tests/unit/test_kernels.py and test_kernel_registers.py on the GPU: the compiled kernels
-#                        (not the interpreter) against the references at every dtype, odd shapes, masked lengths
-#   3. kernels_swap.csv  bench_kernels.py, SWAP at the DBoF shapes: eager, torch.compile, Triton; fwd, bwd, both
-#   4. kernels_models.csv  one training step of DBoF (batch 128) and S3D-G (batch 8, 64x224x224), bf16 autocast,
-#                        with kernels="reference" and "triton"
-#   5. kernels_gates.csv feature gate (both layouts), context gate and its training epilogue, until the budget ends
+#   env.txt             GPU, driver, torch / triton / python versions
+#   pytest_cuda         tests/unit/test_kernels.py and test_kernel_registers.py on the GPU: the compiled kernels
+#                       (not the interpreter) against the references at every dtype, odd shapes, masked lengths
+#   kernels_swap.csv    bench_kernels.py, SWAP at the DBoF shapes: eager, torch.compile, Triton; fwd, bwd, both
+#   kernels_models.csv  one training step of DBoF (batch 128) and S3D-G (batch 8, 64x224x224), bf16 autocast,
+#                       with kernels="reference" and "triton"
+#   kernels_gates.csv   feature gate (both layouts), context gate and its training epilogue
+#   train_metrics.jsonl launch.sh on the YouTube-8M demo: DeepSpeed (ZeRO-2) on NCCL, bf16, kernels="auto"
+#                       (the fused SWAP and context gates), 200 steps and the final evaluation
+#   step_s3dg.csv       bench_step.py: the full S3D-G 2-branch recipe at micro-batch 8, DeepSpeed engine vs a plain
+#                       loop, TFLOP/s and MFU
 # Every CSV row is written when it is measured, so a section stopped at its cap keeps what it measured. All output
-# goes to log.txt, and each section's exit status and duration to summary.txt (six files in all).
+# goes to log.txt, and each section's exit status and duration to summary.txt: eight files, as many as a lent
+# machine sends back.
 #
-# Needs only torch and triton (and pytest for section 2): the package is used from this checkout through
-# PYTHONPATH, not installed, and nothing here imports DeepSpeed or a decoder. VIDEO_ENS_GIT_SHA, when set, is
-# recorded in the CSVs (a copied tree has no .git to read it from).
+# The kernel sections need only torch and triton (and pytest): the package is used from this checkout through
+# PYTHONPATH, not installed. The last two need DeepSpeed and WebDataset: from .whl/ when it is there (installed
+# into a temporary folder), else from the environment. VIDEO_ENS_GIT_SHA, when set, is recorded in the CSVs (a
+# copied tree has no .git to read it from).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-budget=${BUDGET_S:-520}
+budget=${BUDGET_S:-540}
 out=${OUT:-benchmarks/results/gpu_$(date -u +%Y-%m-%d)}
 mkdir -p "$out"
 : >"$out/log.txt"
@@ -74,12 +81,27 @@ if torch.cuda.is_available():
 EOF
 } 2>&1 | tee "$out/env.txt"
 
-section pytest_cuda 150 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_kernels.py tests/unit/test_kernel_registers.py
-section kernels_swap 150 "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops swap_pool --models '' --out "$out/kernels_swap.csv"
-section kernels_models 120 "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops '' --models dbof,s3dg --out "$out/kernels_models.csv"
-# no new case starts in the last 45 s of the budget: a case compiles its graphs before it measures anything
-left=$((end - SECONDS))
-section kernels_gates "$left" "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops feature_gate,context_gate,gate_epilogue --models '' \
-  --budget-s "$((left > 90 ? left - 45 : 45))" --out "$out/kernels_gates.csv"
+if [ -d .whl ] && ! "$py" -c "import deepspeed, webdataset" >/dev/null 2>&1; then
+  site=$(mktemp -d)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$site" .whl/*.whl &&
+    export PYTHONPATH="$PYTHONPATH:$site" && echo "installed .whl/ into $site"
+fi
+
+section pytest_cuda 120 "$py" -m pytest -q -p no:cacheprovider tests/unit/test_kernels.py tests/unit/test_kernel_registers.py
+section kernels_swap 130 "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops swap_pool --models '' --out "$out/kernels_swap.csv"
+section kernels_models 90 "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops '' --models dbof,s3dg --out "$out/kernels_models.csv"
+# no new case starts in the last 45 s of the section: a case compiles its graphs before it measures anything
+section kernels_gates 110 "$py" benchmarks/bench_kernels.py "${smoke[@]}" --ops feature_gate,context_gate,gate_epilogue \
+  --models '' --budget-s 65 --out "$out/kernels_gates.csv"
+
+run=$(mktemp -d)
+if [ -n "${SMOKE:-}" ]; then steps=20 step_recipe=recipes/demo_kinetics_s3dg_mu2.json; else
+  steps=200 step_recipe=recipes/kinetics_s3dg_mu2.json
+fi
+section train_demo 100 env PYTHON="$py" NPROC=1 DEMO_DIR="$run/data" bash launch.sh recipes/demo_yt8m_dbof_mu2.json \
+  --run-dir "$run/yt8m" --set train.precision=bf16 --set model.options.kernels=auto --set train.max_steps=$steps
+cp "$run/yt8m/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null || echo "no metrics.jsonl from train_demo"
+section step_s3dg 90 "$py" benchmarks/bench_step.py "$step_recipe" --set train.micro_batch_size=8 --steps 10 \
+  --out "$out/step_s3dg.csv"
 echo "results in $out:"
 ls -l "$out"

@@ -1,9 +1,11 @@
 """benchmarks/gpu_check.sh, the script a GPU session runs blind on a short lease, runs end to end: here in its
-SMOKE mode (CPU, Triton's interpreter, tiny shapes), with every section finishing and writing its rows."""
+SMOKE mode (CPU, Triton's interpreter, tiny shapes, a 20-step demo run), every section finishing and writing its
+rows (about 50 s)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -24,12 +26,13 @@ def test_gpu_check_script_runs_every_section(tmp_path):
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, timeout=600, env=env
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # six files, within what a lent machine sends back (8 files)
+    # eight files: as many as a lent machine sends back
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "env.txt", "kernels_gates.csv", "kernels_models.csv", "kernels_swap.csv", "log.txt", "summary.txt",
+        "env.txt", "kernels_gates.csv", "kernels_models.csv", "kernels_swap.csv", "log.txt", "step_s3dg.csv",
+        "summary.txt", "train_metrics.jsonl",
     ]  # fmt: skip
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    names = ["pytest_cuda", "kernels_swap", "kernels_models", "kernels_gates"]
+    names = ["pytest_cuda", "kernels_swap", "kernels_models", "kernels_gates", "train_demo", "step_s3dg"]
     assert [line.split(":")[0].removeprefix("== ") for line in summary] == names
     assert all(": exit 0 after" in line for line in summary), summary
     assert " passed" in (tmp_path / "log.txt").read_text()
@@ -48,3 +51,9 @@ def test_gpu_check_script_runs_every_section(tmp_path):
     assert {r["impl"] for r in models} == {"model:kernels=reference", "model:kernels=triton"}
     assert {r["op"] for r in gates} == {"feature_gate", "context_gate", "gate_epilogue"}
     assert {r["layout"] for r in gates if r["op"] == "feature_gate"} == {"contiguous", "channels_last_3d"}
+
+    # the demo training ran its 20 steps (the smoke length) and evaluated; the step benchmark timed both loops
+    log = [json.loads(line) for line in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log if r["kind"] == "train") == 20
+    assert any(r["kind"] == "eval" and r["step"] == 20 for r in log)
+    assert [r["loop"] for r in rows("step_s3dg.csv")] == ["plain", "engine"]
