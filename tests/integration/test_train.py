@@ -300,6 +300,46 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     assert lines_after - lines_before == steps - resume_from[0]
 
 
+def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, uninterrupted, tmp_path):
+    """SIGKILL the whole job while it saves the step-6 checkpoint: every rank's files are written to
+    step_6.partial/ but not committed (tests/assets/freeze_in_save freezes rank 0 exactly there). The half-written
+    checkpoint is never loaded: the restart removes it, resumes from step 4 and logs the uninterrupted losses."""
+    recipe = _resume_recipe(demo_root)
+    run = tmp_path / "killed_in_save"
+    env = _env(NPROC="2", MASTER_PORT=str(_free_port()), VIDEO_ENS_FREEZE_IN_SAVE="6")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "assets" / "freeze_in_save"), env.get("PYTHONPATH", "")])
+    proc = _launch(recipe, run, env=env, background=True)
+    marker = run / "frozen_in_save"
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"run ended without reaching the step-6 save: {proc.stdout.read()[-3000:]}")
+            assert time.monotonic() < deadline, "the step-6 save was not reached in 300 s"
+            time.sleep(0.1)
+        time.sleep(0.5)  # rank 0 stops itself right after writing the marker
+        victims = _kill_job(proc)
+    finally:
+        proc.wait(timeout=60)
+    assert len(victims) >= 3
+    from video_ens.engine import PARTIAL, latest_checkpoint, step_tag
+
+    ckpts = run / "checkpoints"
+    partial = ckpts / (step_tag(6) + PARTIAL)
+    assert partial.is_dir() and any(partial.iterdir()), "the kill should leave a written, uncommitted step 6"
+    assert not (partial / "complete.json").exists()
+    assert latest_checkpoint(ckpts)[0] == 4, "an uncommitted checkpoint must never count as complete"
+    lines_before = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+
+    _check(_launch(recipe, run))  # the same command, without the fault
+    assert not partial.exists(), "the restart removes the half-written checkpoint"
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
+    lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    assert lines_after - lines_before == RESUME_STEPS - 4  # steps 5-8 again, from the step-4 checkpoint
+
+
 def test_two_node_launch_on_localhost(demo_root, tmp_path):
     """NNODES=2 with one process per node, both on this machine: the same command with NODE_RANK 0 and 1."""
     recipe = _recipe("resnet", demo_root, zero=2, steps=2)
