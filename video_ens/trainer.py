@@ -174,7 +174,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ state carried in checkpoints
     def client_state(self) -> dict:
-        return {"step": self.step, "recipe": self.recipe_dict(), "bad_in_a_row": self.bad_in_a_row}
+        return {
+            "step": self.step,
+            "recipe": self.recipe_dict(),
+            "bad_in_a_row": self.bad_in_a_row,
+            "world_size": dist.world_size(),
+        }
 
     def recipe_dict(self) -> dict:
         from .config import recipe_to_dict
@@ -184,6 +189,15 @@ class Trainer:
     def restore(self, client_state: dict) -> None:
         self.step = int(client_state["step"])
         self.bad_in_a_row = int(client_state.get("bad_in_a_row", 0))
+        changes = resume_changes(client_state, self.recipe_dict(), dist.world_size())
+        if changes:
+            LOG.warning(
+                f"resuming at step {self.step} with a setup that differs from the checkpoint's: {'; '.join(changes)}. "
+                "Training goes on, but the rest of the run is not the one an uninterrupted run would have had "
+                "(the data order depends on data.num_workers, the world size, the batch and the seeds); "
+                "resume with the original values to continue exactly"
+            )
+            self.log.write("resume", self.step, {"changed": changes})
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, save_fn, on_step_end=None) -> None:
@@ -318,6 +332,36 @@ class Trainer:
             ens = ", ".join(f"{k}={v:.4f}" for k, v in result["ensemble"].items())
             LOG.info(f"eval at step {self.step} on {result['num_samples']} samples: ensemble {ens}")
         return result
+
+
+def resume_changes(client_state: dict, recipe: dict, world_size: int) -> list[str]:
+    """What differs between the run a checkpoint was written by and this one: "field: old -> new" for every
+    recipe field (dotted) and for the world size. `description` and the run-length fields (epochs, max_steps,
+    checkpoint/eval/log cadence) are not reported: extending or re-pacing a run is what a resume is for."""
+    ignore = {"description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.eval_every", "train.log_every"}  # fmt: skip
+    changes = []
+    if client_state.get("recipe") is not None:
+        old, new = _flatten_recipe(client_state["recipe"]), _flatten_recipe(recipe)
+        changes = [
+            f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(old.keys() | new.keys())
+            if k not in ignore and old.get(k) != new.get(k)
+        ]
+    saved_world = client_state.get("world_size")
+    if saved_world is not None and int(saved_world) != world_size:
+        changes.append(f"world size: {saved_world} -> {world_size}")
+    return changes
+
+
+def _flatten_recipe(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":  # model.options is compared as one value
+            out.update(_flatten_recipe(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
