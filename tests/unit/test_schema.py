@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -310,3 +312,25 @@ def test_label_names_from_file_or_dataset(tmp_path):
         schema.load_label_names(tmp_path / "dup.txt")
     assert schema.sort_label_names(["10", "2", "1"]) == ["1", "2", "10"]
     assert schema.sort_label_names(["b", "a", "10"]) == ["10", "a", "b"]
+
+
+def test_partial_folders_of_dead_writers_on_this_host_are_removed(tmp_path):
+    """A conversion killed with SIGKILL leaves its hidden partial folder; the next one to the same name removes it
+    when its process is gone, and leaves alone one of a live process, of another host, and of another dataset."""
+    from video_ens.data import writer as writer_mod
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no process has now
+    host = writer_mod._HOST
+    keep = [
+        f".train.partial-{host}-{os.getpid()}-x",
+        f".train.partial-otherhost-{dead.pid}",
+        f".val.partial-{host}-{dead.pid}",
+    ]
+    abandoned = tmp_path / f".train.partial-{host}-{dead.pid}"
+    live = tmp_path / f".train.partial-{host}-{os.getppid()}"
+    for name in [*keep, abandoned.name, live.name]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train-000000.tar").write_bytes(b"half")
+    _write_dataset(tmp_path / "train")
+    assert sorted(os.listdir(tmp_path)) == sorted(["train", *keep, live.name])

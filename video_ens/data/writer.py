@@ -1,10 +1,11 @@
 """Writing a dataset folder: WebDataset shards plus `_info.json`, published in one rename.
 
 The converters never write into the output folder directly. They write into a hidden sibling,
-`.<name>.partial-<pid>`, and only after the last shard and `_info.json` are on disk is that folder renamed to
+`.<name>.partial-<host>-<pid>`, and only after the last shard and `_info.json` are on disk is that folder renamed to
 `<name>` (a same-filesystem rename is atomic). A run that crashes or is interrupted leaves at most the hidden
-folder behind, never a half dataset under the real name; an existing dataset is only replaced with
-`overwrite=True`, and a folder that is not a dataset (non-empty, no `_info.json`) is never replaced.
+folder behind (the next conversion to the same name on that host removes it), never a half dataset under the real
+name; an existing dataset is only replaced with `overwrite=True`, and a folder that is not a dataset (non-empty,
+no `_info.json`) is never replaced.
 
 Shards are plain tars written by `webdataset.ShardWriter` with a fixed member mtime, so the same samples give the
 same bytes. Samples arrive already encoded (`schema.encode_*_sample`): the writer adds no encoding of its own.
@@ -16,6 +17,7 @@ import collections
 import multiprocessing
 import os
 import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -23,6 +25,10 @@ from video_ens import __version__
 from video_ens.data.schema import INFO_NAME, KINDS, DatasetInfo, ShardInfo
 
 __all__ = ["DatasetWriter", "ShardSeries", "map_ordered"]
+
+# Partial folders carry the host and pid of their writer, so a later run can tell an abandoned one (same host,
+# process gone) from one that is still being written, here or on another host of a shared file system.
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
 
 # Member timestamp inside shards: any constant makes the tars reproducible; this one is 2020-01-01 UTC.
 _MTIME = 1577836800.0
@@ -109,7 +115,8 @@ class DatasetWriter:
         check_replaceable(self.out, overwrite=overwrite)
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
+        self.tmp = os.path.join(parent, f".{name}.partial-{_HOST}-{os.getpid()}")
+        _remove_abandoned(parent, name)
         if os.path.exists(self.tmp):  # left by a crashed run that had our pid
             shutil.rmtree(self.tmp)
         os.makedirs(self.tmp)
@@ -211,6 +218,26 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._done:
             self.abort()
+
+
+def _remove_abandoned(parent: str, name: str) -> None:
+    """Delete the partial folders of `name` that interrupted conversions on this host left behind: those whose
+    process is gone. A partial folder of another host, or of a conversion still running here, is left alone."""
+    prefix = f".{name}.partial-{_HOST}-"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix) :]
+        if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def check_replaceable(out: str, *, overwrite: bool) -> None:
