@@ -42,7 +42,6 @@ import importlib.metadata
 import platform
 import re
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import git_sha  # benchmarks/ is on sys.path when a script runs
 
 from video_ens.kernels import (
     context_gate,
@@ -342,20 +342,6 @@ def _fmt(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in row.items())
 
 
-def _git_sha() -> str:
-    if os.environ.get("VIDEO_ENS_GIT_SHA"):  # a copy of the tree without .git (a lent GPU machine) passes it in
-        return os.environ["VIDEO_ENS_GIT_SHA"]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"],
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            stderr=subprocess.DEVNULL,
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _version(pkg: str) -> str:
     try:
         return importlib.metadata.version(pkg)
@@ -448,7 +434,7 @@ def main(argv=None) -> int:
         torch=torch.__version__,
         triton=_version("triton"),
         python=platform.python_version(),
-        git=_git_sha(),
+        git=git_sha(),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
     slug = re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-") if device.type == "cuda" else "cpu-smoke"

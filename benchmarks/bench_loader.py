@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import git_sha  # benchmarks/ is on sys.path when a script runs
 
 from video_ens.data.decode import BACKENDS, DecodeError, decode_frames, probe, resized_size
 
@@ -199,18 +200,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
-        # Uncommitted or untracked code under the package or the benchmarks makes the SHA a lie: say so.
-        status = ["git", "status", "--porcelain", "--", "video_ens", "benchmarks"]
-        dirty = subprocess.run(status, cwd=root, capture_output=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------------

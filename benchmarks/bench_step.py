@@ -17,12 +17,12 @@ import csv
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import git_sha  # benchmarks/ is on sys.path when a script runs
 
 from video_ens import engine
 from video_ens.config import load_recipe
@@ -111,15 +111,6 @@ def run_engine(recipe, batch, steps, warmup, device):
     return model, times
 
 
-def _git_sha() -> str:
-    if os.environ.get("VIDEO_ENS_GIT_SHA"):  # a copy of the tree without .git (a lent GPU machine) passes it in
-        return os.environ["VIDEO_ENS_GIT_SHA"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
@@ -157,7 +148,7 @@ def main(argv=None) -> int:
             achieved = 3 * flops * rate / 1e12
             row["achieved_tflops"] = round(achieved, 2)
             row["mfu"] = round(achieved / args.peak_tflops, 4)
-        row.update(torch=torch.__version__, python=platform.python_version(), git=_git_sha(),
+        row.update(torch=torch.__version__, python=platform.python_version(), git=git_sha(),
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         rows.append(row)
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)

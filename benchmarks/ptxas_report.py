@@ -39,11 +39,12 @@ import datetime
 import io
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import git_sha  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,17 +169,6 @@ def compile_one(kernel, sig: dict, consts: dict, options: dict) -> dict:
     )
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        # Uncommitted changes to the kernels or to this script make the SHA a lie: say so.
-        status = ["git", "status", "--porcelain", "--", "video_ens/kernels", "benchmarks/ptxas_report.py"]
-        dirty = subprocess.run(status, cwd=ROOT, capture_output=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def _flags(d: dict) -> str:
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in d.items())
 
@@ -224,7 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     print_table(rows)
     print(f"\n{len(rows)} compiles for sm_90 in {total:.1f} s (triton {triton.__version__})")
-    meta = dict(target="sm_90a", dtype="bf16", acc="fp32", triton=triton.__version__, git_sha=git_sha(), date=today)
+    meta = dict(target="sm_90a", dtype="bf16", acc="fp32", triton=triton.__version__, git_sha=git_sha("video_ens/kernels", "benchmarks/ptxas_report.py"), date=today)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + list(meta))
