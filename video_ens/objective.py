@@ -32,7 +32,14 @@ INPUTS = ("logits", "probs")
 
 # Probabilities given directly (inputs="probs", e.g. DBoF's MoE head) are clamped into [PROB_EPS, 1 - PROB_EPS]
 # before taking logs. 1e-7 is the smallest margin that survives fp32 rounding near 1 (1 - 1e-7 = 0.99999988).
+# The clamp is straight-through: it bounds the value, but its gradient is 1 everywhere, so a saturated prediction
+# (a positive class at p < 1e-7, a negative at p > 1 - 1e-7) is still pushed back, as with the YouTube-8M starter
+# code's log(p + eps). A plain clamp would give it exactly zero gradient, and the class would stay stuck.
 PROB_EPS = 1e-7
+
+
+def _clamp_straight_through(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return x + (x.clamp(lo, hi) - x).detach()
 
 
 class EnsembleLoss(torch.nn.Module):
@@ -150,11 +157,11 @@ class _LogProbs:
         if loss == "softmax_ce":
             if inputs == "logits":
                 return cls(loss, n, logp=F.log_softmax(out, dim=-1))
-            return cls(loss, n, logp=out.clamp(PROB_EPS, 1.0).log())
+            return cls(loss, n, logp=_clamp_straight_through(out, PROB_EPS, 1.0).log())
         if loss == "sigmoid_bce":
             if inputs == "logits":
                 return cls(loss, n, logp=F.logsigmoid(out), log1mp=F.logsigmoid(-out))
-            pc = out.clamp(PROB_EPS, 1.0 - PROB_EPS)
+            pc = _clamp_straight_through(out, PROB_EPS, 1.0 - PROB_EPS)
             return cls(loss, n, logp=pc.log(), log1mp=torch.log1p(-pc))
         p = torch.softmax(out, dim=-1) if inputs == "logits" else out
         return cls(loss, n, p=p)

@@ -168,6 +168,27 @@ def test_probability_inputs_with_exact_zeros_and_ones():
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("loss", ["softmax_ce", "sigmoid_bce"])
+@pytest.mark.parametrize("structure, weight", [("ensembling", 0.0), ("codistillation", 2.0)])
+def test_saturated_probabilities_still_get_the_gradient_of_the_clamp_point(loss, structure, weight):
+    """A positive class predicted at p = 3e-8 (below the 1e-7 clamp) and a negative at 1 - 1e-9: the gradient is
+    that of a prediction sitting exactly at the clamp bound, not zero (a plain clamp's), so the class recovers."""
+    crit = EnsembleLoss(structure, weight, loss, inputs="probs")
+    if loss == "softmax_ce":
+        sat, at_bound = [3e-8, 0.6, 0.4 - 3e-8], [1e-7, 0.6, 0.4 - 1e-7]
+        tgt = torch.tensor([0])
+    else:
+        sat, at_bound = [3e-8, 0.5, 1 - 1e-9], [1e-7, 0.5, 1 - 1e-7]
+        tgt = torch.tensor([[1.0, 0.0, 0.0]])
+    grads = []
+    for row in (sat, at_bound):
+        p = torch.tensor([[row], [[0.3, 0.3, 0.4]]], dtype=torch.float32).requires_grad_()
+        (g,) = torch.autograd.grad(crit(p, tgt)["loss"], p)
+        grads.append(g)
+    assert grads[0][0, 0, 0] < -1e5  # d(-log p)/dp at the clamp: about -1/1e-7 times the term's weight
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-3)
+
+
 def test_probability_inputs_match_logit_inputs():
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(2, 3, 4, generator=gen)
