@@ -101,11 +101,20 @@ def test_branch_width_rules():
     common = dict(num_classes=8, cluster_size=16, hidden_size=40, num_mixtures=4)
     with torch.device("meta"):
         by_ratio = dbof.build(num_branches=2, width_ratio=0.5, **common)
-        explicit = dbof.build(num_branches=2, width_ratio=0.5, branch_hidden_size=12, branch_mixtures=1, **common)
+        by_default = dbof.build(num_branches=2, **common)
+        single = dbof.build(num_branches=1, **common)
+        explicit = dbof.build(num_branches=2, branch_hidden_size=12, branch_mixtures=1, **common)
+        ratio_and_mixtures = dbof.build(num_branches=2, width_ratio=0.5, branch_mixtures=1, **common)
     assert by_ratio.branches[1].hidden.out_features == 20  # round(40 * 0.5)
     assert by_ratio.branches[1].moe.num_mixtures == 4
+    assert by_default.branches[1].hidden.out_features == 27  # width_ratio None, N > 1: round(40 / 1.5)
+    assert single.branches[0].hidden.out_features == 40  # width_ratio None, N = 1: the baseline
     assert explicit.branches[0].hidden.out_features == 12
     assert explicit.branches[0].moe.gates.out_features == 8 * (1 + 1)  # C * (M + 1)
+    mixed = ratio_and_mixtures.branches[0]  # branch_mixtures is not a width: it goes with width_ratio
+    assert (mixed.hidden.out_features, mixed.moe.num_mixtures) == (20, 1)
+    with pytest.raises(ValueError, match="give branch_hidden_size or width_ratio, not both"):
+        dbof.build(num_branches=2, width_ratio=0.5, branch_hidden_size=12, **common)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
-from video_ens.models import MODELS, create_model
+from video_ens.config import ModelConfig
+from video_ens.models import MODELS, create_model, model_kwargs
+from video_ens.models.size import count_params
 from video_ens.objective import EnsembleLoss
 
 TINY = sorted(n for n in MODELS if "tiny" in n)
@@ -126,11 +129,105 @@ def test_a_tiny_model_learns_a_fixed_batch(name):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def _first_branch_width(model) -> int:
+    """Output channels of the first conv / linear of branch 0 (S3D-G: Mixed_4b's 1x1, DBoF: the hidden layer,
+    ResNet: block3's first 1x1)."""
+    layer = next(m for m in model.branches[0].modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)))
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_width_and_branch_count_are_recipe_fields(name):
-    m = create_model(name, num_branches=3)
+    """model.num_branches and model.width_ratio of a recipe reshape any preset, pinned branch widths included."""
+    m = create_model(name, **ModelConfig(name=name, num_branches=3, width_ratio=0.5).builder_kwargs())
     assert m.num_branches == 3
     assert len({type(b) for b in m.branches}) == 1
+    baseline = create_model(name, **ModelConfig(name=name, num_branches=1, width_ratio=1.0).builder_kwargs())
+    full = _first_branch_width(baseline)
+    assert _first_branch_width(m) == round(full * 0.5), (full, _first_branch_width(m))
+
+
+# ---- width_ratio defaults and how overrides meet a preset's branch shape (video_ens.models.model_kwargs) ----------
+
+
+def _meta(name, **overrides):
+    with torch.device("meta"):
+        return create_model(name, **overrides)
+
+
+def test_the_default_width_ratio_follows_the_branch_count():
+    """None means 1.0 for one branch and 1/1.5 for more: two branches of plain s3dg are the paper's s3dg_ens2."""
+    assert count_params(_meta("s3dg", num_branches=2)) == count_params(_meta("s3dg_ens2")) == 8_844_150
+    assert count_params(_meta("s3dg", num_branches=1)) == 9_518_848
+    assert _meta("dbof", num_branches=2).branches[1].hidden.out_features == round(4096 / 1.5) == 2731
+    b = _meta("resnet152", num_branches=2).branches[1]
+    assert (b.block3.unit1.conv2.out_channels, b.block4.unit1.conv2.out_channels) == (171, 341)  # round(./1.5)
+    # a preset that states its own ratio keeps it, also with more branches
+    b = _meta("resnet152_ens2", num_branches=3).branches[2]
+    assert (b.block3.unit1.conv2.out_channels, b.block4.unit1.conv2.out_channels) == (176, 352)
+    d = _meta("dbof_ens2", num_branches=3).branches[2]
+    assert (d.hidden.out_features, d.moe.num_mixtures) == (3000, 3)
+
+
+@pytest.mark.parametrize(
+    "name, baseline",
+    [
+        ("s3dg_ens2", 9_518_848),
+        ("dbof_ens2", 229_093_358),
+        ("resnet152_ens2", 60_117_096),
+        ("seresnet152_ens2", 66_746_136),
+    ],
+)
+def test_one_branch_of_a_multi_headed_preset_is_the_baseline(name, baseline):
+    """num_branches=1 drops the preset's branch shape: DBoF's hidden 3000 / MoE-3 become 4096 / 5 experts."""
+    assert count_params(_meta(name, num_branches=1)) == baseline
+    assert count_params(_meta(name, num_branches=1, width_ratio=1.0)) == baseline
+
+
+def test_an_explicit_width_ratio_replaces_pinned_branch_widths():
+    m = _meta("dbof_ens2", width_ratio=0.5)
+    assert m.num_branches == 2
+    assert {(b.hidden.out_features, b.moe.num_mixtures) for b in m.branches} == {(2048, 5)}  # 4096 * 0.5, dbof's 5
+    m = _meta("dbof_ens2", width_ratio=0.5, branch_mixtures=3)
+    assert (m.branches[0].hidden.out_features, m.branches[0].moe.num_mixtures) == (2048, 3)
+    b = _meta("resnet152_ens2", width_ratio=0.5).branches[0]
+    assert (b.block3.unit1.conv2.out_channels, b.block4.unit1.conv2.out_channels) == (128, 256)
+
+
+def test_explicit_branch_widths_replace_the_preset_ratio():
+    m = _meta("resnet152_ens2", branch_widths=(100, 200))
+    assert m.num_branches == 2
+    for b in m.branches:
+        assert (b.block3.unit1.conv2.out_channels, b.block4.unit1.conv2.out_channels) == (100, 200)
+        assert b.fc.in_features == 4 * 200
+    # one pinned key replaces only itself (and a preset ratio): the other stays
+    d = _meta("dbof_ens2", branch_mixtures=5).branches[0]
+    assert (d.hidden.out_features, d.moe.num_mixtures) == (3000, 5)
+    d = _meta("dbof_ens2", branch_hidden_size=2000).branches[0]
+    assert (d.hidden.out_features, d.moe.num_mixtures) == (2000, 3)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("resnet152_ens2", dict(branch_widths=(100, 200), width_ratio=0.5)),
+        ("resnet152", dict(num_branches=2, branch_widths=(100, 200), width_ratio=1.0)),
+        ("dbof_ens2", dict(branch_hidden_size=2000, width_ratio=0.5)),
+        ("dbof", dict(num_branches=2, branch_hidden_size=2000, width_ratio=1.0)),
+    ],
+)
+def test_conflicting_explicit_widths_name_both(name, overrides):
+    width_key = next(k for k in overrides if k.startswith("branch_"))
+    with pytest.raises(ValueError, match=rf"give {width_key} or width_ratio, not both"):
+        _meta(name, **overrides)
+
+
+def test_model_kwargs_shows_what_the_builder_gets():
+    assert model_kwargs("dbof_ens2", num_branches=1) == {"num_branches": 1, "cluster_size": 4096, "hidden_size": 4096}
+    assert model_kwargs("resnet152_ens2", branch_widths=(100, 200)) == {"num_branches": 2, "branch_widths": (100, 200)}
+    assert model_kwargs("s3dg_ens2", num_branches=3)["width_ratio"] == 1 / 1.5
+    with pytest.raises(ValueError, match="did you mean"):
+        model_kwargs("dbof_ens3")
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -134,6 +134,15 @@ def test_branch_widths_and_forks():
     assert _folded_count(explicit) == 58_160_976
     with pytest.raises(ValueError, match="not both"):
         resnet.build(branch_widths=(176, 352), width_ratio=0.6875)
+    with pytest.raises(ValueError, match="give branch_widths or width_ratio, not both"):
+        resnet.build(num_branches=2, branch_widths=(176, 352), width_ratio=1.0)  # any explicit ratio
+    # a caller's branch_widths replaces the preset's width_ratio
+    override = _meta("resnet152_ens2", branch_widths=(100, 200)).branches[1]
+    assert (override.block3.unit1.conv2.out_channels, override.block4.unit1.conv2.out_channels) == (100, 200)
+    # width_ratio left out: 1.0 for one branch, 1/1.5 for more
+    assert _folded_count(_meta("resnet152", num_branches=1)) == 60_117_096
+    two = _meta("resnet152", num_branches=2).branches[0]
+    assert (two.block3.unit1.conv2.out_channels, two.block4.unit1.conv2.out_channels) == (171, 341)
     with pytest.raises(ValueError, match="branch_widths"):
         resnet.build(branch_widths=(176,))
     with pytest.raises(ValueError, match="fork must be one of"):

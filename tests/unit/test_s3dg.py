@@ -48,6 +48,10 @@ def test_parameter_counts_match_architecture_md():
     assert folded_params(ens.base) == 1_065_968
     assert [folded_params(b) for b in ens.branches] == [3_889_091, 3_889_091]
     assert folded_params(ens) == 8_844_150  # architecture.md: 8.844M
+    # width_ratio left out: 1/1.5 for more than one branch, so two branches of plain s3dg are s3dg_ens2
+    with torch.device("meta"):
+        assert folded_params(s3dg.build(num_branches=2)) == 8_844_150
+        assert folded_params(s3dg.build(num_branches=1)) == 9_518_848
 
 
 # Folded parameters per layer, architecture.md table 2.2.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import IMPLS, context_gate, gate_epilogue, swap_pool
-from .ensemble import EnsembleNet
+from .ensemble import EnsembleNet, resolve_width_ratio
 from .layers import init_conv_weights
 
 FORKS = ("pool",)
@@ -176,7 +176,7 @@ def _positive(name: str, value: int) -> int:
 def build(
     *,
     num_branches: int = 1,
-    width_ratio: float = 1.0,
+    width_ratio: float | None = None,
     fork: str = "pool",
     num_classes: int = 3862,
     dropout: float = 0.0,
@@ -200,7 +200,11 @@ def build(
         cluster_size: K, the cluster layer and first context gate (in the base).
         hidden_size: the baseline hidden width; branches use round(hidden_size * width_ratio) unless
             branch_hidden_size is given (the paper's two-branch model: 3000, which 3000/4096 would also give).
+        width_ratio: None (the default) is 1.0 when num_branches == 1 (the baseline) and 1/1.5 when
+            num_branches > 1 (hidden 4096 -> 2731). Only the hidden width scales; the experts do not.
         num_mixtures: the baseline's MoE experts per class; branches use branch_mixtures when given.
+        branch_hidden_size, branch_mixtures: the branch head's hidden width and experts per class, fixed instead of
+            derived (dbof_ens2: 3000 and 3). branch_hidden_size replaces width_ratio: giving both is an error.
         fork: only "pool" (after SWAP, as in the paper): below it every layer is frame-level.
         train_frames, max_frames: recorded in input_spec for the data pipeline: frames sampled per training video
             (paper: 25) and the most frames a YouTube-8M video has (300, one per second); evaluation uses all.
@@ -209,13 +213,17 @@ def build(
     """
     if fork not in FORKS:
         raise ValueError(f"fork must be one of {FORKS} for DBoF (branches start after SWAP pooling), got {fork!r}")
-    if not width_ratio > 0:
-        raise ValueError(f"width_ratio must be > 0, got {width_ratio}")
+    if branch_hidden_size is not None and width_ratio is not None:
+        raise ValueError(
+            f"give branch_hidden_size or width_ratio, not both (got {branch_hidden_size} and {width_ratio}): "
+            "branch_hidden_size already fixes the branch hidden width"
+        )
+    _positive("num_branches", num_branches)
+    width_ratio = resolve_width_ratio(width_ratio, num_branches)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if kernels not in IMPLS:
         raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
-    _positive("num_branches", num_branches)
     feature_dim = _positive("rgb_dim", rgb_dim) + audio_dim
     branch_hidden = branch_hidden_size if branch_hidden_size is not None else round(hidden_size * width_ratio)
     mixtures = branch_mixtures if branch_mixtures is not None else num_mixtures

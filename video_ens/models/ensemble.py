@@ -21,6 +21,20 @@ from torch import nn
 OutputType = Literal["logits", "probs"]
 
 
+DEFAULT_WIDTH_RATIO = 1 / 1.5
+"""Branch width / baseline width when a multi-headed model (N > 1) states none: the paper's ~1.5x shrink, which
+with Python's round gives S3D-G's 554-wide Mixed_4f (architecture.md section 2.3)."""
+
+
+def resolve_width_ratio(width_ratio: float | None, num_branches: int) -> float:
+    """The width ratio a builder uses: `width_ratio` when given, else 1.0 for N = 1 (the baseline network) and
+    DEFAULT_WIDTH_RATIO for N > 1. Raises ValueError unless the result is > 0."""
+    ratio = width_ratio if width_ratio is not None else (1.0 if num_branches == 1 else DEFAULT_WIDTH_RATIO)
+    if not (isinstance(ratio, (int, float)) and ratio > 0):
+        raise ValueError(f"width_ratio must be > 0 (or None for the default rule), got {width_ratio!r}")
+    return float(ratio)
+
+
 class ModelOutput(NamedTuple):
     branches: torch.Tensor  # (N, B, C): per-branch logits or probabilities, see EnsembleNet.output_type
     ensemble: torch.Tensor  # (B, C): p_ens, the mean of the branch probabilities

@@ -29,7 +29,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .ensemble import EnsembleNet
+from .ensemble import EnsembleNet, resolve_width_ratio
 from .layers import init_conv_weights
 
 EXPANSION = 4  # a bottleneck's output is 4x its 3x3 width, also inside the narrower branches
@@ -155,7 +155,7 @@ def _check_widths(name: str, values, count: int) -> tuple[int, ...]:
 def build(
     *,
     num_branches: int = 1,
-    width_ratio: float = 1.0,
+    width_ratio: float | None = None,
     fork: str = "block2",
     num_classes: int = 1000,
     dropout: float = 0.0,
@@ -177,8 +177,11 @@ def build(
         se, se_reduction: squeeze-excitation in every unit, with reduction r (paper: 16).
         widths: the 3x3 width b of every block (outputs are 4b); the paper's "width config".
         units: bottleneck units per block (ResNet-152: 3, 8, 36, 3).
-        branch_widths: the 3x3 widths of the blocks above the fork, one per block. Default:
-            round(b * width_ratio); give either this or width_ratio, not both.
+        width_ratio: branch block widths are round(b * width_ratio). None (the default): 1.0 when
+            num_branches == 1 (the baseline), 1/1.5 when num_branches > 1; the paper's two-branch ResNets state
+            their own, 0.6875 (bottlenecks 176, 352).
+        branch_widths: the 3x3 widths of the blocks above the fork, one per block, instead of width_ratio;
+            give either this or width_ratio, not both.
         image_size: recorded in input_spec (H = W); the network itself accepts any size.
         stem_width: channels of the 7x7 stem conv.
     """
@@ -192,8 +195,12 @@ def build(
         raise ValueError(f"fork must be one of {forks} (the last layer of the shared base), got {fork!r}")
     if num_branches < 1:
         raise ValueError(f"num_branches must be >= 1, got {num_branches}")
-    if not width_ratio > 0:
-        raise ValueError(f"width_ratio must be > 0, got {width_ratio}")
+    if branch_widths is not None and width_ratio is not None:
+        raise ValueError(
+            f"give branch_widths or width_ratio, not both (got {branch_widths!r} and {width_ratio}): "
+            "branch_widths already fixes every branch width"
+        )
+    width_ratio = resolve_width_ratio(width_ratio, num_branches)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if se and se_reduction < 1:
@@ -205,8 +212,6 @@ def build(
     above = num_blocks - in_base
     if branch_widths is None:
         branch_widths = tuple(max(1, round(w * width_ratio)) for w in widths[in_base:])
-    elif width_ratio != 1.0:
-        raise ValueError("give branch_widths or width_ratio, not both: branch_widths already fixes every branch width")
     branch_widths = _check_widths(f"branch_widths (one per block above fork={fork!r})", branch_widths, above)
     # slim: every block subsamples by 2 in its last unit except the last block (output stride 32).
     strides = (2,) * (num_blocks - 1) + (1,)

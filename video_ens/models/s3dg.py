@@ -16,7 +16,8 @@ The layers follow the tf-slim `nets/s3dg.py` defaults (architecture.md section 2
 
 The multi-headed version keeps Conv2d_1a .. `fork` as the shared base and gives every branch its own copy of the
 layers after it, with each conv width c replaced by round(c * width_ratio), plus its own Logits. With
-width_ratio = 1/1.5 this reproduces the paper's (64, 192, 480) base and 554-wide Mixed_4f/MaxPool_5a.
+width_ratio = 1/1.5 (the default for num_branches > 1) this reproduces the paper's (64, 192, 480) base and
+554-wide Mixed_4f/MaxPool_5a, so `create_model("s3dg", num_branches=2)` is s3dg_ens2.
 
 Sizes, counted with BN folded (one value per BN channel) and FLOPs as 2 x MAC at 1 x 3 x 64 x 224 x 224:
     s3dg        9,518,848 parameters, 128.37B FLOPs
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import IMPLS, feature_gate
-from .ensemble import EnsembleNet
+from .ensemble import EnsembleNet, resolve_width_ratio
 from .layers import init_conv_weights
 
 # slim's batch_norm_epsilon. Its decay of 0.999 (momentum 0.001 here) is not copied: with a 1,000-step time constant
@@ -236,7 +237,7 @@ def _scaled(c: int, ratio: float) -> int:
 def build(
     *,
     num_branches: int = 1,
-    width_ratio: float = 1.0,
+    width_ratio: float | None = None,
     fork: str = "MaxPool_4a",
     num_classes: int = 400,
     dropout: float = 0.2,
@@ -250,6 +251,8 @@ def build(
     """S3D-G with `num_branches` heads forking after layer `fork`; input (B, 3, T, H, W), output (N, B, classes).
 
     Args (the common ones are described in video_ens.models):
+        width_ratio: every branch conv width c becomes round(c * width_ratio). None (the default): 1.0 when
+            num_branches == 1 (the baseline network), 1/1.5 when num_branches > 1 (the paper's 554 widths).
         fork: a name from LAYER_NAMES; the base runs Conv2d_1a .. fork, each branch the layers after it.
         dropout: before each classifier; 0.2 is slim's keep probability of 0.8.
         conv_init: "normal" draws every conv weight and gate weight from N(0, conv_init_std^2); the temporal
@@ -264,9 +267,9 @@ def build(
         raise ValueError(f"num_branches must be an int >= 1, got {num_branches!r}")
     if fork not in LAYER_NAMES:
         raise ValueError(f"fork {fork!r} is not an S3D-G layer: use one of {', '.join(LAYER_NAMES)}")
-    for field, value in (("width_ratio", width_ratio), ("widths_scale", widths_scale)):
-        if not value > 0:
-            raise ValueError(f"{field} must be > 0, got {value}")
+    width_ratio = resolve_width_ratio(width_ratio, num_branches)
+    if not widths_scale > 0:
+        raise ValueError(f"widths_scale must be > 0, got {widths_scale}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not (isinstance(num_classes, int) and num_classes >= 1):
