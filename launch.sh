@@ -62,16 +62,30 @@ fi
 "$py" -m video_ens.config "$recipe" "${sets[@]}" --world-size $((NPROC * nnodes)) --quiet
 
 # Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
+# DEMO_DIR moves the demo data: the recipe's data/demo/... shard paths are pointed there too.
 demo=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get data.demo)
-if [ -n "$demo" ] && [ "$node_rank" = "0" ]; then
-  "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}" --refresh
+extra=()
+if [ -n "$demo" ]; then
+  if [ -n "${DEMO_DIR:-}" ]; then
+    for field in data.train_shards data.val_shards; do
+      path=$("$py" -m video_ens.config "$recipe" "${sets[@]}" --get "$field")
+      case "$path" in data/demo/*) extra+=(--set "$field=${DEMO_DIR%/}/${path#data/demo/}") ;; esac
+    done
+  fi
+  if [ "$node_rank" = "0" ]; then
+    "$py" "$root/tools/make_demo_data.py" --kind "$demo" --out "${DEMO_DIR:-data/demo}" --refresh
+  fi
 fi
 
-extra=()
 [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != "0" ] && extra+=(--dry-run)
 # One OpenMP thread per process unless told otherwise: data workers and ranks already fill the cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+if [ "$nnodes" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  echo "launch: NNODES=$nnodes needs MASTER_ADDR, the address of the node with NODE_RANK=0 (under SLURM it is the" \
+    "first host of SLURM_JOB_NODELIST); without it every node would wait for a rendezvous on its own 127.0.0.1" >&2
+  exit 2
+fi
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
   rdzv=(--standalone)
 else
