@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -67,13 +68,36 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend=backend, **kwargs)
 
 
-def shutdown() -> None:
-    """Barrier, then destroy the group: without both, 2 of 6 two-rank runs aborted at exit (environment.md)."""
-    if is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+def shutdown(failed: bool | None = None) -> None:
+    """Leave the process group; call it from a `finally` around the rank's work.
+
+    On success: barrier, then destroy the group (without both, 2 of 6 two-rank runs aborted at exit,
+    environment.md). On failure (`failed=True`, or by default an exception passing through the caller's `finally`)
+    with more than one rank: this rank prints its error now and exits at once with status 1, without the barrier.
+    The other ranks may be waiting in a collective that this rank will never join, and a barrier would hold the
+    error back until the collective timeout (30 min on gloo, 10 on NCCL); torchrun instead sees the exit at once
+    and stops the other workers (or restarts the group under --max-restarts).
+    """
+    if not is_initialized():
+        return
+    if failed is None:
+        exc = sys.exc_info()[1]
+        failed = exc is not None and not (isinstance(exc, SystemExit) and exc.code in (0, None))
+    if failed and dist.get_world_size() > 1:
+        if sys.exc_info()[1] is not None:
+            traceback.print_exc()
+        print(
+            f"rank {dist.get_rank()}: failed; exiting without the shutdown barrier so that the launcher stops the "
+            "other ranks now",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def get_logger(name: str = "video_ens") -> logging.Logger:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,35 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
 
 def math_finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
+
+
+ONE_RANK_FAILS = textwrap.dedent(
+    """
+    import torch
+    from video_ens import dist, engine
+
+    engine.ensure_process_group(torch.device("cpu"))
+    try:
+        if dist.rank() == 1:
+            raise RuntimeError("rank 1 cannot go on: boom")
+        torch.distributed.all_reduce(torch.ones(1))  # rank 0 waits here for a rank that will never come
+    finally:
+        dist.shutdown()
+    """
+)
+
+
+def test_an_error_on_one_rank_ends_the_job_at_once_and_is_shown(tmp_path):
+    """Rank 1 raises while rank 0 waits in a collective: the job must end in seconds, with rank 1's traceback in
+    the output, not sit in the shutdown barrier until gloo's 30-minute timeout with the error unprinted."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]  # fmt: skip
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert "rank 1 cannot go on: boom" in out.stdout + out.stderr
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"
