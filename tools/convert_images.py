@@ -9,7 +9,8 @@ Class indices are the sorted folder names, or --labels (a text file with one nam
 folder or its _info.json: convert val with train's labels so the indices agree). The encoded bytes are stored
 unchanged, under the field of their real format (found from the content, not the file name: ImageNet has PNG and
 CMYK files named .JPEG). With Pillow installed every image is fully decoded to prove it is readable; without it,
-only the format signature is checked. Files that are not readable images are skipped and listed in _info.json.
+only the format signature is checked. Files that are not readable images are skipped and listed in _info.json; a
+conversion that writes no image at all publishes nothing and fails (exit status 2), listing the reasons.
 Samples are shuffled with --seed (class-sorted shards defeat a streaming loader's shuffle buffer).
 """
 
@@ -95,6 +96,19 @@ def _load_image(task: _Task) -> tuple[int, dict | None, str | None]:
     return task.index, sample, None
 
 
+def _nothing_written(root: str, skipped: list[tuple[str, str]]) -> str:
+    """The error message of a conversion that wrote no image: the input, the count skipped and the reasons."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
+    lines = [f"no image was converted: all {len(skipped)} files under {root} were skipped; nothing was published:"]
+    if not skipped:
+        lines[0] = f"no image was converted: {root} holds no files in class folders; nothing was published"
+    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    return "\n".join(lines)
+
+
 def list_images(root: str) -> list[tuple[str, str]]:
     """[(relative path, class name)] for every non-hidden file under each class folder, in sorted order."""
     items = []
@@ -144,19 +158,24 @@ def convert(
 
     with DatasetWriter(out, kind="image", converter=converter, shard_size=shard_size, overwrite=overwrite) as w:
         tasks = []
+        skipped: list[tuple[str, str]] = []
         for rel, cls in items:
             if cls not in label_index:
-                w.skip(rel, f"class folder {cls!r} not in the label map")
+                skipped.append((rel, f"class folder {cls!r} not in the label map"))
             else:
                 tasks.append(_Task(len(tasks), os.path.join(root, rel), rel, label_index[cls]))
         bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="img", dynamic_ncols=True)
         for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64):
             if sample is None:
-                w.skip(tasks[index].relpath, reason)
+                skipped.append((tasks[index].relpath, reason))
             else:
                 w.write(sample)
             bar.update(1)
         bar.close()
+        for source, reason in skipped:
+            w.skip(source, reason)
+        if w.num_written == 0:  # an empty dataset would only fail later, in a loader with nothing to read
+            raise ValueError(_nothing_written(root, skipped))
         return w.commit(num_classes=len(label_names), label_names=label_names, extra=extra_info)
 
 

@@ -15,11 +15,26 @@ Labels: sorted class names of the (split-filtered) rows, or --labels (a text fil
 converted dataset folder / its _info.json, so that val uses exactly train's label map). Class names that are all
 integers sort numerically.
 
-Each clip is opened with PyAV; fps and frame count come from the container (counted by decoding when the container
-does not say, or with --verify), and the first frame is decoded to catch broken streams. Missing, unreadable and
-zero-frame clips are skipped and listed in _info.json, never fatal. --short-side S --keyint N re-encodes each clip
-with libx264 (video only, yuv420p, single-threaded, short side S, a keyframe every N frames): dense keyframes make
-seeking to a sampled window cheap (MMAction2's resize_videos.py --dense measured 2.3x faster sparse sampling).
+Frame counts: the stored num_frames is the number of frames a sequential decode yields, the numbering the loader
+decodes by (video_ens.data.decode). Container headers over-report it: a stream-copy trim
+(`ffmpeg -ss 1.3 -i a.mp4 -t 2 -c copy b.mp4`) declared 61 frames that decode to 52, and a truncated file keeps
+its old claim (50 declared, 10 decodable). So each clip is counted by `decode.probe` (demuxing only: video packets,
+less those an edit list discards), and then its first and last frames are decoded with `decode.decode_frames`, as
+the loader would. If the last frame does not decode (a truncated or damaged tail), the clip is decoded from the start
+and stored with the frames that came out; it is listed under "shortened" in _info.json's "extra". --verify always
+decodes every frame (catching damage in the middle of a clip as well, which the default check can miss). Cost per
+clip on one core (10 s, 30 fps, H.264): the check decodes the last keyframe interval, 15 ms at 340x256 with a
+keyframe every 250 frames and 91 ms at 1280x720, where reading the header's claim took 1.8 and 9.6 ms and --verify
+takes 56 and 450 ms.
+
+Missing, unreadable and zero-frame clips are skipped and listed in _info.json, never fatal; so is a clip whose
+decoder crashes its worker process (with --workers > 1: the clips that were in flight are then redone one at a time
+in a fresh process to find it; with --workers 1 the crash ends the conversion). A conversion that writes no clip at
+all publishes nothing and fails (exit status 2), listing the reasons.
+
+--short-side S --keyint N re-encodes each clip with libx264 (video only, yuv420p, single-threaded, short side S, a
+keyframe every N frames): dense keyframes make seeking to a sampled window cheap (MMAction2's resize_videos.py
+--dense measured 2.3x faster sparse sampling). A clip whose decoding breaks off is re-encoded up to that point.
 
 Samples are shuffled with --seed before writing (annotation files are usually sorted by class, and a streaming
 loader's shuffle buffer cannot undo class-sorted shards); --no-shuffle keeps the CSV order.
@@ -30,6 +45,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import multiprocessing
 import os
 import random
 import re
@@ -39,6 +55,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from video_ens.data.decode import DecodeError, decode_frames, probe
 from video_ens.data.schema import (
     VIDEO_EXTS,
     DatasetInfo,
@@ -173,8 +190,11 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction, int, int, int]:
-    """Re-encode the first video stream to H.264 (short side `short_side`, keyframe every `keyint` frames)."""
+def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction, int, int, int, str | None]:
+    """Re-encode the first video stream to H.264 (short side `short_side`, keyframe every `keyint` frames).
+
+    Returns (video, fps, frames, width, height, why decoding broke off early or None).
+    """
     import av
 
     with av.open(path) as src:
@@ -185,9 +205,15 @@ def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction,
         rate = Fraction(rate).limit_denominator(1001 * 1000)
         buf = io.BytesIO()
         count = 0
+        stopped = None
         with av.open(buf, "w", format="mp4") as dst:
             out = None
-            for frame in src.decode(stream):
+            for frame in _frames_until_error(src.decode(stream)):
+                if isinstance(frame, Exception):
+                    if out is None:
+                        raise frame
+                    stopped = f"decoding stopped after {count} frames ({type(frame).__name__}: {frame})"
+                    break
                 if out is None:
                     w, h = frame.width, frame.height
                     scale = short_side / min(w, h)
@@ -215,51 +241,90 @@ def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction,
                 raise ValueError("no decodable frames")
             for packet in out.encode(None):
                 dst.mux(packet)
-    return buf.getvalue(), rate, count, width, height
+    return buf.getvalue(), rate, count, width, height, stopped
 
 
-def _probe(path: str, verify: bool) -> tuple[Fraction, int, int, int]:
-    """(fps, frame count, width, height) of the first video stream; decodes at least the first frame."""
+def _frames_until_error(frames):
+    """The frames of a decode iterator, then the exception that ended it early (if one did) as the last item."""
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as e:  # av.error.*: a damaged or truncated stream
+            yield e
+            return
+        yield frame
+
+
+def _decode_all(path: str) -> tuple[int, int, int, str | None]:
+    """(frames, width, height, why decoding broke off or None) of a sequential decode of the first video stream."""
     import av
 
+    count = width = height = 0
     with av.open(path) as c:
-        if not c.streams.video:
-            raise ValueError("no video stream")
         stream = c.streams.video[0]
-        stream.thread_type = "NONE"  # one core per worker
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ValueError("unknown frame rate")
-        declared = stream.frames or 0
-        frames = c.decode(stream)
-        first = next(frames, None)
-        if first is None:
-            raise ValueError("no decodable frames")
-        width, height = first.width, first.height
-        if declared > 0 and not verify:
-            return Fraction(rate), declared, width, height
-        count = 1 + sum(1 for _ in frames)
-        return Fraction(rate), count, width, height
+        stream.codec_context.thread_type = "NONE"  # one core per worker, as decode.py decodes
+        stream.codec_context.thread_count = 1
+        for frame in _frames_until_error(c.decode(stream)):
+            if isinstance(frame, Exception):
+                return count, width, height, f"{type(frame).__name__}: {frame}"
+            if count == 0:
+                width, height = frame.width, frame.height
+            count += 1
+    return count, width, height, None
 
 
-def _load_clip(task: _Task) -> tuple[int, dict | None, str | None]:
-    """(index, sample, None) for a usable clip, (index, None, reason) for one to skip. Never raises."""
+def _count_frames(path: str, verify: bool) -> tuple[float, int, int, int, str | None]:
+    """(fps, frames a sequential decode yields, width, height, why fewer than probe counted or None).
+
+    Raises DecodeError or ValueError for a clip to skip.
+    """
+    info = probe(path)  # demux only: packets that show a frame, whatever the header claims
+    if info.fps <= 0:
+        raise ValueError("unknown frame rate")
+    packets = info.num_frames
+    if not verify:
+        try:
+            # The loader's own decoder, on the first frame (a broken stream) and the last (a truncated tail).
+            first_last = decode_frames(path, [0, packets - 1])  # (2, H, W, 3)
+            return info.fps, packets, first_last.shape[2], first_last.shape[1], None
+        except DecodeError:
+            pass  # count by decoding from the start, below
+    count, width, height, stopped = _decode_all(path)
+    if count == 0:
+        raise ValueError(f"no decodable frames ({stopped})" if stopped else "no decodable frames")
+    if count >= packets:
+        # More frames than packets never happens with the codecs seen so far; the packet count bounds the indices
+        # decode_frames accepts, so it is what can be stored.
+        return info.fps, packets, width, height, None
+    why = f"a sequential decode yields {count} frames from {packets} video packets"
+    return info.fps, count, width, height, f"{why} ({stopped})" if stopped else why
+
+
+def _load_clip(task: _Task) -> tuple[int, dict | None, str | None, dict | None]:
+    """(index, sample, None, note) for a usable clip, (index, None, reason, None) for one to skip. Never raises.
+
+    note: {"num_frames", "why"} for a clip stored with fewer frames than it should hold (None for an intact clip).
+    """
     try:
         if task.short_side:
-            video, rate, num_frames, width, height = _reencode(task.path, task.short_side, task.keyint)
+            video, rate, num_frames, width, height, note = _reencode(task.path, task.short_side, task.keyint)
             container = "mp4"
         else:
-            rate, num_frames, width, height = _probe(task.path, task.verify)
+            rate, num_frames, width, height, note = _count_frames(task.path, task.verify)
             with open(task.path, "rb") as f:
                 video = f.read()
             container = task.path.rpartition(".")[2].lower()
         if num_frames <= 0:
-            return task.index, None, "no decodable frames"
+            return task.index, None, "no decodable frames", None
     except Exception as e:  # any decoder failure skips this clip only
         reason = str(e) or type(e).__name__
-        if not reason.startswith(("no ", "unknown ")):
+        if isinstance(e, DecodeError):
+            reason = f"unreadable: {reason.removeprefix(task.path + ': ')}"
+        elif not reason.startswith(("no ", "unknown ")):
             reason = f"unreadable: {type(e).__name__}: {reason}"
-        return task.index, None, reason
+        return task.index, None, reason, None
     sample = encode_video_sample(
         key=make_key(task.index, task.video_id),
         video=video,
@@ -272,7 +337,81 @@ def _load_clip(task: _Task) -> tuple[int, dict | None, str | None]:
         height=height,
         source=task.relpath,
     )
-    return task.index, sample, None
+    return task.index, sample, None, None if note is None else {"num_frames": num_frames, "why": note}
+
+
+def _crashed(task: _Task, why: str) -> tuple[int, None, str, None]:
+    return task.index, None, f"decoder crashed: the worker process died converting this clip ({why})", None
+
+
+def _map_surviving_crashes(fn, items, *, workers: int, chunksize: int, crashed):
+    """`map_ordered(fn, items, ...)`, except that an item whose worker process dies yields `crashed(item, why)`.
+
+    A decoder that crashes (a segfault in native code on a damaged file) kills its worker, and map_ordered then
+    raises BrokenProcessPool for every chunk in flight: one bad clip would end the conversion. Here the items from
+    the first unfinished one on, as many as map_ordered can have in flight (4 chunks per worker), are redone one at
+    a time in a single fresh process, which pins the crash on its item; then the parallel map resumes after them. If
+    the crashing item lay further on, the next crash is handled the same way, so every round moves on. With
+    workers <= 1 items run in this process, where a crash cannot be survived.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    items = list(items)
+    done = 0
+    while done < len(items):
+        try:
+            for result in map_ordered(fn, items[done:], workers=workers, chunksize=chunksize):
+                yield result
+                done += 1
+        except BrokenProcessPool:
+            for result in _one_at_a_time(fn, items[done : done + 4 * workers * chunksize], crashed):
+                yield result
+                done += 1
+
+
+def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3):
+    """fn over items in one spawned worker process, replaced after each crash; see _map_surviving_crashes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = None
+    in_a_row = 0
+    try:
+        for item in items:
+            if pool is None:
+                pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                result = pool.submit(fn, item).result()
+                in_a_row = 0
+            except BrokenProcessPool as e:
+                pool.shutdown(wait=True)
+                pool = None
+                in_a_row += 1
+                if in_a_row >= max_crashes_in_a_row:
+                    # Workers that die on every item are not one bad file (a failed start, memory exhausted, ...).
+                    raise RuntimeError(
+                        f"worker processes died on {in_a_row} items in a row: not a problem of one file; "
+                        "see the errors above, or run with --workers 1"
+                    ) from e
+                result = crashed(item, f"{type(e).__name__}: {e}")
+            yield result
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _nothing_written(annotations: str, split: str | None, skipped: list[tuple[str, str]]) -> str:
+    """The error message of a conversion that wrote no clip: the input, the count skipped and the reasons."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
+    rows = f"rows of split {split!r}" if split is not None else "rows"
+    lines = [f"no clip was converted: all {len(skipped)} {rows} of {annotations} were skipped; nothing was published:"]
+    if not skipped:
+        lines[0] = f"no clip was converted: {annotations} has no {rows}; nothing was published"
+    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,23 +481,35 @@ def convert(
     converter = {"name": CONVERTER_NAME, "version": CONVERTER_VERSION, "args": args}
     with DatasetWriter(out, kind="video", converter=converter, shard_size=shard_size, overwrite=overwrite) as w:
         tasks = []
+        skipped: list[tuple[str, str]] = []
         for c in clips:
             if c.problem is not None:
-                w.skip(c.source, c.problem)
+                skipped.append((c.source, c.problem))
                 continue
             tasks.append(
                 _Task(len(tasks), c.path, c.relpath, c.video_id, label_index[c.label_name], short_side, keyint, verify)
             )
         sources = [c.source for c in clips if c.problem is None]
+        shortened = []
         bar = _progress(total=len(tasks), enabled=progress, desc=f"{os.path.basename(out)}")
-        for index, sample, reason in map_ordered(_load_clip, tasks, workers=workers, chunksize=4):
+        results = _map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed)
+        for index, sample, reason, note in results:
             if sample is None:
-                w.skip(sources[index], reason)
+                skipped.append((sources[index], reason))
             else:
                 w.write(sample)
+                if note is not None:
+                    shortened.append({"source": sources[index], **note})
             bar.update(1)
         bar.close()
-        return w.commit(num_classes=len(label_names), label_names=label_names, extra=extra_info)
+        for source, reason in skipped:
+            w.skip(source, reason)
+        if w.num_written == 0:  # an empty dataset would only fail later, in a loader with nothing to read
+            raise ValueError(_nothing_written(annotations, split, skipped))
+        extra = dict(extra_info or {})
+        if shortened:
+            extra["shortened"] = shortened
+        return w.commit(num_classes=len(label_names), label_names=label_names, extra=extra)
 
 
 def _progress(*, total: int, enabled: bool, desc: str):
@@ -402,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"convert_kinetics: error: {e}", file=sys.stderr)
         return 2
-    print(f"{a.out}: {info.summary()}\n  took {time.perf_counter() - start:.1f} s")
+    print(f"{a.out}: {info.summary()}")
+    if info.extra.get("shortened"):
+        print(f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)")
+    print(f"  took {time.perf_counter() - start:.1f} s")
     return 0
 
 

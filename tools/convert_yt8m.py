@@ -12,9 +12,15 @@ the frame-level layout of the starter code (google/youtube-8m, readers.py YT8MFr
     context:       "id" bytes_list [video id], "labels" int64_list [class indices]
     feature_lists: "rgb" one bytes_list per second with 1024 uint8 values, "audio" likewise with 128.
 
-Records with a bad CRC are skipped (a damaged header stops that file) and listed in _info.json with file and byte
-offset; so are records that are not valid SequenceExamples or break the layout (missing id or feature lists, a
-frame of the wrong size, rgb/audio frame counts that differ, zero frames, labels outside [0, --num-classes)).
+Records with a bad CRC are skipped and listed in _info.json as "<file> record <k> @ byte <offset>"; a damaged
+length header or a truncated record loses the rest of that file (the next record's position is unknown), and its
+reason says so, with the number of bytes left unread. Records that are not valid SequenceExamples or break the
+layout (missing id or feature lists, a frame of the wrong size, rgb/audio frame counts that differ, zero frames,
+labels outside [0, --num-classes)) are listed as "<file> record <k>". k is the record's position in its file,
+counting from 0, damaged records included.
+
+A conversion that writes no video at all (or, with a holdout, leaves either dataset empty) publishes nothing and
+fails with the reasons it skipped records: exit status 2 from the command line, ValueError from convert().
 
 Holdout: among --holdout-inputs, a video goes to --holdout-out when the first 8 bytes of SHA-256(video id), read
 as a fraction of 2**64, are below --holdout-fraction; the split is therefore deterministic, independent of file
@@ -152,19 +158,22 @@ def _convert_file(task: _FileTask) -> _FileResult:
     stem = f"part{task.file_index:06d}"
     main = ShardSeries(task.main_dir, stem, shard_size=task.shard_size)
     holdout = ShardSeries(task.holdout_dir, stem, shard_size=task.shard_size) if task.holdout_dir else None
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[int, str, str]] = []  # (record, source, reason); record -1 for the whole file
     errors: list[TFRecordError] = []
     name = os.path.basename(task.path)
-    n = 0
+    yielded = 0
     try:
-        for n, payload in enumerate(iter_records(task.path, errors=errors), start=1):
+        for payload in iter_records(task.path, errors=errors):
+            # The record's position in the file: the errors so far are the damaged records before this one.
+            record = yielded + len(errors)
+            yielded += 1
             try:
                 video_id, rgb, audio, labels = parse_video(payload, task.num_classes)
             except ValueError as e:
-                skipped.append((f"{name} record {n - 1}", str(e)))
+                skipped.append((record, f"{name} record {record}", str(e)))
                 continue
             sample = encode_yt8m_sample(
-                key=make_key(f"{task.file_index:05d}{n - 1:06d}", video_id),
+                key=make_key(f"{task.file_index:05d}{record:06d}", video_id),
                 video_id=video_id,
                 rgb=rgb,
                 audio=audio,
@@ -175,11 +184,42 @@ def _convert_file(task: _FileTask) -> _FileResult:
             else:
                 main.write(sample)
     except OSError as e:
-        skipped.append((name, f"unreadable: {e}"))
-    skipped += [(f"{name} @ byte {e.offset}", f"corrupt record: {e.problem}") for e in errors]
+        skipped.append((-1, name, f"unreadable: {e}"))
+    skipped += [(e.record, f"{name} record {e.record} @ byte {e.offset}", _corrupt_reason(e)) for e in errors]
+    skipped.sort(key=lambda item: item[0])  # file order: damaged records were only added once reading ended
     return _FileResult(
-        task.file_index, main.close(), holdout.close() if holdout is not None else [], skipped, n + len(errors)
+        task.file_index,
+        main.close(),
+        holdout.close() if holdout is not None else [],
+        [(source, reason) for _, source, reason in skipped],
+        yielded + len(errors),
     )
+
+
+def _corrupt_reason(error: TFRecordError) -> str:
+    if not error.file_stopped:
+        return f"corrupt record: {error.problem}"
+    return (
+        f"corrupt record: {error.problem}; the rest of the file ({error.remaining} bytes from this offset on) could "
+        "not be read, so any records in it are lost"
+    )
+
+
+def _nothing_written(dataset: str, files: list[str], skipped: list[tuple[str, str]], hint: str = "") -> str:
+    """The error message of a conversion that wrote no video into `dataset`: the inputs and why records were skipped."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
+    lines = [
+        f"no video was written to {dataset} from {len(files)} input file(s) ({', '.join(files[:3])}"
+        f"{', ...' if len(files) > 3 else ''}): {len(skipped)} record(s) or file(s) skipped{hint}; nothing was "
+        "published"
+    ]
+    if not skipped:
+        lines.append("  the input files hold no records")
+    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    return "\n".join(lines)
 
 
 def convert(
@@ -253,15 +293,23 @@ def convert(
             for i, path in enumerate(files)
         ]
         bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="file")
+        skipped: list[tuple[str, str]] = []
         for result in map_ordered(_convert_file, tasks, workers=workers):
             main_w.add_shards(result.main_shards)
             if holdout_w is not None:
                 holdout_w.add_shards(result.holdout_shards)
             for source, reason in result.skipped:  # listed once, in the main dataset's _info.json
                 main_w.skip(source, reason)
+            skipped += result.skipped
             bar.update(1)
             bar.set_postfix(videos=main_w.num_written + (holdout_w.num_written if holdout_w else 0))
         bar.close()
+        # An empty dataset would only fail later, in a loader with nothing to read: fail here, publishing neither.
+        if main_w.num_written == 0:
+            raise ValueError(_nothing_written(out, files, skipped))
+        if holdout_w is not None and holdout_w.num_written == 0:
+            hint = f" (or --holdout-fraction {holdout_fraction} held out none of the videos read)"
+            raise ValueError(_nothing_written(holdout_out, holdout_files, skipped, hint))
         infos = {"main": main_w.commit(num_classes=num_classes, label_names=label_names, extra=extra_info)}
         if holdout_w is not None:
             infos["holdout"] = holdout_w.commit(num_classes=num_classes, label_names=label_names, extra=extra_info)

@@ -5,6 +5,9 @@ import importlib
 import io
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 
 from video_ens.data import schema
 from video_ens.data import tfrecord as tfr
+from video_ens.data.decode import decode_frames
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +100,7 @@ def kinetics_inputs(tmp_path_factory):
         ["run", "zzz", "0", "10", "train", "0"],
         ["run", "../videos/aaa", "1", "11", "train", "0"],  # path escape through the id
         ["swim", "eee", "5", "15", "val", "0"],
+        ["jump", "aaa", "1", "11", "val", "0"],
     ]
     with open(root / "train.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
@@ -207,8 +212,146 @@ def test_kinetics_val_reuses_train_labels(kinetics_inputs, tmp_path):
     info = _convert(
         root, tmp_path / "val", annotations=str(root / "train.csv"), split="val", labels=str(tmp_path / "train")
     )
-    assert info.num_samples == 0 and info.label_names == ["jump", "run"]
+    assert info.num_samples == 1 and info.label_names == ["jump", "run"]
+    assert schema.decode_video_sample(read_samples(tmp_path / "val")[0]).label == 0  # train's index of "jump"
+    assert len(info.skipped) == 1 and "swim" in info.skipped[0]["reason"]
     assert "not in the label map" in info.skipped[0]["reason"]
+
+
+def _sequential_count(video: bytes) -> int:
+    """Frames a plain PyAV decode from the start yields before it ends or breaks off: the count to store."""
+    import av
+
+    count = 0
+    try:
+        with av.open(io.BytesIO(video)) as c:
+            for _ in c.decode(video=0):
+                count += 1
+    except av.error.FFmpegError:
+        pass
+    return count
+
+
+def _stream_copy_trim(source, out, start, seconds, tool):
+    """`ffmpeg -ss START -i SOURCE -t SECONDS -c copy OUT`, by the ffmpeg CLI or by the same remux in PyAV."""
+    if tool == "ffmpeg":
+        ffmpeg = shutil.which("ffmpeg")
+        if ffmpeg is None:
+            pytest.skip("no ffmpeg command on this machine")
+        cmd = [ffmpeg, "-v", "error", "-y", "-ss", str(start), "-i", str(source), "-t", str(seconds), "-c", "copy"]
+        subprocess.run([*cmd, str(out)], check=True, timeout=60)
+        return
+    import av
+
+    # The packets from the keyframe before START on, shifted so START is time 0: the earlier ones get negative
+    # times, and the mp4 muxer writes an edit list that makes demuxers flag them discard.
+    with av.open(str(source)) as src, av.open(str(out), "w") as dst:
+        stream = src.streams.video[0]
+        copy = dst.add_stream_from_template(stream)
+        shift, end = int(start / stream.time_base), int((start + seconds) / stream.time_base)
+        src.seek(shift, stream=stream, backward=True)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            if packet.is_keyframe and packet.pts >= end:
+                break
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, copy
+            dst.mux(packet)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["default", "verify"])
+@pytest.mark.parametrize("tool", ["ffmpeg", "pyav"])
+def test_kinetics_stores_the_frames_a_sequential_decode_yields(tmp_path, tool, verify):
+    """Headers over-report: a stream-copy trim counts its discarded pre-roll, a truncated file its lost tail."""
+    import av
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    source = tmp_path / "source.mp4"
+    with av.open(str(source), "w") as c:  # B-frames, a keyframe every 24 frames
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.options = {"bf": "2", "g": "24", "keyint_min": "24", "sc_threshold": "0"}
+        for f in _frames(120, seed=3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode(None))
+    _stream_copy_trim(source, videos / "trim_000001_000003.mp4", 1.3, 2, tool)
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as c:  # the index first: a cut keeps it
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.options = {"bf": "2", "g": "12"}
+        for f in _frames(60, seed=4):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode(None))
+    (videos / "half_000000_000002.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with open(tmp_path / "k.csv", "w", newline="") as f:
+        csv.writer(f).writerows(
+            [["label", "youtube_id", "time_start", "time_end"], ["a", "trim", 1, 3], ["b", "half", 0, 2]]
+        )
+
+    # The bug this guards against: both headers claim more frames than decode.
+    for name in ("trim_000001_000003.mp4", "half_000000_000002.mp4"):
+        with av.open(str(videos / name)) as c:
+            claimed = c.streams.video[0].frames
+        assert claimed > _sequential_count((videos / name).read_bytes()) > 0, name
+
+    info = convert_kinetics.convert(
+        annotations=str(tmp_path / "k.csv"),
+        videos=str(videos),
+        out=str(tmp_path / "out"),
+        verify=verify,
+        progress=False,
+    )
+    assert info.num_samples == 2 and info.skipped == []
+    samples = {s.video_id: s for s in map(schema.decode_video_sample, read_samples(tmp_path / "out"))}
+    for s in samples.values():
+        expected = _sequential_count(s.video)
+        assert s.num_frames == expected, (s.video_id, s.num_frames, expected)
+        # The loader's decoder delivers the last stored frame, and nothing past it.
+        assert decode_frames(s.video, [0, s.num_frames - 1]).shape[0] == 2
+    # The truncated clip is kept with the frames that decode, and listed as shortened.
+    shortened = info.extra["shortened"]
+    assert [x["source"] for x in shortened] == ["k.csv:3 (half)"]
+    assert shortened[0]["num_frames"] == samples["half_000000_000002"].num_frames
+    assert "sequential decode yields" in shortened[0]["why"]
+
+
+def test_kinetics_without_any_clip_fails_and_publishes_nothing(kinetics_inputs, tmp_path, capsys):
+    root = kinetics_inputs
+    with open(tmp_path / "gone.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label", "youtube_id", "time_start", "time_end"], ["run", "ddd", "4", "14"]])
+    with pytest.raises(ValueError, match="no clip was converted") as err:
+        _convert(root, tmp_path / "out", annotations=str(tmp_path / "gone.csv"))
+    assert "gone.csv" in str(err.value) and "all 1 rows" in str(err.value) and "1 x missing" in str(err.value)
+    args = [
+        "--annotations",
+        str(tmp_path / "gone.csv"),
+        "--videos",
+        str(root / "videos"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert convert_kinetics.main(args + ["--workers", "1"]) == 2
+    assert "no clip was converted" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["gone.csv"]  # no dataset and no partial folder
+
+
+def test_kinetics_worker_crash_skips_that_clip_only():
+    # signal.raise_signal as the work: SIGCHLD is ignored (the item succeeds, returning None), SIGKILL kills the worker
+    # as a decoder crashing in native code would. A stdlib function, so spawned workers start without our imports.
+    ok, dies = signal.SIGCHLD, signal.SIGKILL
+    items = [ok, ok, dies, ok, ok, ok, ok, ok, ok, ok, ok, dies, ok, ok]  # the second crash lies past the first redo
+
+    def crashed(item, why):
+        return ("crashed", "BrokenProcessPool" in why)
+
+    run = convert_kinetics._map_surviving_crashes
+    got = list(run(signal.raise_signal, items, workers=2, chunksize=1, crashed=crashed))
+    assert got == [("crashed", True) if item == dies else None for item in items]
+    # Workers that die on every item are not one bad file: that still ends the conversion.
+    with pytest.raises(RuntimeError, match="died on 3 items in a row"):
+        list(run(signal.raise_signal, [dies, dies, dies, ok], workers=2, chunksize=1, crashed=crashed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,11 +412,63 @@ def test_yt8m_round_trip_with_corruption_and_bad_records(tmp_path):
         i = int(vid[3:])
         assert s.labels.tolist() == sorted([i, 3861 - i])
     reasons = _reasons(info)
-    assert reasons[f"train0001.tfrecord @ byte {offsets_b[1]}"].startswith("corrupt record: payload CRC")
+    assert reasons[f"train0001.tfrecord record 1 @ byte {offsets_b[1]}"].startswith("corrupt record: payload CRC")
     assert "1000" in reasons["train0000.tfrecord record 3"]
     assert "outside [0, 3862)" in reasons["train0000.tfrecord record 4"]
     assert "not a SequenceExample" in reasons["train0000.tfrecord record 5"]
     assert len(reasons) == 4 and offsets[0] == 0
+
+
+def test_yt8m_numbers_records_by_position_and_says_what_a_damaged_header_loses(tmp_path):
+    a, b, c, d = (_video_record(v, [1], 2, i)[0] for i, v in enumerate("abcd"))
+    wide = _video_record("wide", [1], 2, 9, rgb_dim=1000)[0]
+    offsets = _write_records(tmp_path / "f.tfrecord", [a, b, wide, c])
+    raw = bytearray((tmp_path / "f.tfrecord").read_bytes())
+    raw[offsets[1] + 12 + 40] ^= 0xFF  # b's payload: CRC fails, the record is skipped, reading goes on
+    (tmp_path / "f.tfrecord").write_bytes(bytes(raw))
+    offsets_g = _write_records(tmp_path / "g.tfrecord", [d, b, c])
+    raw = bytearray((tmp_path / "g.tfrecord").read_bytes())
+    raw[offsets_g[1] + 2] ^= 0x40  # b's length: the framing is lost, and c with it
+    (tmp_path / "g.tfrecord").write_bytes(bytes(raw))
+
+    info = convert_yt8m.convert(inputs=[str(tmp_path / "*.tfrecord")], out=str(tmp_path / "out"), progress=False)[
+        "main"
+    ]
+    assert sorted(schema.decode_yt8m_sample(x).video_id for x in read_samples(tmp_path / "out")) == ["a", "c", "d"]
+    # Records are numbered by their position in the file, the damaged ones included: "wide" is record 2.
+    assert [s["source"] for s in info.skipped] == [
+        f"f.tfrecord record 1 @ byte {offsets[1]}",
+        "f.tfrecord record 2",
+        f"g.tfrecord record 1 @ byte {offsets_g[1]}",
+    ]
+    reasons = _reasons(info)
+    assert "payload CRC" in reasons[f"f.tfrecord record 1 @ byte {offsets[1]}"]
+    assert "1000" in reasons["f.tfrecord record 2"]
+    lost = reasons[f"g.tfrecord record 1 @ byte {offsets_g[1]}"]
+    remaining = (tmp_path / "g.tfrecord").stat().st_size - offsets_g[1]
+    assert "length CRC" in lost and f"rest of the file ({remaining} bytes" in lost and "lost" in lost
+
+
+def test_yt8m_without_any_video_fails_and_publishes_nothing(tmp_path, capsys):
+    (tmp_path / "junk.tfrecord").write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(ValueError, match="no video was written") as err:
+        convert_yt8m.convert(inputs=[str(tmp_path / "junk.tfrecord")], out=str(tmp_path / "out"), progress=False)
+    assert "junk.tfrecord" in str(err.value) and "1 record(s) or file(s) skipped" in str(err.value)
+    assert "length CRC mismatch" in str(err.value) and "512 bytes" in str(err.value)
+    assert convert_yt8m.main(["--inputs", str(tmp_path / "junk.tfrecord"), "--out", str(tmp_path / "out")]) == 2
+    assert "no video was written" in capsys.readouterr().err
+    # A holdout that ends up empty fails too, and neither dataset is published.
+    _write_records(tmp_path / "v.tfrecord", [_video_record("v0", [1], 2, 0)[0]])
+    with pytest.raises(ValueError, match="holdout-fraction 0.0001"):
+        convert_yt8m.convert(
+            inputs=[],
+            holdout_inputs=[str(tmp_path / "v.tfrecord")],
+            holdout_fraction=0.0001,  # v0's score is 0.0095: it stays in the main dataset
+            out=str(tmp_path / "main"),
+            holdout_out=str(tmp_path / "held"),
+            progress=False,
+        )
+    assert sorted(os.listdir(tmp_path)) == ["junk.tfrecord", "v.tfrecord"]
 
 
 def test_yt8m_holdout_is_deterministic_by_video_id(tmp_path):
@@ -355,6 +550,16 @@ def test_images_round_trip(tmp_path):
     assert sorted(reasons) == ["dog/notes.jpg", "dog/truncated.png"]
     assert all(r.startswith("unreadable") for r in reasons.values())
     assert [s.count for s in info.shards] == [2, 2]
+
+
+def test_images_without_any_image_fail_and_publish_nothing(tmp_path):
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    (tmp_path / "tree" / "cat" / "a.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="no image was converted") as err:
+        convert_images.convert(root=str(tmp_path / "tree"), out=str(tmp_path / "out"), progress=False)
+    assert "all 1 files" in str(err.value) and "cat/a.jpg" in str(err.value)
+    assert convert_images.main(["--root", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["tree"]
 
 
 def test_image_check_without_pillow(monkeypatch):

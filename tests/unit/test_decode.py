@@ -1,14 +1,17 @@
 """decode_frames must return exactly the frames a plain sequential PyAV decode yields, for every backend.
 
 The clips are made here with PyAV's bundled libx264: B-frames with short GOPs, B-frames with one keyframe in 90
-frames, and a Matroska file (seeks by pts rather than mp4's dts). Each frame carries its number in binary as
-black/white blocks on a moving gradient, so an off-by-one frame can never compare equal.
+frames, a Matroska file (seeks by pts rather than mp4's dts), and a stream-copy trim whose mp4 edit list starts
+between keyframes (its pre-roll packets are flagged discard and its header over-reports the frame count; decord 0.6
+numbered its frames wrongly). Each frame carries its number in binary as black/white blocks on a moving gradient, so
+an off-by-one frame can never compare equal.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,13 @@ CLIPS = {
     "sparse_keys": ("sparse_keys.mp4", 90, 66, 50, {"bf": "3", "g": "60", "keyint_min": "60", "sc_threshold": "0"}),
     "matroska": ("bframes.mkv", 40, 70, 42, {"bf": "2", "g": "16"}),
 }
+
+# name -> (file name, source clip, first second, seconds): `ffmpeg -ss START -i SOURCE -t SECONDS -c copy`, done with
+# PyAV (see _trim). The source has a keyframe every 24 frames; the cut at 1.3 s (frame 39) keeps frames 24-38 as
+# discarded pre-roll.
+TRIMS = {"edit_list": ("edit_list.mp4", "gop24", 1.3, 1.5)}
+TRIM_SOURCES = {"gop24": ("gop24.mp4", 90, 64, 48, {"bf": "2", "g": "24", "keyint_min": "24", "sc_threshold": "0"})}
+ALL_CLIPS = [*CLIPS, *TRIMS]
 
 
 def _frame_image(i: int, width: int, height: int) -> np.ndarray:
@@ -54,6 +64,29 @@ def _encode(path: Path, frames: int, width: int, height: int, options: dict[str,
         container.mux(stream.encode())
 
 
+def _trim(source: Path, path: Path, start: float, seconds: float) -> None:
+    """Copy the packets of `source` from the keyframe before `start` on, with timestamps shifted so that `start` is 0.
+
+    What `ffmpeg -ss start -i source -t seconds -c copy path` does: the packets before `start` get negative times,
+    so the mp4 muxer writes an edit list that starts at `start` and demuxers flag those packets discard.
+    """
+    with av.open(str(source)) as src, av.open(str(path), mode="w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        shift = int(start / stream.time_base)
+        end = int((start + seconds) / stream.time_base)
+        src.seek(shift, stream=stream, backward=True)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue  # the flush packet
+            if packet.is_keyframe and packet.pts >= end:
+                break
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = out
+            dst.mux(packet)
+
+
 def _sequential(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """The reference: every frame of a plain decode from the start, optionally scaled by PyAV's reformat."""
     with av.open(str(path)) as container:
@@ -76,6 +109,11 @@ def clips(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
         path = folder / file_name
         _encode(path, frames, width, height, options)
         made[name] = (path, _sequential(path))
+    for name, (file_name, source_name, start, seconds) in TRIMS.items():
+        source_file, frames, width, height, options = TRIM_SOURCES[source_name]
+        _encode(folder / source_file, frames, width, height, options)
+        _trim(folder / source_file, folder / file_name, start, seconds)
+        made[name] = (folder / file_name, _sequential(folder / file_name))
     return made
 
 
@@ -120,26 +158,41 @@ def _in_child(fn, *args, timeout: float = 20.0):
 # The clips themselves
 
 
+def _frame_number(image: np.ndarray) -> int:
+    return sum(1 << bit for bit in range(7) if image[:8, bit * 8 : bit * 8 + 8].mean() > 127)
+
+
 def test_clips_have_bframes_sparse_keys_and_distinct_frames(clips):
     for name, (path, frames) in clips.items():
-        assert len(frames) == CLIPS[name][1], name
         # Every frame differs from the next, so a decoder off by one frame cannot pass the comparisons below.
         assert all((frames[i] != frames[i + 1]).any() for i in range(len(frames) - 1)), name
         with av.open(str(path)) as container:
             packets = [p for p in container.demux(video=0) if p.size]
         pts = [p.pts for p in packets]
         assert pts != sorted(pts), f"{name}: no B-frames (decode order equals presentation order)"
+        if name in CLIPS:
+            assert len(frames) == CLIPS[name][1] == len(packets), name
+            assert not any(p.is_discard for p in packets), name
         if name == "sparse_keys":
             assert sum(p.is_keyframe for p in packets) == 2  # frames 0 and 60
+    # The trim: source frames 39-89 are shown, the pre-roll 24-38 is demuxed but discarded, and the header counts it.
+    path, frames = clips["edit_list"]
+    assert [_frame_number(f) for f in frames] == list(range(39, 90))
+    with av.open(str(path)) as container:
+        claimed = container.streams.video[0].frames
+        packets = [p for p in container.demux(video=0) if p.size]
+    assert sum(p.is_discard for p in packets) == 15 and len(packets) == claimed == 66
+    assert probe(path).num_frames == len(frames) == 51
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Exact frames
 
 
+@pytest.mark.filterwarnings("ignore:.*decoded with PyAV:RuntimeWarning")  # the edit-list clip; tested below
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("from_bytes", [False, True], ids=["path", "bytes"])
-@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_frames_equal_sequential_decode(clips, clip, backend, from_bytes):
     backend = _backend(backend)
     path, reference = clips[clip]
@@ -161,7 +214,57 @@ def test_frames_equal_sequential_decode(clips, clip, backend, from_bytes):
         assert np.array_equal(got.numpy(), reference[indices]), f"{clip} {backend} {indices}"
 
 
-@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_other_backends_hand_edit_list_files_to_pyav(clips, backend, monkeypatch):
+    # The bit-exact comparison above holds for the edit-list clip because PyAV decodes it; the other clips must still
+    # go through the backend itself, or the comparison would prove nothing about it.
+    backend = _backend(backend)
+    handed = []
+    real = decode._decode_pyav
+
+    def recording(src, wanted, short_side, name):
+        handed.append(name)
+        return real(src, wanted, short_side, name)
+
+    monkeypatch.setattr(decode, "_decode_pyav", recording)
+    monkeypatch.setattr(decode, "_warned_fallback", False)
+    for name in ALL_CLIPS:
+        path, reference = clips[name]
+        indices = [len(reference) - 1, 0]
+        if name in TRIMS:
+            with pytest.warns(RuntimeWarning, match=f"{path.name}.*15 packets are flagged discard.*backend='pyav'"):
+                got = decode_frames(path, indices, backend=backend)
+        else:
+            got = decode_frames(path, indices, backend=backend)
+        assert np.array_equal(got.numpy(), reference[indices]), name
+    assert handed == [str(clips[name][0]) for name in TRIMS]
+    # Scaled frames are PyAV's too, and the warning comes once per process, not once per sample.
+    path, _ = clips["edit_list"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = decode_frames(path, [5, 40], short_side=32, backend=backend)
+    assert np.array_equal(got.numpy(), decode_frames(path, [5, 40], short_side=32).numpy())
+
+
+def test_decord_count_that_differs_from_pyav_hands_the_file_to_pyav(clips, monkeypatch):
+    # decord numbers frames by its own packet table; when that disagrees with PyAV's count (here: forced), which
+    # frame is which is unknown, so PyAV decodes the file.
+    _backend("decord")
+    path, reference = clips["bframes"]
+    scan = decode._AvVideo.scan
+
+    def one_more(self):
+        table = scan(self)
+        return decode._PacketTable(table.num_frames - 1, None, [], {}, 0)
+
+    monkeypatch.setattr(decode._AvVideo, "scan", one_more)
+    monkeypatch.setattr(decode, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match=f"decord counts {len(reference)} frames where a sequential decode yields"):
+        got = decode_frames(path, [3, 1], backend="decord")
+    assert np.array_equal(got.numpy(), reference[[3, 1]])
+
+
+@pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_pyav_fallback_by_counting_gives_the_same_frames(clips, clip, monkeypatch):
     # Force the path taken when timestamps cannot be trusted: renumber by counting from the start.
     path, reference = clips[clip]
@@ -174,7 +277,7 @@ def test_pyav_fallback_by_counting_gives_the_same_frames(clips, clip, monkeypatc
     assert np.array_equal(decode_frames(path, indices).numpy(), reference[indices])
 
 
-@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_pyav_late_window_seeks_to_the_nearest_keyframe(clips, clip, monkeypatch):
     # Results are right even if a seek misses (the counting fallback catches it), so check the path and its cost.
     path, reference = clips[clip]
@@ -192,7 +295,7 @@ def test_pyav_late_window_seeks_to_the_nearest_keyframe(clips, clip, monkeypatch
             yield packet
 
     with av.open(str(path)) as container:
-        demuxed = [p for p in container.demux(video=0) if p.size]
+        demuxed = [p for p in container.demux(video=0) if p.size and not p.is_discard]  # the frames shown
     keyframes = sorted(sorted(p.pts for p in demuxed).index(p.pts) for p in demuxed if p.is_keyframe)
     indices = list(range(n - 6, n))
     nearest = max(k for k in keyframes if k <= indices[0])
@@ -220,7 +323,7 @@ def test_segments_seek_only_across_keyframes():
 # Scaling inside the decoder
 
 
-@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_pyav_short_side_equals_sequential_decode_then_reformat(clips, clip):
     path, reference = clips[clip]
     height, width = reference.shape[1:3]
@@ -367,7 +470,7 @@ def test_bad_requests_are_value_errors_not_decode_errors(clips):
 # probe
 
 
-@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_probe_counts_frames(clips, clip):
     path, reference = clips[clip]
     for src in (path, path.read_bytes()):

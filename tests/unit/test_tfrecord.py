@@ -118,7 +118,9 @@ def test_flipped_payload_byte_skips_that_record_only(tmp_path):
     assert len(errors) == 1
     err = errors[0]
     assert err.offset == _offsets(PAYLOADS)[bad] and not err.file_stopped
+    assert err.record == bad  # its position in the file, the same numbering as the good records around it
     assert str(path) in str(err) and f"offset {err.offset}" in str(err) and "payload CRC" in str(err)
+    assert f"record {bad} at" in str(err) and "this record is skipped" in str(err)
 
     with pytest.raises(tfr.TFRecordError, match="payload CRC mismatch"):
         list(tfr.iter_records(path))
@@ -135,7 +137,12 @@ def test_damaged_length_stops_the_file_with_its_offset(tmp_path):
     errors = []
     assert list(tfr.iter_records(path, errors=errors)) == PAYLOADS[:1]
     assert len(errors) == 1 and errors[0].file_stopped and errors[0].offset == _offsets(PAYLOADS)[1]
-    assert "length CRC" in str(errors[0]) and "rest of this file" in str(errors[0])
+    assert errors[0].record == 1
+    # The records after it are lost with it: the error says so, and how much of the file went unread.
+    remaining = len(raw) - _offsets(PAYLOADS)[1]
+    assert errors[0].remaining == remaining
+    message = str(errors[0])
+    assert "length CRC" in message and f"the rest of this file, {remaining} bytes, cannot be read" in message
 
 
 def test_truncated_file_is_reported(tmp_path):
@@ -146,6 +153,7 @@ def test_truncated_file_is_reported(tmp_path):
     errors = []
     assert list(tfr.iter_records(path, errors=errors)) == PAYLOADS[:-1]
     assert errors[0].file_stopped and "truncated record" in str(errors[0])
+    assert errors[0].record == len(PAYLOADS) - 1 and errors[0].remaining == len(raw) - 7 - _offsets(PAYLOADS)[-1]
     path.write_bytes(raw[: _offsets(PAYLOADS)[-1] + 5])
     with pytest.raises(tfr.TFRecordError, match="truncated header"):
         list(tfr.iter_records(path))

@@ -11,11 +11,22 @@ Backends:
   decord 1439). Decodes single-threaded: decoder threads give nothing on 2 cores, and automatic threading inside
   DataLoader workers oversubscribes cores (and once deadlocked a worker, NVIDIA-TAO/tao-pytorch#109). Parallelise
   with workers instead.
-- "decord": kept for comparison. Indices are checked against its own table of demuxed packets before `get_batch`,
+- "decord": kept for comparison. Indices are checked against a PyAV demux pass (`probe`'s count) before `get_batch`,
   which spins forever holding the GIL when asked for a frame past the real end (dmlc/decord#373). That guards
   over-reported headers only: `get_batch` has also hung on files whose packets all exist (dmlc/decord#375), so a
   loader using decord still needs a per-sample timeout in a killable process.
 - "torchcodec": used only if importable (0.13 runs on CPU with Debian's FFmpeg libraries; >= 0.14 on PyPI needs CUDA).
+
+decord and TorchCodec number frames by their own packet tables, which can disagree with a sequential decode. decord
+0.6 counts the packets an mp4 edit list marks as discard (the pre-roll of a stream-copy trim such as
+`ffmpeg -ss 1.3 -i a.mp4 -t 2 -c copy b.mp4`): on such a clip with 9 discarded packets, its frame 50 was sequential
+frame 41, silently. TorchCodec skips those packets in its index but once sought the wrong keyframe because of them
+(meta-pytorch/torchcodec#1504). So both backends first demux the file with PyAV and hand the file to PyAV instead
+when it has discard-flagged packets or when the backend's own frame count differs from PyAV's. The frames are then
+right, only decoded by PyAV; the first such file in a process raises one RuntimeWarning naming it. A fallback rather
+than a DecodeError: the loader would otherwise skip every trimmed clip, and with it a slice of the dataset that
+decodes perfectly well. The extra demux pass costs about 2 ms a call on a 10 s 340x256 clip (decord, best of 25:
+a 64-frame window 41 -> 43 ms, one frame 4.5 -> 6.6 ms).
 
 Every failure to deliver the requested frames (unreadable or truncated file, no video stream, zero frames, an index
 past the end) raises `DecodeError`, which names the source and the reason; the loader turns it into a skipped
@@ -29,6 +40,7 @@ from __future__ import annotations
 import bisect
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -194,12 +206,14 @@ class _PacketTable:
     index_of: pts -> frame index in presentation order; None when some packet lacks a pts or two share one, in which
         case frames can only be numbered by counting from the start.
     keyframes: frame indices of keyframes, ascending; key_pts: the pts of each, the timestamp to seek to.
+    discarded: packets flagged discard (not counted in num_frames).
     """
 
     num_frames: int
     index_of: dict[int, int] | None
     keyframes: list[int]
     key_pts: dict[int, int]
+    discarded: int = 0  # packets flagged discard (edit-list pre-roll): decoded for reference, never shown
 
 
 class _Unreliable(Exception):
@@ -261,12 +275,15 @@ class _AvVideo:
         pts_list: list[int] = []
         key_list: list[int] = []  # pts of keyframes
         exact = True
+        discarded = 0
         try:
             # 100M packets is about 5 weeks of 30 fps video: a bound on the loop, not a limit anyone meets.
             for packet in self.packets(100_000_000):
-                if packet.size == 0 or packet.is_discard:
-                    # size 0: the flush packet demux yields at EOF. Discard-flagged packets (edit-list pre-roll)
-                    # are decoded for reference but their frames are dropped by the decoder.
+                if packet.size == 0:
+                    continue  # the flush packet demux yields at EOF
+                if packet.is_discard:
+                    # Edit-list pre-roll: decoded for reference, but the decoder drops its frame.
+                    discarded += 1
                     continue
                 if packet.pts is None:
                     exact = False
@@ -280,10 +297,10 @@ class _AvVideo:
         except Exception as exc:
             raise DecodeError(f"{self.name}: demuxing failed ({type(exc).__name__}: {exc})") from exc
         if not exact or len(set(pts_list)) != len(pts_list):
-            return _PacketTable(len(pts_list), None, [], {})
+            return _PacketTable(len(pts_list), None, [], {}, discarded)
         index_of = {pts: i for i, pts in enumerate(sorted(pts_list))}
         key_pts = {index_of[pts]: pts for pts in key_list}
-        return _PacketTable(len(pts_list), index_of, sorted(key_pts), key_pts)
+        return _PacketTable(len(pts_list), index_of, sorted(key_pts), key_pts, discarded)
 
 
 def _decode_pyav(src: Source, wanted: list[int], short_side: int | None, name: str) -> np.ndarray:
@@ -420,25 +437,31 @@ def _decode_decord(src: Source, wanted: list[int], short_side: int | None, name:
         import decord
     except ImportError as exc:
         raise ImportError("backend='decord' needs the decord package (pip install decord)") from exc
-    if short_side is None:
-        return _decord_batch(decord, src, wanted, {}, name)
-    # decord scales to an explicit width and height, so learn the native size first (header only).
-    with _AvVideo(src, name) as video:
-        width, height = resized_size(video.width, video.height, short_side)
+    table, width, height = _pyav_table(src, wanted, short_side, name)
+    if table.discarded:
+        return _pyav_instead(src, wanted, short_side, name, "decord", _discard_reason(table))
     try:
-        return _decord_batch(decord, src, wanted, {"width": width, "height": height}, name)
-    except DecodeError as exc:
-        if "DECORDArrayCopyFromTo" not in str(exc):
-            raise
-    # decord 0.6 fails to copy out frames scaled to some widths (48 and 72 px from a 66x50 clip: it hands back 4
-    # bytes per pixel). Decode at full size and scale here instead; slower (environment.md: 3-9x), but rare.
-    frames = _decord_batch(decord, src, wanted, {}, name)
+        if short_side is None:
+            return _decord_batch(decord, src, wanted, {}, name, table.num_frames)
+        try:
+            return _decord_batch(decord, src, wanted, {"width": width, "height": height}, name, table.num_frames)
+        except DecodeError as exc:
+            if "DECORDArrayCopyFromTo" not in str(exc):
+                raise
+        # decord 0.6 fails to copy out frames scaled to some widths (48 and 72 px from a 66x50 clip: it hands back 4
+        # bytes per pixel). Decode at full size and scale here instead; slower (environment.md: 3-9x), but rare.
+        frames = _decord_batch(decord, src, wanted, {}, name, table.num_frames)
+    except _OtherNumbering as exc:
+        return _pyav_instead(src, wanted, short_side, name, "decord", str(exc))
     chw = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     chw = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
     return chw.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _decord_batch(decord: Any, src: Source, wanted: list[int], size: dict[str, int], name: str) -> np.ndarray:
+def _decord_batch(
+    decord: Any, src: Source, wanted: list[int], size: dict[str, int], name: str, num_frames: int
+) -> np.ndarray:
+    """decord's frames `wanted`; raises _OtherNumbering when its packet count is not `num_frames` (PyAV's)."""
     reader = None
     try:
         # decord copies a file-like object into its own buffer; bytes need the wrapper.
@@ -447,10 +470,12 @@ def _decord_batch(decord: Any, src: Source, wanted: list[int], size: dict[str, i
         # len(reader) is the container's claim; get_frame_timestamp fills decord's own table of demuxed packets,
         # which is what get_batch can actually reach. Asking past it spins forever (dmlc/decord#373).
         reader.get_frame_timestamp([0])
-        table = getattr(reader, "_frame_pts", None)  # a private attribute: fall back to our own count without it
-        _check_count(name, wanted, min(len(reader), len(table) if table is not None else probe(src).num_frames))
+        table = getattr(reader, "_frame_pts", None)  # a private attribute: without it, the header's claim
+        counted = len(table) if table is not None else len(reader)
+        if counted != num_frames:
+            raise _OtherNumbering(f"decord counts {counted} frames where a sequential decode yields {num_frames}")
         batch = reader.get_batch(wanted).asnumpy()  # (T, H, W, 3) uint8
-    except DecodeError:
+    except (DecodeError, _OtherNumbering):
         raise
     except Exception as exc:  # DECORDError, RuntimeError, and the AssertionError decord raises for 0 frames
         raise DecodeError(f"{name}: decord failed ({type(exc).__name__}: {exc})") from exc
@@ -458,6 +483,49 @@ def _decord_batch(decord: Any, src: Source, wanted: list[int], size: dict[str, i
         # decord frees its native reader in __del__; dropping the only reference frees it now.
         del reader
     return batch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Guarding the other backends with PyAV's numbering
+
+
+class _OtherNumbering(Exception):
+    """A backend's frame numbering may differ from a sequential decode's; the message says why."""
+
+
+_warned_fallback = False
+
+
+def _pyav_table(src: Source, wanted: list[int], short_side: int | None, name: str) -> tuple[_PacketTable, int, int]:
+    """PyAV's packet table and the output (width, height); raises DecodeError if `wanted` lies past the end."""
+    with _AvVideo(src, name) as video:
+        table = video.scan()
+        width, height = resized_size(video.width, video.height, short_side)
+    _check_count(name, wanted, table.num_frames)
+    return table, width, height
+
+
+def _discard_reason(table: _PacketTable) -> str:
+    return (
+        f"{table.discarded} packets are flagged discard (an edit list that starts between keyframes, as a "
+        "stream-copy trim makes)"
+    )
+
+
+def _pyav_instead(
+    src: Source, wanted: list[int], short_side: int | None, name: str, backend: str, reason: str
+) -> np.ndarray:
+    """Decode with PyAV a file whose frames `backend` may number differently from a sequential decode."""
+    global _warned_fallback
+    if not _warned_fallback:  # once per process: a dataset of trimmed clips would otherwise warn per sample
+        _warned_fallback = True
+        warnings.warn(
+            f"{name}: {reason}; backend={backend!r} could return the wrong frames, so this file and any like it "
+            "are decoded with PyAV (backend='pyav') instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _decode_pyav(src, wanted, short_side, name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,6 +544,9 @@ def _decode_torchcodec(src: Source, wanted: list[int], short_side: int | None, n
             "FFmpeg libraries; on CPU machines torchcodec 0.13 and the system ffmpeg work. "
             f"Import failed with {type(exc).__name__}: {exc}"
         ) from exc
+    table, width, height = _pyav_table(src, wanted, short_side, name)
+    if table.discarded:
+        return _pyav_instead(src, wanted, short_side, name, "torchcodec", _discard_reason(table))
     try:
         source = bytes(src) if isinstance(src, (bytearray, memoryview)) else src
         if not isinstance(source, bytes):
@@ -484,13 +555,16 @@ def _decode_torchcodec(src: Source, wanted: list[int], short_side: int | None, n
         # One FFmpeg thread, as for the other backends (also its default, torchcodec#1639).
         options: dict[str, Any] = {"seek_mode": "exact", "num_ffmpeg_threads": 1, "dimension_order": "NHWC"}
         if short_side is not None:
-            # The target size needs the native size first: an approximate-mode decoder reads the header only.
-            header = VideoDecoder(source, seek_mode="approximate", num_ffmpeg_threads=1).metadata
-            width, height = resized_size(header.width, header.height, short_side)
             options["transforms"] = [Resize(size=(height, width))]
         decoder = VideoDecoder(source, **options)
-        _check_count(name, wanted, decoder.metadata.num_frames)
+        counted = decoder.metadata.num_frames
+        if counted != table.num_frames:
+            raise _OtherNumbering(
+                f"torchcodec counts {counted} frames where a sequential decode yields {table.num_frames}"
+            )
         return decoder.get_frames_at(indices=wanted).data.numpy()  # (T, H, W, 3) uint8
+    except _OtherNumbering as exc:
+        return _pyav_instead(src, wanted, short_side, name, "torchcodec", str(exc))
     except DecodeError:
         raise
     except Exception as exc:

@@ -195,15 +195,38 @@ _FOOTER = struct.Struct("<I")
 
 
 class TFRecordError(ValueError):
-    """A damaged TFRecord file: names the file, the byte offset of the record and what is wrong."""
+    """A damaged TFRecord file: names the file, the record (number and byte offset) and what is wrong.
 
-    def __init__(self, path: str, offset: int, problem: str, *, file_stopped: bool):
+    record: position of the damaged record in the file, counting from 0 (every record read before it counts, the
+        damaged ones too), so that a reader can number the good records by the same rule.
+    file_stopped: the framing is lost here, so no later record of the file can be read.
+    remaining: bytes from `offset` to the end of the file, all of them unread when `file_stopped`.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        offset: int,
+        problem: str,
+        *,
+        file_stopped: bool,
+        record: int | None = None,
+        remaining: int | None = None,
+    ):
         self.path = path
         self.offset = offset
         self.problem = problem
         self.file_stopped = file_stopped
-        after = "the rest of this file is skipped" if file_stopped else "this record is skipped"
-        super().__init__(f"{path}: record at byte offset {offset}: {problem} ({after})")
+        self.record = record
+        self.remaining = remaining
+        if not file_stopped:
+            after = "this record is skipped"
+        elif remaining is None:
+            after = "the rest of this file is skipped"
+        else:
+            after = f"the rest of this file, {remaining} bytes, cannot be read: any records in it are lost"
+        which = "record" if record is None else f"record {record}"
+        super().__init__(f"{path}: {which} at byte offset {offset}: {problem} ({after})")
 
 
 def iter_records(
@@ -218,11 +241,14 @@ def iter_records(
     errors: None raises `TFRecordError` at the first damaged record. A list collects the errors instead: a record
         whose payload CRC fails is skipped and reading goes on (the length was intact, so the framing is too); a
         damaged header or a truncated record ends the file, since the next record's position is then unknown.
+        Each error is appended before the next payload is yielded, so the position of a yielded payload in the file
+        is (payloads yielded before it) + len(errors).
     """
     path = os.fspath(path)
+    record = 0  # position in the file of the record being read
 
     def fail(offset: int, problem: str, *, file_stopped: bool) -> None:
-        err = TFRecordError(path, offset, problem, file_stopped=file_stopped)
+        err = TFRecordError(path, offset, problem, file_stopped=file_stopped, record=record, remaining=size - offset)
         if errors is None:
             raise err
         errors.append(err)
@@ -254,6 +280,7 @@ def iter_records(
             else:
                 yield payload
             offset = end
+            record += 1
 
 
 class TFRecordWriter:
