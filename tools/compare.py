@@ -4,8 +4,9 @@
     python tools/compare.py runs/k400_baseline runs/k400_mu2 runs/k400_lambda0 [--branches] [--markdown | --json]
 
 One row per run folder: model, branches and width (N, branch width ratio, fork layer), loss structure and weight,
-every metric of the ensemble from RUN/eval.json (with --branches, also each branch's, as "b0 / b1"), #params and
-#FLOPs. Sizes are measured on the meta device the way the paper reports them (video_ens.models.size): parameters
+every metric of the ensemble from RUN/eval.json (with --branches, also each branch's, as "b0 / b1"), how it was
+evaluated (mode: "full" whole videos, "clips 10x3" clips x crops averaged per video, "all_frames", "center_crop")
+and on how many samples ("n/N" when bad samples left n of the N evaluated), #params and #FLOPs. Sizes are measured on the meta device the way the paper reports them (video_ens.models.size): parameters
 with BN folded, FLOPs at batch 1 on the model's own input (S3D-G: 64 x 224^2 frames; DBoF: video level only),
 counting multiply and add separately, once as pure 2 x MAC of convs and matmuls and once with the cheap ops
 tf.profiler also counts ("+ew", which matches the paper's rounding on ResNet and DBoF, architecture.md 0.1).
@@ -98,15 +99,41 @@ def row(run: dict, *, branches: bool) -> dict:
         "flops_input": size["input"],
         "metrics": None,
         "num_samples": None,
+        "dataset_size": None,
+        "mode": None,
+        "views_per_video": None,
+        "eval_mode": None,
     }
     result = run["eval"]
     if result is not None:
         out["metrics"] = dict(result["ensemble"])
         out["num_samples"] = result.get("num_samples")
+        out["dataset_size"] = result.get("dataset_size")
         out["mode"] = result.get("mode")
+        out["views_per_video"] = result.get("views_per_video")
+        out["eval_mode"] = eval_mode(result)
         if branches:
             out["branch_metrics"] = [dict(b) for b in result.get("branches", [])]
     return out
+
+
+def eval_mode(result: dict) -> str | None:
+    """How eval.json's run evaluated: its mode, with clips x crops for mode "clips" ("clips 10x3")."""
+    mode = result.get("mode")
+    if mode != "clips":
+        return mode
+    ev = (result.get("recipe") or {}).get("eval") or {}
+    if ev.get("num_clips") and ev.get("num_crops"):
+        return f"clips {ev['num_clips']}x{ev['num_crops']}"
+    views = result.get("views_per_video")
+    return f"clips ({views} views)" if views else "clips"
+
+
+def _samples(r: dict) -> str:
+    n, size = r.get("num_samples"), r.get("dataset_size")
+    if n is None:
+        return "-"
+    return f"{n}/{size}" if size is not None and size != n else str(n)
 
 
 def _si(value: float) -> str:
@@ -125,7 +152,7 @@ def table(rows: list[dict], *, branches: bool) -> tuple[list[str], list[list[str
     head = ["run", "model", "width config", "loss", *metric_names]
     if branches:
         head += [f"{name} branches" for name in metric_names]
-    head += ["#params", "#FLOPs", "#FLOPs +ew"]
+    head += ["eval", "samples", "#params", "#FLOPs", "#FLOPs +ew"]
     body = []
     for r in rows:
         metrics = r["metrics"] or {}
@@ -134,30 +161,34 @@ def table(rows: list[dict], *, branches: bool) -> tuple[list[str], list[list[str
         if branches:
             per = r.get("branch_metrics") or []
             cells += [" / ".join(f"{100 * b[n]:.2f}" for b in per) if per else "-" for n in metric_names]
+        cells += [r.get("eval_mode") or "-", _samples(r)]
         cells += [_si(r["params"]), _si(r["flops"]), _si(r["flops_ew"])]
         body.append(cells)
     return head, body
 
 
+TEXT_COLUMNS = ("run", "model", "width config", "loss", "eval")  # left-aligned; numbers right-aligned
+
+
 def format_plain(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-    text_columns = 4  # run, model, config, loss: left-aligned; numbers right-aligned
     lines = []
     for line in [head, *body]:
-        pairs = enumerate(zip(line, widths, strict=True))
-        cells = [c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in pairs]
+        pairs = zip(head, line, widths, strict=True)
+        cells = [c.ljust(w) if name in TEXT_COLUMNS else c.rjust(w) for name, c, w in pairs]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "-" * max(len(line) for line in lines))
     return "\n".join(lines)
 
 
 def format_markdown(head: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "".join("---|" if n in TEXT_COLUMNS else "---:|" for n in head)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
-FOOTNOTE = ("metrics: ensemble, in %. #params: BN folded. #FLOPs: batch 1, multiply and add counted apart "
+FOOTNOTE = ("metrics: ensemble, in %. eval: evaluation mode; samples: videos/images evaluated (n/N: N - n bad). "
+            "#params: BN folded. #FLOPs: batch 1, multiply and add counted apart "
             "(2 x MAC); +ew adds bias/BN adds, pooling, means, softmax as tf.profiler does.")
 
 

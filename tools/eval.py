@@ -20,9 +20,14 @@ ranks. What is evaluated, per data.kind:
 * image (ImageNet): short side scaled to crop_size / 0.875, centre crop; top-1 and top-5.
 
 Writes OUT/eval.json (training's schema plus mode, throughput and the setup: {"ensemble": {...}, "branches": [...],
-"num_samples": n, "mode": ..., "throughput": {...}, ..., "recipe": {...}}), OUT/eval.md (the table, also printed)
-and with --save-scores OUT/scores.npz (per-video probabilities of every head, averaged over views). OUT defaults to
-the run folder (--run-dir) or the folder of --weights.
+"num_samples": n, "mode": ..., "throughput": {...}, "bad_samples": n, "bad_sample_keys": {...}, ..., "recipe":
+{...}}), OUT/eval.md (the table, also printed) and with --save-scores OUT/scores.npz (per-video probabilities of
+every head, averaged over views). OUT defaults to the run folder (--run-dir) or the folder of --weights.
+
+Samples that cannot be evaluated (undecodable, a label outside the label map, a damaged shard) are skipped; the
+metrics cover the rest. Their count is "bad_samples"; "bad_sample_keys" names them as the training log's eval
+lines do: {"bad": n, "bad_by_reason": {reason: n}, "last_bad": [{"key", "reason", "detail", "rank"}]} (each rank's
+last few, video_ens.data.loader.LAST_BAD_KEPT). The log and eval.md list them too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ LOG = dist.get_logger("video_ens.tools.eval")
 
 MODE_BY_KIND = {"features": "all_frames", "image": "center_crop"}  # clips take eval.mode
 THROUGHPUT_KEYS = ("samples_per_s", "inputs_per_s", "seconds", "inputs", "metrics_seconds")
+BAD_KEYS_SHOWN = 5  # bad samples named in the log line; eval.md and eval.json list every one kept
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,11 +69,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "this many frames, with the one-pass result (S3D-G's gates still hold whole-clip activations, "
                         "so this lowers peak memory by ~25%%, see video_ens/evaluate.py). 0 = always one pass")
     p.add_argument("--save-scores", action="store_true", help="also write OUT/scores.npz")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="log progress (inputs done of this rank's share, %%, rate, ETA) every this many batches; "
+                        "0 = never")
     args = p.parse_args(argv)
     if args.run_dir is None and (args.recipe is None or args.weights is None):
         p.error("give --run-dir, or both --recipe and --weights")
     if args.max_chunk_frames < 0:
         p.error("--max-chunk-frames must be >= 0")
+    if args.log_every < 0:
+        p.error("--log-every must be >= 0")
     return args
 
 
@@ -90,8 +101,39 @@ def metric_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bad_sample_lines(bad: dict | None, limit: int | None = None) -> list[str]:
+    """One line per named bad sample: "KEY (reason: detail) [rank r]", at most `limit` of them."""
+    records = (bad or {}).get("last_bad") or []
+    shown = records if limit is None else records[:limit]
+    lines = []
+    for r in shown:
+        detail = f": {r['detail']}" if r.get("detail") else ""
+        where = f" [rank {r['rank']}]" if "rank" in r else ""
+        lines.append(f"{r.get('key')} ({r.get('reason')}{detail}){where}")
+    return lines
+
+
+def bad_sample_summary(bad: dict | None) -> str:
+    """"2 (decode 1, label 1)" from a "bad_sample_keys" dict."""
+    bad = bad or {}
+    reasons = ", ".join(f"{k} {v}" for k, v in (bad.get("bad_by_reason") or {}).items())
+    return f"{bad.get('bad', 0)}" + (f" ({reasons})" if reasons else "")
+
+
 def report_markdown(out: dict) -> str:
     t = out["throughput"]
+    bad = out.get("bad_sample_keys")
+    named = bad_sample_lines(bad)
+    bad_lines = []
+    if out["bad_samples"]:
+        if len(named) == out["bad_samples"]:
+            by_key = ", by key:"
+        elif named:
+            by_key = f", the last {len(named)} by key (each rank keeps its last {loader.LAST_BAD_KEPT}):"
+        else:
+            by_key = ""
+        bad_lines = [f"- bad samples (skipped): {bad_sample_summary(bad)}{by_key}"]
+        bad_lines += [f"  - `{line}`" for line in named]
     lines = [
         f"# Evaluation of {out['model']} ({out['num_branches']} branch{'es' if out['num_branches'] > 1 else ''})",
         "",
@@ -103,6 +145,7 @@ def report_markdown(out: dict) -> str:
         + (f", windows of {out['max_chunk_frames']} frames" if out.get("max_chunk_frames") else ""),
         f"- throughput: {t['samples_per_s']:.2f} samples/s, {t['inputs_per_s']:.2f} model inputs/s "
         f"({t['inputs']} inputs in {t['seconds']:.1f} s)",
+        *bad_lines,
         "",
         "Metrics in %:",
         "",
@@ -142,21 +185,24 @@ def run(args: argparse.Namespace) -> int:
     LOG.info(f"evaluating {recipe.model.name} on {paths.val} ({stream.num_samples} samples, mode {mode}) with "
              f"{dist.world_size()} process(es) on {device}, precision {precision}")
 
+    views = recipe.eval.num_clips * recipe.eval.num_crops if mode == "clips" else 1
     result = evaluate(model, stream, task=loader.metrics_task(recipe.data), top_k=recipe.eval.top_k, device=device,
-                      precision=precision, max_chunk_frames=args.max_chunk_frames, keep_scores=args.save_scores)
+                      precision=precision, max_chunk_frames=args.max_chunk_frames, keep_scores=args.save_scores,
+                      log_every=args.log_every, views_per_sample=views)
     if dist.is_main():
         out = {
             "ensemble": result["ensemble"],
             "branches": result["branches"],
             "num_samples": result["num_samples"],
             "mode": mode,
-            "views_per_video": recipe.eval.num_clips * recipe.eval.num_crops if mode == "clips" else None,
+            "views_per_video": views if mode == "clips" else None,
             "throughput": {k: result[k] for k in THROUGHPUT_KEYS},
             "model": recipe.model.name,
             "num_branches": model.num_branches,
             "dataset": str(paths.val),
             "dataset_size": stream.num_samples,
-            "bad_samples": result["bad_samples"],
+            "bad_samples": result["bad_samples"],  # the count, as before; the keys follow
+            "bad_sample_keys": result["bad_sample_keys"],
             "weights": str(weights_path),
             "world_size": dist.world_size(),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -172,9 +218,15 @@ def run(args: argparse.Namespace) -> int:
             import numpy as np
 
             np.savez(out_dir / "scores.npz", **result["scores"])
-        if result["num_samples"] < stream.num_samples:
-            LOG.warning(f"{stream.num_samples - result['num_samples']} of {stream.num_samples} samples could not be "
-                        "evaluated (bad samples); the metrics cover the rest")
+        if result["num_samples"] < stream.num_samples or result["bad_samples"]:
+            bad = result["bad_sample_keys"]
+            named = bad_sample_lines(bad, BAD_KEYS_SHOWN)
+            message = (f"{stream.num_samples - result['num_samples']} of {stream.num_samples} samples could not be "
+                       f"evaluated (bad samples: {bad_sample_summary(bad)}); the metrics cover the rest")
+            if named:
+                more = len(bad["last_bad"]) - len(named)
+                message += ". Skipped: " + "; ".join(named) + (f"; {more} more in eval.json" if more > 0 else "")
+            LOG.warning(message)
         print(report)
         LOG.info(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.md'}")
     return 0

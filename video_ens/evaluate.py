@@ -301,7 +301,9 @@ def _all_reduce(values: list[float], device: torch.device, op: str) -> list[floa
 
 
 class _ScoreKeeper:
-    """Per-row probabilities of every head, gathered over ranks and averaged per video id (for saving scores)."""
+    """Per-row probabilities of every head, gathered over ranks, for saving scores from a one-view stream
+    (aggregate "first"). Multi-view streams take their per-video averages from the metrics' per-id sums instead
+    (`EnsembleMetrics.mean_scores`), so that no one holds every view."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -335,13 +337,82 @@ class _ScoreKeeper:
         counts = np.bincount(inverse, minlength=uniq.size)
         first = np.full(uniq.size, -1)
         first[inverse[::-1]] = np.arange(inverse.size)[::-1]
-        return {
-            "ids": uniq.astype(str),
-            "views": counts,
-            "targets": targets[first],
-            "branches": (sums / counts[:, None, None])[:, :-1].transpose(1, 0, 2).astype(np.float32),  # (N, V, C)
-            "ensemble": (sums[:, -1] / counts[:, None]).astype(np.float32),  # (V, C)
-        }
+        return _scores_dict(uniq.astype(str), counts, targets[first], sums / counts[:, None, None])
+
+
+def _scores_dict(ids: np.ndarray, views: np.ndarray, targets: np.ndarray, mean: np.ndarray) -> dict[str, np.ndarray]:
+    """The "scores" entry of `evaluate`'s result from per-video means (V, N + 1, C)."""
+    return {
+        "ids": ids,
+        "views": views,
+        "targets": targets,
+        "branches": mean[:, :-1].transpose(1, 0, 2).astype(np.float32),  # (N, V, C)
+        "ensemble": mean[:, -1].astype(np.float32),  # (V, C)
+    }
+
+
+def _metric_scores(acc: EnsembleMetrics, task: str) -> dict[str, np.ndarray]:
+    """The "scores" entry from a synced aggregate="mean" accumulator: its per-id sums over views."""
+    mean = acc.mean_scores(dtype=np.float32)
+    targets = mean["targets"].astype(np.float32) if task == "multi_label" else mean["targets"]  # as the loader's
+    return _scores_dict(mean["ids"].astype(str), mean["views"], targets, mean["scores"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Progress and bad samples
+
+
+def rank_share(num_samples: int, rank: int, world_size: int) -> int:
+    """How many of `num_samples` evaluation samples rank `rank` reads: the loader gives rank r the global indices
+    [N r / R, N (r + 1) / R) (video_ens.data.loader, "Evaluation: every sample once")."""
+    return num_samples * (rank + 1) // world_size - num_samples * rank // world_size
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, or "?" when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def progress_line(done: int, total: int | None, seconds: float, *, bad: int = 0) -> str:
+    """"evaluated inputs 350/1200 (29.2%) on rank 0, 99.3 inputs/s, eta 0:00:09"; without a total, the count and
+    rate only. The ETA assumes the rate so far holds for the rest of this rank's share."""
+    rate = done / max(seconds, 1e-9)
+    if total:
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        text = (f"evaluated inputs {done}/{total} ({100 * done / total:.1f}%) on rank 0, {rate:.1f} inputs/s, "
+                f"eta {format_duration(max(eta, 0.0))}")
+    else:
+        text = f"evaluated {done} inputs on rank 0, {rate:.1f} inputs/s"
+    return text + (f"; {bad} bad sample(s) skipped so far" if bad else "")
+
+
+def merge_bad_samples(per_rank: list[dict]) -> dict[str, Any]:
+    """The bad-sample stats of every rank's stream (`stream.stats`) as one: {"bad": total, "bad_by_reason":
+    {reason: total}, "last_bad": [{"key", "reason", "detail", "rank"}, ...]} (the trainer's "bad_sample_keys" form;
+    each rank keeps its last few records, video_ens.data.loader.LAST_BAD_KEPT, so the list is bounded)."""
+    by_reason: dict[str, int] = {}
+    records: list[dict] = []
+    for rank, stats in enumerate(per_rank):
+        for reason, n in (stats.get("bad_by_reason") or {}).items():
+            by_reason[reason] = by_reason.get(reason, 0) + int(n)
+        records += [{**record, "rank": rank} for record in stats.get("last_bad") or []]
+    total = sum(int(stats.get("bad", 0)) for stats in per_rank)
+    return {"bad": total, "bad_by_reason": dict(sorted(by_reason.items())), "last_bad": records}
+
+
+def gather_bad_samples(stats: dict) -> dict[str, Any]:
+    """`merge_bad_samples` over all ranks (a collective when torch.distributed is initialised)."""
+    mine = {"bad": int(stats.get("bad") or 0), "bad_by_reason": dict(stats.get("bad_by_reason") or {}),
+            "last_bad": list(stats.get("last_bad") or [])}
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * dist.world_size()
+        tdist.all_gather_object(parts, mine)
+    return merge_bad_samples(parts)
 
 
 @torch.no_grad()
@@ -356,30 +427,44 @@ def evaluate(
     max_chunk_frames: int | None = None,
     keep_scores: bool = False,
     log_every: int = 50,
+    views_per_sample: int | None = None,
 ) -> dict[str, Any]:
     """Every metric per branch and for the ensemble over the whole evaluation set; a collective on every rank.
 
     Args:
         model: on `device`; switched to eval mode for the pass and back afterwards.
         stream: this rank's evaluation stream (video_ens.data.loader.eval_stream): `batches()`, `num_classes`,
-            `aggregate` ("mean" for multi-view clips), `stats`.
+            `aggregate` ("mean" for multi-view clips), `stats`, `num_samples`.
         task: "single_label" (top-1, top-5) or "multi_label" (GAP, mAP, hit@1), see video_ens.data.loader.metrics_task.
         top_k: predictions kept per video for GAP and mAP.
         precision: autocast dtype of the forward ("fp32", "bf16", "fp16"); metrics are computed in fp32.
         max_chunk_frames: clips longer than this many frames go through `full_clip_forward`.
         keep_scores: also return the per-video probabilities, averaged over views ("scores", every rank).
+        log_every: log progress on rank 0 every this many batches (0: never): inputs done out of this rank's
+            share, percentage, rate and ETA.
+        views_per_sample: model inputs per sample (eval.num_clips x eval.num_crops in mode "clips"), for the
+            progress total; a one-view stream (aggregate "first") has 1. Unknown: the progress shows no total.
 
     Returns {"ensemble", "branches", "num_samples", "inputs" (model inputs over all ranks: views in mode "clips"),
     "seconds" (reading and forward passes, slowest rank), "samples_per_s", "inputs_per_s", "metrics_seconds"
-    (merging and computing the metrics), "bad_samples"} and "scores" ({"ids", "views" (per video), "targets",
-    "branches" (N, V, C), "ensemble" (V, C): probabilities averaged over views, ids sorted}) when asked.
+    (merging and computing the metrics), "bad_samples" (how many, all ranks), "bad_sample_keys" (all ranks:
+    {"bad", "bad_by_reason", "last_bad": [{"key", "reason", "detail", "rank"}]}, see `merge_bad_samples`)} and
+    "scores" ({"ids", "views" (per video), "targets", "branches" (N, V, C), "ensemble" (V, C): probabilities
+    averaged over views, ids sorted}) when asked.
     """
     was_training = model.training
     model.eval()
     # Built before the loop: a rank whose share of the evaluation set is empty still joins the sync.
     acc = EnsembleMetrics(task=task, num_classes=stream.num_classes, num_branches=model.num_branches, top_k=top_k,
                           aggregate=stream.aggregate)
-    keeper = _ScoreKeeper() if keep_scores else None
+    # A multi-view stream's scores come from the metrics' per-video sums; a one-view stream's rows are kept.
+    keeper = _ScoreKeeper() if keep_scores and stream.aggregate != "mean" else None
+    if views_per_sample is None and stream.aggregate != "mean":
+        views_per_sample = 1
+    num_samples = getattr(stream, "num_samples", None)
+    total_inputs = None
+    if views_per_sample and num_samples is not None:
+        total_inputs = rank_share(num_samples, dist.rank(), dist.world_size()) * views_per_sample
     inputs_seen = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -406,8 +491,8 @@ def evaluate(
                 keeper.add(batch["ids"], views, batch["target"], probs, ensemble)
             inputs_seen += x.shape[0]
             if log_every and (i + 1) % log_every == 0:
-                rate = inputs_seen / max(time.monotonic() - t0, 1e-9)
-                LOG.info(f"evaluated {inputs_seen} inputs on rank 0 ({rate:.1f} inputs/s)")
+                bad = int(getattr(stream, "stats", {}).get("bad", 0))
+                LOG.info(progress_line(inputs_seen, total_inputs, time.monotonic() - t0, bad=bad))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         # Throughput covers reading, decoding and the forward passes, up to the slowest rank; merging and computing
@@ -416,17 +501,20 @@ def evaluate(
         t1 = time.monotonic()
         acc.sync()
         result = acc.compute()
-        scores = keeper.gather() if keeper is not None else None
+        if keep_scores:
+            scores = keeper.gather() if keeper is not None else _metric_scores(acc, task)
+        del acc
     finally:
         model.train(was_training)
-    stats = getattr(stream, "stats", {})
-    inputs_total, bad_total = _all_reduce([inputs_seen, stats.get("bad", 0)], device, "sum")
+    (inputs_total,) = _all_reduce([inputs_seen], device, "sum")
+    bad = gather_bad_samples(getattr(stream, "stats", {}))
     result["inputs"] = int(inputs_total)
     result["seconds"] = round(seconds, 3)
     result["samples_per_s"] = result["num_samples"] / max(seconds, 1e-9)
     result["inputs_per_s"] = inputs_total / max(seconds, 1e-9)
     result["metrics_seconds"] = round(time.monotonic() - t1, 3)
-    result["bad_samples"] = int(bad_total)
-    if scores is not None:
+    result["bad_samples"] = bad["bad"]
+    result["bad_sample_keys"] = bad
+    if keep_scores:
         result["scores"] = scores
     return result

@@ -34,6 +34,7 @@ that of a single batch holding all videos (sorted by sample id in `EnsembleMetri
 
 from __future__ import annotations
 
+import collections
 import functools
 import heapq
 import random
@@ -304,6 +305,9 @@ def mean_ap(scores: Any, labels: Any, top_k: int = 20) -> float:
 _TASKS = ("single_label", "multi_label")
 _AGGREGATES = ("first", "mean")
 
+# aggregate="mean": the latest views held apart, unsummed, until sync/merge (see EnsembleMetrics, "Duplicates").
+HELD_VIEWS = 256
+
 
 class EnsembleMetrics:
     """Accumulates the outputs of N branches and the ensemble over an evaluation set, keyed by sample id.
@@ -327,17 +331,30 @@ class EnsembleMetrics:
       * `aggregate="first"` keeps the first occurrence (update order; ranks in rank order after `sync`). For the
         padding a distributed sampler appends, whose rows repeat real samples.
       * `aggregate="mean"` averages the scores of all occurrences: multi-clip (or multi-crop) evaluation, where
-        each clip of a video arrives under the video's id. Pass `view_ids` (the clip index) as well when a
-        distributed sampler may pad: rows with the same (id, view) then count once, so a padded clip does not
-        weigh twice in the average. Without `view_ids` every row enters the average.
+        each clip of a video arrives under the video's id. Pass `view_ids` (the clip index, a small int >= 0) as
+        well when a distributed sampler may pad: rows with the same (id, view) then count once (the first one, in
+        update order, ranks in rank order), so a padded clip does not weigh twice in the average. Without
+        `view_ids` every row enters the average.
     Rows sharing an id must carry the same target; a mismatch raises, since it means the ids are not global
     (e.g. a per-rank batch index).
+
+    How "mean" keeps that exact without holding every view: each id keeps the float64 sum of its views' scores,
+    their count and the set of its views (a bit mask); a repeated (id, view) is dropped when it arrives. Sums and
+    counts of disjoint views add exactly across ranks (a video's views may straddle ranks). A repeat from another
+    rank or accumulator, though, is only known at `sync`/`merge`, when it may already be summed. So the latest
+    `held_views` rows are held apart, unsummed, until then: a distributed sampler's padding comes last on its rank
+    (DistributedSampler appends it), so its repeats are still held and are dropped exactly. A repeat that was
+    summed together with views the other side lacks cannot be taken out again and raises (raise `held_views`); one
+    whose every view the other side already counted is dropped whole. The project's evaluation streams neither pad
+    nor split a video across ranks. Row by row float64 sums in arrival order give the bits summing all the stored
+    rows at the end gave; parts from several ranks are added part by part (equal to float rounding).
 
     Memory per unique row and head (N + 1 heads): with `aggregate="first"` only what the metrics need is kept:
     multi-label, the top-k class indices and scores (20 x (4 + 4) bytes for float32) and a hit@1 flag, plus the
     packed labels once per row (3862 / 8 = 483 bytes); single-label, one flag per k. With `aggregate="mean"` the
-    full scores are kept: C x 4 bytes (15.4 kB for 3862 classes, so 100k videos x 3 heads = 4.6 GB, and `sync`
-    copies every rank's share to every rank).
+    sum of the scores: C x 8 bytes per id whatever the number of views (Kinetics-400 at 10 x 3 views: 19.8k videos
+    x 3 heads x 400 x 8 B = 190 MB, where holding every view took 2.9 GB), plus `held_views` rows of C x 4 bytes
+    per head; `sync` copies every rank's share to every rank.
     """
 
     def __init__(
@@ -349,6 +366,7 @@ class EnsembleMetrics:
         aggregate: str = "first",
         top_k: int = 20,
         accuracy_ks: Sequence[int] = (1, 5),
+        held_views: int = HELD_VIEWS,
     ) -> None:
         """
         Args:
@@ -358,6 +376,8 @@ class EnsembleMetrics:
             aggregate: "first" (drop repeated ids) or "mean" (average the scores of repeated ids).
             top_k: predictions kept per video for GAP and mAP (multi-label).
             accuracy_ks: the k of each reported top-k accuracy (single-label).
+            held_views: aggregate="mean" with view_ids: how many of the latest rows are held apart until
+                sync/merge, so that another rank's repeat of them can be dropped exactly (class docstring).
         """
         if task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
@@ -372,16 +392,20 @@ class EnsembleMetrics:
         accuracy_ks = tuple(int(k) for k in accuracy_ks)
         if not accuracy_ks or min(accuracy_ks) < 1:
             raise ValueError(f"accuracy_ks must be a non-empty list of k >= 1, got {accuracy_ks}")
+        if held_views < 0:
+            raise ValueError(f"held_views must be >= 0, got {held_views}")
         self.task = task
         self.num_classes = num_classes
         self.num_branches = num_branches
         self.aggregate = aggregate
         self.top_k = top_k
         self.accuracy_ks = accuracy_ks
-        # Each chunk maps field -> array whose first axis is the row. Fields: "ids", optional "views", the target
-        # ("target" (R,) int64 or "labels" (R, ceil(C/8)) packed bits) and either the full "scores" (R, H, C)
-        # (aggregate="mean") or the per-head summary (aggregate="first", see _summarise).
+        self.held_views = held_views
+        # aggregate="first": chunks mapping field -> array whose first axis is the row. Fields: "ids", the target
+        # ("target" (R,) int64 or "labels" (R, ceil(C/8)) packed bits) and the per-head summary (see _summarise).
         self._chunks: list[dict[str, np.ndarray]] = []
+        # aggregate="mean": per-id sums of the views' scores.
+        self._views = self._new_view_sums() if aggregate == "mean" else None
         self._has_views: bool | None = None  # fixed by the first update that brings rows
 
     # ---- configuration ----------------------------------------------------------------------------------------------
@@ -403,6 +427,14 @@ class EnsembleMetrics:
         elif self._has_views != has_views:
             raise ValueError("pass view_ids to every update() of an aggregate='mean' accumulator, or to none")
 
+    def _new_view_sums(self, held: int | None = None) -> _ViewSums:
+        if self.task == "single_label":
+            target_shape, target_dtype = (), np.int64
+        else:
+            target_shape, target_dtype = ((self.num_classes + 7) // 8,), np.uint8  # packed bits
+        return _ViewSums(self.num_branches + 1, self.num_classes, target_shape, target_dtype,
+                         self.held_views if held is None else held)
+
     # ---- accumulation -----------------------------------------------------------------------------------------------
 
     def update(
@@ -421,32 +453,36 @@ class EnsembleMetrics:
             branch_scores: (N, B, C), or a sequence of N tensors (B, C).
             ensemble_scores: (B, C).
             targets: single-label: (B,) class indices or (B, C) one-hot; multi-label: (B, C) multi-hot.
-            view_ids: (B,) int clip / crop index, used by aggregate="mean" (see the class docstring).
+            view_ids: (B,) int clip / crop index >= 0, used by aggregate="mean" (see the class docstring).
         """
         ids = _as_numpy(sample_ids, name="sample_ids")
         if ids.ndim != 1:
             raise ValueError(f"sample_ids must be 1-D (B,), got shape {ids.shape}")
         num_rows = ids.shape[0]
         heads = self._heads(branch_scores, ensemble_scores, num_rows)  # (H, B, C)
-        chunk: dict[str, np.ndarray] = {"ids": ids.copy()}
         if self.task == "single_label":
             target = _class_targets(targets, num_rows, self.num_classes, name="targets")
-            chunk["target"] = target
+            stored_target = target
         else:
             target = _multi_hot(targets, (num_rows, self.num_classes), name="targets")
-            chunk["labels"] = np.packbits(target, axis=1)
+            stored_target = np.packbits(target, axis=1)
         if self.aggregate == "first":
+            chunk = {"ids": ids.copy(), "target" if self.task == "single_label" else "labels": stored_target}
             chunk.update(self._summarise(heads, target))
-        else:
-            if view_ids is not None:
-                views = _as_numpy(view_ids, name="view_ids")
-                if views.shape != (num_rows,) or views.dtype.kind not in "iu":
-                    raise ValueError(f"view_ids must be (B,) = ({num_rows},) integers, got {views.shape} {views.dtype}")
-                chunk["views"] = views.astype(np.int64)
-            chunk["scores"] = np.ascontiguousarray(heads.transpose(1, 0, 2), dtype=np.result_type(heads, np.float32))
+            if num_rows:
+                self._chunks.append(chunk)
+            return
+        views = None
+        if view_ids is not None:
+            views = _as_numpy(view_ids, name="view_ids")
+            if views.shape != (num_rows,) or views.dtype.kind not in "iu":
+                raise ValueError(f"view_ids must be (B,) = ({num_rows},) integers, got {views.shape} {views.dtype}")
+            if num_rows and views.min() < 0:
+                raise ValueError(f"view_ids must be >= 0 (a clip / crop index), got {int(views.min())}")
         if num_rows:
             self._check_views(view_ids is not None)
-            self._chunks.append(chunk)
+            scores = np.ascontiguousarray(heads.transpose(1, 0, 2), dtype=np.result_type(heads, np.float32))
+            self._views.add(ids.tolist(), None if views is None else views.tolist(), scores, stored_target)
 
     def _heads(self, branch_scores: Any, ensemble_scores: Any, num_rows: int) -> np.ndarray:
         """(H, B, C) scores of the N branches then the ensemble."""
@@ -480,7 +516,8 @@ class EnsembleMetrics:
         }
 
     def merge(self, other: EnsembleMetrics) -> EnsembleMetrics:
-        """Add `other`'s rows to this accumulator (repeated ids are resolved as in `update`); returns self."""
+        """Add `other`'s rows to this accumulator (repeated ids are resolved as in `update`, this accumulator's
+        first); returns self. With aggregate="mean" this accumulator's held rows are summed."""
         if not isinstance(other, EnsembleMetrics):
             raise TypeError(f"can only merge another EnsembleMetrics, got {type(other).__name__}")
         if other._config() != self._config():
@@ -488,42 +525,69 @@ class EnsembleMetrics:
                 f"cannot merge accumulators with different settings: {self._config()} vs {other._config()}"
             )
         self._check_views(other._has_views)
-        self._chunks.extend(other._chunks)
+        if self.aggregate == "first":
+            self._chunks.extend(other._chunks)
+        else:
+            self._views.flush()
+            self._views.absorb(other._views.export(), has_views=bool(self._has_views))
         return self
 
     def sync(self, group: Any = None) -> EnsembleMetrics:
-        """All-gather every rank's rows so that each rank holds the union; a no-op unless torch.distributed is
-        initialised. A collective: call it on every rank of `group`, once, after the last update. With NCCL,
-        `all_gather_object` needs `torch.cuda.set_device` to have been called. Returns self."""
+        """All-gather every rank's rows (aggregate="mean": per-id sums, counts and held rows) so that each rank
+        holds the union; a no-op unless torch.distributed is initialised. A collective: call it on every rank of
+        `group`, once, after the last update. With NCCL, `all_gather_object` needs `torch.cuda.set_device` to have
+        been called. Returns self."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        payload = {"config": self._config(), "has_views": self._has_views, "state": self._consolidate()}
+        if self.aggregate == "first":
+            state = self._consolidate()
+        else:
+            state = self._views.export() if len(self._views) else None
+        payload = {"config": self._config(), "has_views": self._has_views, "state": state}
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, payload, group=group)
-        chunks = []
+        del payload, state
         for rank, part in enumerate(gathered):
             if part["config"] != self._config():
                 raise ValueError(f"rank {rank} accumulates with settings {part['config']}, this rank {self._config()}")
             self._check_views(part["has_views"])
+        if self.aggregate == "first":
+            self._chunks = [part["state"] for part in gathered if part["state"] is not None]
+            self._consolidate()
+            return self
+        self._views = self._new_view_sums(held=0)  # this rank's own part is in `gathered`
+        for rank in range(len(gathered)):
+            part, gathered[rank] = gathered[rank], None  # free each part once it is added
             if part["state"] is not None:
-                chunks.append(part["state"])
-        self._chunks = chunks
-        self._consolidate()
+                self._views.absorb(part["state"], has_views=bool(self._has_views))
+        self._views.held = self.held_views
         return self
 
     def reset(self) -> None:
         self._chunks = []
+        self._views = self._new_view_sums() if self.aggregate == "mean" else None
         self._has_views = None
 
     def __len__(self) -> int:
         """Number of distinct sample ids held."""
+        if self.aggregate == "mean":
+            return len(self._views)
         state = self._consolidate()
         return 0 if state is None else int(np.unique(state["ids"]).size)
+
+    @property
+    def rows_held(self) -> int:
+        """Rows of per-sample state in memory: aggregate="mean", one per distinct id plus the held views (at most
+        `held_views`), whatever the number of views; aggregate="first", every row added since the last
+        de-duplication (`sync`, `compute`, `len`)."""
+        if self.aggregate == "mean":
+            return self._views.rows_held
+        return sum(len(chunk["ids"]) for chunk in self._chunks)
 
     # ---- de-duplication ---------------------------------------------------------------------------------------------
 
     def _consolidate(self) -> dict[str, np.ndarray] | None:
-        """Concatenate the chunks into one and drop rows that repeat an id (or an (id, view) pair)."""
+        """aggregate="first": concatenate the chunks into one and drop rows that repeat an id."""
         if not self._chunks:
             return None
         if len(self._chunks) == 1:
@@ -543,20 +607,10 @@ class EnsembleMetrics:
         if conflict.ndim > 1:
             conflict = conflict.any(axis=tuple(range(1, conflict.ndim)))
         if conflict.any():
-            bad = state["ids"][np.flatnonzero(conflict)[0]].item()
-            raise ValueError(
-                f"sample id {bad!r} arrived with two different targets; sample_ids must identify a sample across "
-                "the whole evaluation set (not a position in the batch or on the rank)"
-            )
-        if self.aggregate == "first":
-            keep = first
-        elif "views" in state:
-            _, keep = np.unique(np.stack([inverse, state["views"]], axis=1), axis=0, return_index=True)
-        else:
+            raise _conflict_error(state["ids"][np.flatnonzero(conflict)[0]].item())
+        if first.size == inverse.size:
             return state
-        if keep.size == inverse.size:
-            return state
-        keep = np.sort(keep)  # keep the surviving rows in arrival order
+        keep = np.sort(first)  # keep the surviving rows in arrival order
         return {key: value[keep] for key, value in state.items()}
 
     # ---- results ----------------------------------------------------------------------------------------------------
@@ -567,28 +621,56 @@ class EnsembleMetrics:
         Uses the rows this process holds: call `sync()` first in a distributed run. Samples are ordered by id, so
         the result does not depend on the number of ranks or on the batch size.
         """
+        if self.aggregate == "mean":
+            return self._compute_mean()
         state = self._consolidate()
         if state is None:
-            raise ValueError("no samples to evaluate: call update() (and sync() on every rank) before compute()")
-        _, first, inverse, counts = np.unique(state["ids"], return_index=True, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
+            raise _no_samples_error()
+        _, first = np.unique(state["ids"], return_index=True)
         if self.task == "single_label":
             target = state["target"][first]
         else:
             target = np.unpackbits(state["labels"][first], axis=1, count=self.num_classes).astype(bool)
-        if self.aggregate == "mean":
-            by_id = np.argsort(inverse, kind="stable")  # rows grouped by id, ids ascending
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         results = []
         for head in range(self.num_branches + 1):
-            if self.aggregate == "first":
-                summary = {key: value[first, head] for key, value in state.items() if key in _SUMMARY_FIELDS}
-            else:
-                # One head at a time: a float64 copy of every head at once would be 2x the stored scores.
-                sums = np.add.reduceat(state["scores"][by_id, head], starts, axis=0, dtype=np.float64)
-                summary = {k: v[:, 0] for k, v in self._summarise((sums / counts[:, None])[None], target).items()}
+            summary = {key: value[first, head] for key, value in state.items() if key in _SUMMARY_FIELDS}
             results.append(self._metrics(summary, target))
         return {"ensemble": results[-1], "branches": results[:-1], "num_samples": int(first.size)}
+
+    def _compute_mean(self) -> dict[str, Any]:
+        views = self._views
+        if not len(views):
+            raise _no_samples_error()
+        order, counts, stored = views.by_id()
+        target = self._unpacked(stored)
+        results = []
+        for head in range(self.num_branches + 1):
+            # One head at a time: a copy of every head at once would double the sums held.
+            mean = views.head_sums(head, order) / counts[:, None]
+            summary = {k: v[:, 0] for k, v in self._summarise(mean[None], target).items()}
+            results.append(self._metrics(summary, target))
+        return {"ensemble": results[-1], "branches": results[:-1], "num_samples": int(order.size)}
+
+    def _unpacked(self, stored: np.ndarray) -> np.ndarray:
+        if self.task == "single_label":
+            return stored
+        return np.unpackbits(stored, axis=1, count=self.num_classes).astype(bool)
+
+    def mean_scores(self, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+        """aggregate="mean": each id's scores averaged over its views, ids sorted as in `compute`.
+
+        Returns {"ids" (V,), "views" (V,) views averaged per id, "targets" (V,) class indices or (V, C) bool
+        multi-hot, "scores" (V, N + 1, C) in `dtype`: the branches, then the ensemble}. Call `sync()` first in a
+        distributed run.
+        """
+        if self.aggregate != "mean":
+            raise ValueError("mean_scores needs an aggregate='mean' accumulator (the 'first' one keeps no scores)")
+        views = self._views
+        order, counts, stored = views.by_id()
+        scores = np.empty((order.size, self.num_branches + 1, self.num_classes), dtype=dtype)
+        for head in range(self.num_branches + 1):
+            scores[:, head] = views.head_sums(head, order) / counts[:, None]
+        return {"ids": views.ids()[order], "views": counts, "targets": self._unpacked(stored), "scores": scores}
 
     def _metrics(self, summary: dict[str, np.ndarray], target: np.ndarray) -> dict[str, float]:
         if self.task == "single_label":
@@ -602,3 +684,174 @@ class EnsembleMetrics:
 
 
 _SUMMARY_FIELDS = ("correct", "top_idx", "top_val", "hit1")
+
+
+def _conflict_error(sample_id: Any) -> ValueError:
+    return ValueError(
+        f"sample id {sample_id!r} arrived with two different targets; sample_ids must identify a sample across "
+        "the whole evaluation set (not a position in the batch or on the rank)"
+    )
+
+
+def _no_samples_error() -> ValueError:
+    return ValueError("no samples to evaluate: call update() (and sync() on every rank) before compute()")
+
+
+def _bits(mask: int) -> list[int]:
+    return [i for i in range(mask.bit_length()) if mask >> i & 1]
+
+
+class _ViewSums:
+    """The state of an aggregate="mean" accumulator (see EnsembleMetrics, "Duplicates"). Per sample id, in the
+    order ids first arrive: the float64 sum of its views' scores (H, C), how many views were summed, its target
+    (stored form) and the bit mask of its views seen (summed or held). `pending` holds the latest rows with view
+    ids, unsummed, in arrival order: (row, view, scores (H, C)), at most `held` of them."""
+
+    def __init__(self, heads: int, num_classes: int, target_shape: tuple, target_dtype: Any, held: int) -> None:
+        self.held = held
+        self.keys: list[Any] = []
+        self.index: dict[Any, int] = {}
+        self.sums = np.zeros((0, heads, num_classes), dtype=np.float64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.targets = np.zeros((0, *target_shape), dtype=target_dtype)
+        self.masks: list[int] = []
+        self.pending: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def rows_held(self) -> int:
+        return len(self.keys) + len(self.pending)
+
+    # ---- adding rows ----
+
+    def _check_target(self, key: Any, row: int, target: np.ndarray) -> None:
+        if not np.array_equal(self.targets[row], target):
+            raise _conflict_error(key)
+
+    def _row(self, key: Any, target: np.ndarray) -> int:
+        """The row of `key`, added (with `target`) if new."""
+        row = self.index.get(key)
+        if row is not None:
+            return row
+        row = len(self.keys)
+        if row == self.sums.shape[0]:  # grow by doubling: amortised O(1) copies per id
+            capacity = max(64, 2 * row)
+            for name in ("sums", "counts", "targets"):
+                old = getattr(self, name)
+                new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+                new[:row] = old
+                setattr(self, name, new)
+        self.keys.append(key)
+        self.index[key] = row
+        self.targets[row] = target
+        self.masks.append(0)
+        return row
+
+    def _sum(self, row: int, scores: np.ndarray, count: int = 1) -> None:
+        self.sums[row] += scores  # float64: row by row in arrival order, as np.add.reduceat over stored rows
+        self.counts[row] += count
+
+    def add(self, keys: list, views: list[int] | None, scores: np.ndarray, targets: np.ndarray) -> None:
+        """One batch in arrival order: keys (B), views (B) or None, scores (B, H, C), targets (B, ...) stored form."""
+        batch_targets: dict[Any, int] = {}
+        for b, key in enumerate(keys):  # check every target before changing anything
+            row = self.index.get(key)
+            if row is not None:
+                self._check_target(key, row, targets[b])
+            elif key in batch_targets and not np.array_equal(targets[batch_targets[key]], targets[b]):
+                raise _conflict_error(key)
+            batch_targets.setdefault(key, b)
+        for b, key in enumerate(keys):
+            row = self._row(key, targets[b])
+            if views is None:
+                self._sum(row, scores[b])
+                continue
+            bit = 1 << views[b]
+            if self.masks[row] & bit:
+                continue  # this (id, view) is already counted: a padded repeat
+            self.masks[row] |= bit
+            self.pending.append((row, views[b], scores[b].copy()))  # a copy: the batch need not outlive it
+            if len(self.pending) > self.held:
+                self._sum_oldest()
+
+    def _sum_oldest(self) -> None:
+        row, _, scores = self.pending.popleft()
+        self._sum(row, scores)
+
+    def flush(self) -> None:
+        """Sum the held rows."""
+        while self.pending:
+            self._sum_oldest()
+
+    # ---- combining parts (merge, sync) ----
+
+    def export(self) -> dict[str, Any]:
+        """This state as plain data: the sums with the views they cover, and the held rows apart."""
+        n = len(self.keys)
+        summed_masks = list(self.masks)
+        for row, view, _ in self.pending:
+            summed_masks[row] &= ~(1 << view)
+        return {
+            "keys": self.keys,
+            "sums": self.sums[:n],
+            "counts": self.counts[:n],
+            "targets": self.targets[:n],
+            "masks": summed_masks,
+            "pending": [(row, view, scores) for row, view, scores in self.pending],  # rows index "keys"
+        }
+
+    def absorb(self, part: dict[str, Any], *, has_views: bool) -> None:
+        """Add an exported state after everything this one holds (held rows included: `flush` first)."""
+        keys, targets = part["keys"], part["targets"]
+        for u, key in enumerate(keys):
+            row = self.index.get(key)
+            if row is not None:
+                self._check_target(key, row, targets[u])
+            count = int(part["counts"][u])
+            if count == 0:
+                continue  # only held rows, added below
+            mask = part["masks"][u]
+            if row is None:
+                row = self._row(key, targets[u])
+            elif has_views:
+                seen = self.masks[row] & mask
+                if seen == mask:
+                    continue  # every one of these views is counted already: the first occurrences win
+                if seen:
+                    raise ValueError(
+                        f"sample id {key!r}: view(s) {_bits(seen)} arrive twice (from two ranks or accumulators), "
+                        f"and the later copies were summed with view(s) {_bits(mask & ~seen)} before the repeat "
+                        f"could be told apart; hold more rows apart (held_views, now {self.held} per part) or keep "
+                        "each (id, view) on one rank"
+                    )
+            self._sum(row, part["sums"][u], count)
+            self.masks[row] |= mask
+        for u, view, scores in part["pending"]:
+            row = self._row(keys[u], targets[u])
+            bit = 1 << view
+            if self.masks[row] & bit:
+                continue  # a repeat of a view counted already (a distributed sampler's padding)
+            self.masks[row] |= bit
+            self._sum(row, scores)
+
+    # ---- results ----
+
+    def ids(self) -> np.ndarray:
+        return np.asarray(self.keys)
+
+    def by_id(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order of the rows by id, counts in that order (held rows included), targets in that order)."""
+        order = np.argsort(self.ids(), kind="stable")
+        counts = self.counts[: len(self.keys)].copy()
+        for row, _, _ in self.pending:
+            counts[row] += 1
+        return order, counts[order], self.targets[order]
+
+    def head_sums(self, head: int, order: np.ndarray) -> np.ndarray:
+        """(V, C) float64 sums of one head, rows in `order`, held rows added after the summed ones."""
+        sums = self.sums[: len(self.keys), head].copy()
+        for row, _, scores in self.pending:
+            sums[row] += scores[head]
+        return sums[order]

@@ -26,7 +26,7 @@ import torch.distributed as tdist
 
 from . import dist
 from .config import RecipeError
-from .evaluate import evaluate
+from .evaluate import evaluate, gather_bad_samples
 from .optim import lr_at, set_lr
 
 LOG = dist.get_logger("video_ens.trainer")
@@ -229,7 +229,7 @@ class Trainer:
                     dt = max(time.monotonic() - window_t0, 1e-9)
                     rate = window_samples / dt
                     record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch,
-                              "bad_samples": _bad_samples(self.train_data.stats)}
+                              "bad_samples": gather_bad_samples(self.train_data.stats)}  # every rank's
                     if self.flops_per_sample and self.device.type == "cuda":
                         # forward + backward ~ 3x the forward FLOPs, per GPU
                         record["tflops_per_gpu"] = 3 * self.flops_per_sample * rate / dist.world_size() / 1e12
@@ -326,7 +326,6 @@ class Trainer:
         all_reduce_bn_stats(self.engine.module)
         result = evaluate(self.engine.module, self.eval_data, task=self.metrics_task, top_k=self.recipe.eval.top_k,
                           device=self.device, precision=self.recipe.train.precision, log_every=0)
-        result["bad_sample_keys"] = _bad_samples(self.eval_data.stats)  # this rank's skipped samples, by key
         self.log.write("eval", self.step, result)
         if dist.is_main():
             ens = ", ".join(f"{k}={v:.4f}" for k, v in result["ensemble"].items())
@@ -370,8 +369,3 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
     digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def _bad_samples(stats: dict) -> dict:
-    """The skipped-sample counters of a stream, for the metrics log (keys of the last few bad samples included)."""
-    return {k: stats[k] for k in ("bad", "bad_by_reason", "last_bad") if k in stats}

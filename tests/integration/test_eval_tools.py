@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,6 +103,35 @@ def kinetics(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "kinetics"
     demo.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=CLIP_FRAMES, shard_size=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def kinetics_bad(kinetics, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The demo evaluation set with sample 1 undecodable and sample 4's label outside the label map: one bad sample
+    on each of two ranks (rank 0 reads samples 0-2, rank 1 samples 3-5). Returns the folder and every key."""
+    import tarfile
+
+    from video_ens.data.schema import shard_paths
+    from video_ens.data.writer import DatasetWriter
+
+    info = read_info(kinetics / "val")
+    samples: list[dict] = []
+    for shard in shard_paths(kinetics / "val"):
+        with tarfile.open(shard) as tar:
+            by_key: dict[str, dict] = {}
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                by_key.setdefault(key, {"__key__": key})[field] = tar.extractfile(member).read()
+        samples += by_key.values()
+    assert len(samples) == NUM_VAL and "mp4" in samples[1]
+    samples[1]["mp4"] = b"this is not a video " * 50
+    samples[4]["cls"] = str(info.num_classes + 3).encode()
+    folder = tmp_path_factory.mktemp("data") / "kinetics_bad"
+    with DatasetWriter(folder, kind="video", converter={"name": "test_eval_tools"}, shard_size=2) as w:
+        for sample in samples:
+            w.write(sample)
+        w.commit(num_classes=info.num_classes, label_names=info.label_names)
+    return folder, [sample["__key__"] for sample in samples]
 
 
 def _recipe_dict(kinetics: Path, **eval_cfg) -> dict:
@@ -260,6 +290,29 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
         assert expect == {"top1": pytest.approx(np.mean(rank < 1)), "top5": pytest.approx(np.mean(rank < 5))}
 
 
+def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kinetics_bad, tmp_path):
+    folder, keys = kinetics_bad
+    out_dir = tmp_path / "bad"
+    out = _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                str(TOOLS / "eval.py"), "--run-dir", str(run_dir), "--set", f"data.val_shards={folder}",
+                "--out", str(out_dir), "--log-every", "1"])
+    result = json.loads((out_dir / "eval.json").read_text())
+    assert result["num_samples"] == NUM_VAL - 2 and result["dataset_size"] == NUM_VAL
+    assert result["bad_samples"] == 2  # the count, as before
+    bad = result["bad_sample_keys"]
+    assert bad["bad"] == 2 and bad["bad_by_reason"] == {"decode": 1, "label": 1}
+    assert [(r["key"], r["reason"], r["rank"]) for r in bad["last_bad"]] == [(keys[1], "decode", 0),
+                                                                              (keys[4], "label", 1)]
+    log = out.stderr
+    assert f"{keys[1]} (decode" in log and f"{keys[4]} (label: label " in log
+    assert "2 of 6 samples could not be evaluated (bad samples: 2 (decode 1, label 1))" in log
+    # rank 0 reads 3 samples, one of them bad: its two good videos make one batch of 2
+    assert re.search(r"evaluated inputs 2/3 \(66\.7%\) on rank 0, [\d.]+ inputs/s, eta \d+:\d\d:\d\d", log), log
+    report = (out_dir / "eval.md").read_text()
+    assert "- bad samples (skipped): 2 (decode 1, label 1)" in report
+    assert f"`{keys[1]} (decode" in report and f"`{keys[4]} (label" in report
+
+
 def test_load_weights_is_strict(run_dir):
     with pytest.raises(ValueError, match="holds weights of model 's3dg_tiny_ens2' but the recipe builds 's3dg_tiny'"):
         load_weights(create_model("s3dg_tiny"), run_dir / "model.safetensors", expect_model="s3dg_tiny")
@@ -271,14 +324,16 @@ def test_load_weights_is_strict(run_dir):
 # tools/plot.py and tools/compare.py
 
 
-def _fake_run(parent: Path, name: str, *, model: str, structure: str, weight: float, top1: float, branches: int):
+def _fake_run(parent: Path, name: str, *, model: str, structure: str, weight: float, top1: float, branches: int,
+              **eval_json):
     run = parent / name
     run.mkdir()
     recipe = {"model": {"name": model}, "objective": {"structure": structure, "weight": weight},
               "data": {"train_shards": "x", "val_shards": "y"}}
     (run / "recipe.json").write_text(json.dumps(recipe))
     result = {"ensemble": {"top1": top1, "top5": top1 + 0.2}, "num_samples": 10,
-              "branches": [{"top1": top1 - 0.02 * (i + 1), "top5": top1 + 0.1} for i in range(branches)]}
+              "branches": [{"top1": top1 - 0.02 * (i + 1), "top5": top1 + 0.1} for i in range(branches)],
+              **eval_json}
     (run / "eval.json").write_text(json.dumps(result))
     return run
 
@@ -338,3 +393,22 @@ def test_compare_sizes_and_metrics(run_dir, tmp_path):
     assert rows["tiny_mu2"]["metrics"] is None  # this run folder has no eval.json yet
     md = _run([str(TOOLS / "compare.py"), str(other), "--markdown"]).stdout
     assert "| base | s3dg_tiny | single network | baseline | 50.00 | 70.00 |" in md
+
+
+def test_compare_table_shows_evaluation_mode_and_sample_count(tmp_path):
+    clips = _fake_run(tmp_path, "clips", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5,
+                      branches=1, mode="clips", views_per_video=30, dataset_size=12,
+                      recipe={"model": {"name": "s3dg_tiny"}, "eval": {"mode": "clips", "num_clips": 10, "num_crops": 3}})
+    full = _fake_run(tmp_path, "full", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.6,
+                     branches=1, mode="full", dataset_size=10)
+    compare = _tool("compare")
+    rows = [compare.row(compare.read_run(d), branches=False) for d in (clips, full)]
+    assert [(r["eval_mode"], r["num_samples"], r["dataset_size"]) for r in rows] == [("clips 10x3", 10, 12),
+                                                                                      ("full", 10, 10)]
+    head, body = compare.table(rows, branches=False)
+    cells = [dict(zip(head, line, strict=True)) for line in body]
+    assert [(c["eval"], c["samples"]) for c in cells] == [("clips 10x3", "10/12"), ("full", "10")]
+    plain = compare.format_plain(head, body)
+    assert re.search(r"^clips .* 50\.00 +70\.00 +clips 10x3 +10/12 ", plain, re.M), plain
+    md = compare.format_markdown(head, body)
+    assert "| 60.00 | 80.00 | full | 10 |" in md

@@ -46,7 +46,9 @@ SCRIPT = textwrap.dedent(
 
     class Stream:  # 4 images per rank per micro-batch; NaN pixels on rank 1 only, at the listed positions
         micro_batches_per_epoch = 100
-        stats = {}
+        # a skipped sample on rank 1 only: rank 0's metrics log must still name it
+        stats = {"bad": 1, "bad_by_reason": {"decode": 1},
+                 "last_bad": [{"key": "clip_of_rank_1", "reason": "decode", "detail": "test"}]} if dist.rank() == 1 else {}
         def batches(self, epoch, start):
             for pos in range(start, self.micro_batches_per_epoch):
                 g = torch.Generator().manual_seed(1000 * dist.rank() + pos)
@@ -119,6 +121,9 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert [(s["step"], s["micro_batches"]) for s in skips] == [(2, 1)]
     train = {r["step"]: r for r in log if r["kind"] == "train"}
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
+    bad = train[6]["bad_samples"]  # gathered from every rank, not only rank 0's stream
+    assert bad["bad"] == 1 and bad["bad_by_reason"] == {"decode": 1}
+    assert bad["last_bad"] == [{"key": "clip_of_rank_1", "reason": "decode", "detail": "test", "rank": 1}]
     assert all(math_finite(train[s]["loss"]) for s in train if s != 3)
 
 

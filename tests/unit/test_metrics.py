@@ -329,6 +329,122 @@ def test_mean_aggregation_averages_clips_and_drops_padded_clips():
     assert acc.compute()["num_samples"] == videos
 
 
+def _views_set(seed, videos, views, classes=CLASSES):
+    """Per-view float32 probabilities (view, N, B, C), their ensembles (view, B, C) and single-label targets."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((views, N_BRANCHES, videos, classes)).astype(np.float32)
+    return scores, scores.mean(1), rng.integers(0, classes, videos)
+
+
+def _hand_mean(scores, ensembles, order):
+    """Per-video mean over the views in `order`, summed in float64 in that order: (N, B, C) and (B, C)."""
+    branches = sum((scores[v].astype(np.float64) for v in order[1:]), scores[order[0]].astype(np.float64))
+    ensemble = sum((ensembles[v].astype(np.float64) for v in order[1:]), ensembles[order[0]].astype(np.float64))
+    return branches / len(order), ensemble / len(order)
+
+
+def _expected_single_label(branches, ensemble, target, ks=(1, 5)):
+    def one(s):
+        return {f"top{k}": topk_accuracy(s, target, k) for k in ks}
+
+    return {"ensemble": one(ensemble), "branches": [one(s) for s in branches], "num_samples": len(target)}
+
+
+@pytest.mark.parametrize("held_views", [0, 8, 256])
+def test_mean_aggregation_holds_one_row_per_video_not_per_view(held_views):
+    # 10 x 3 views per video: the state is a sum per video (plus at most held_views rows), not a row per view.
+    videos, views, classes = 40, 30, 50
+    scores, ensembles, target = _views_set(4, videos, views, classes)
+    acc = EnsembleMetrics(task="single_label", num_classes=classes, num_branches=N_BRANCHES, aggregate="mean",
+                          held_views=held_views)
+    ids = np.arange(videos)
+    for view in range(views):
+        _feed(acc, ids, scores[view], ensembles[view], target, batch=16, views=np.full(videos, view))
+        assert acc.rows_held == videos + min(held_views, (view + 1) * videos)
+    assert len(acc) == videos
+    assert acc.compute() == _expected_single_label(*_hand_mean(scores, ensembles, range(views)), target)
+
+
+def test_mean_aggregation_memory_does_not_grow_with_views():
+    import tracemalloc
+
+    videos, classes = 1000, 400
+    scores, ensembles, target = _views_set(5, videos, 1, classes)
+    one_view_bytes = scores[0].nbytes + ensembles[0].nbytes  # 4.8 MB: every view held would be 144 MB
+    acc = EnsembleMetrics(task="single_label", num_classes=classes, num_branches=N_BRANCHES, aggregate="mean")
+    tracemalloc.start()
+    try:
+        for view in range(30):  # the same scores for every view: only the memory is measured here
+            acc.update(np.arange(videos), scores[0], ensembles[0], target, view_ids=np.full(videos, view))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # float64 sums of 3 heads: 2 x one view's scores (up to 2x that while the arrays grow by doubling), plus ids,
+    # view masks and the held rows (HELD_VIEWS = 256: 1.2 MB).
+    assert held < 4 * one_view_bytes, held
+    assert acc.rows_held == videos + 256
+
+
+def test_mean_aggregation_drops_another_accumulators_repeat_exactly():
+    """A distributed sampler's padding repeats a view on another rank, at the end of that rank's rows; it is held
+    apart until merge/sync and dropped exactly, even when its scores differ (first occurrence wins)."""
+    videos, views = 6, 4
+    scores, ensembles, target = _views_set(6, videos, views)
+    ids = np.arange(videos)
+    expected = _expected_single_label(*_hand_mean(scores, ensembles, [0, 2, 1, 3]), target)
+
+    def parts(held_views):
+        a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES,
+                                aggregate="mean", held_views=held_views) for _ in "ab")
+        for view in (0, 2):
+            _feed(a, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
+        for view in (1, 3):
+            _feed(b, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
+        # b's padding: a repeat of (video 2, view 0) with other scores, last on b
+        b.update([2], scores[0][:, 2:3] + 1, ensembles[0][2:3] + 1, target[2:3], view_ids=[0])
+        return a, b
+
+    for held_views in (1, 256):
+        a, b = parts(held_views)
+        assert a.merge(b).compute() == expected
+    # Summed already (held_views=0) together with views a lacks: it cannot be taken out again, and says so.
+    a, b = parts(0)
+    with pytest.raises(ValueError, match=r"sample id 2: view\(s\) \[0\] arrive twice"):
+        a.merge(b)
+
+
+def test_mean_aggregation_drops_a_summed_part_whose_views_all_repeat():
+    scores, ensembles, target = _views_set(7, 5, 2)
+    ids = np.arange(5)
+    a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean",
+                            held_views=0) for _ in "ab")
+    for view in (0, 1):
+        _feed(a, ids, scores[view], ensembles[view], target, batch=5, views=np.full(5, view))
+    _feed(b, ids[:3], scores[1][:, :3] + 1, ensembles[1][:3] + 1, target[:3], batch=3, views=np.full(3, 1))
+    assert a.merge(b).compute() == _expected_single_label(*_hand_mean(scores, ensembles, [0, 1]), target)
+
+
+def test_mean_scores_average_the_views_per_id():
+    videos, views = 7, 3
+    scores, ensembles, target = _views_set(8, videos, views)
+    acc = EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean",
+                          held_views=5)
+    order = np.random.default_rng(0).permutation(videos)
+    names = np.array([f"vid{i}" for i in range(videos)])
+    for view in range(views):
+        acc.update(names[order], scores[view][:, order], ensembles[view][order], target[order],
+                   view_ids=np.full(videos, view))
+    out = acc.mean_scores()
+    branches, ensemble = _hand_mean(scores, ensembles, range(views))
+    assert list(out["ids"]) == sorted(names) and list(out["views"]) == [views] * videos
+    assert list(out["targets"]) == list(target)  # names sort like the indices here
+    assert out["scores"].dtype == np.float32
+    np.testing.assert_array_equal(out["scores"][:, :-1], branches.transpose(1, 0, 2).astype(np.float32))
+    np.testing.assert_array_equal(out["scores"][:, -1], ensemble.astype(np.float32))
+    with pytest.raises(ValueError, match="aggregate='mean'"):
+        EnsembleMetrics(task="single_label", num_classes=3, num_branches=1).mean_scores()
+
+
 def test_sync_without_process_group_is_a_no_op():
     acc = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1)
     acc.update([0], np.eye(3)[None, :1], np.eye(3)[:1], [0])
