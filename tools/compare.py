@@ -22,22 +22,25 @@ import sys
 from pathlib import Path
 
 from video_ens.config import recipe_from_dict
-from video_ens.models import MODELS
+from video_ens.models import MODELS, model_kwargs
+from video_ens.models.ensemble import resolve_width_ratio
 from video_ens.models.size import model_size_report
 
 GREEK = {"ensembling": "λ", "codistillation": "μ"}
 
 
-def _resolved(model_cfg, key: str):
-    """A model field as the builder sees it: the recipe's value, else the preset's, else the builder's default."""
-    value = getattr(model_cfg, key)
-    if value is not None:
-        return value
-    build, preset = MODELS[model_cfg.name]
-    if key in preset:
-        return preset[key]
-    default = inspect.signature(build).parameters.get(key)
-    return None if default is None or default.default is inspect.Parameter.empty else default.default
+def _builder_view(model_cfg) -> dict:
+    """The model's keywords as its builder sees them: the recipe's merged over the preset's the way create_model
+    merges them (video_ens.models.model_kwargs), then the builder's defaults for the rest."""
+    build, _ = MODELS[model_cfg.name]
+    kwargs = model_kwargs(model_cfg.name, **model_cfg.builder_kwargs())
+    out = {}
+    for name, param in inspect.signature(build).parameters.items():
+        if name in kwargs:
+            out[name] = kwargs[name]
+        elif param.default is not inspect.Parameter.empty:
+            out[name] = param.default
+    return out
 
 
 def read_run(run_dir: Path) -> dict:
@@ -68,16 +71,19 @@ def sizes(model_cfg) -> dict:
 def row(run: dict, *, branches: bool) -> dict:
     recipe = run["recipe"]
     m = recipe.model
-    num_branches = _resolved(m, "num_branches") or 1
-    ratio = _resolved(m, "width_ratio") or 1.0
-    fork = _resolved(m, "fork")
+    kw = _builder_view(m)
+    num_branches = kw.get("num_branches") or 1
+    fork = kw.get("fork")
+    # family-specific branch settings, e.g. DBoF's branch_hidden_size / branch_mixtures, ResNet's branch_widths
+    pinned = {k: v for k, v in kw.items() if k.startswith("branch_") and v}
+    # a pinned branch width replaces the ratio (the builders refuse both); otherwise the builder's rule applies
+    width_pinned = any(k in pinned for k in ("branch_hidden_size", "branch_widths"))
+    ratio = None if width_pinned else resolve_width_ratio(kw.get("width_ratio"), num_branches)
     if num_branches == 1:
         config, loss = "single network", "baseline"
     else:
-        parts = [f"{num_branches} branches after {fork}"] + ([f"width x{ratio:.3g}"] if ratio != 1.0 else [])
-        # family-specific branch settings, e.g. DBoF's branch_hidden_size / branch_mixtures
-        merged = {**MODELS[m.name][1], **m.options}
-        parts += [f"{k.removeprefix('branch_')}={v}" for k, v in merged.items() if k.startswith("branch_") and v]
+        parts = [f"{num_branches} branches after {fork}"] + ([f"width x{ratio:.3g}"] if ratio not in (None, 1.0) else [])
+        parts += [f"{k.removeprefix('branch_')}={v}" for k, v in pinned.items()]
         config = ", ".join(parts)
         structure = recipe.objective.structure
         loss = f"{structure} {GREEK[structure]}={recipe.objective.weight:g}"
