@@ -14,8 +14,10 @@ validates a recipe and prints it resolved, without importing torch.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -42,7 +44,204 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise _FieldError(field_name, message)
 
 
+# --------------------------------------------------------------------------------------------------- model catalogue
+#
+# The model section is checked against the builders themselves. config sits below video_ens.models in the import
+# layers (tests/unit/test_layering.py) and validates without importing torch (launch.sh runs it before any process
+# starts, in 0.1 s), so it reads the family modules' source instead of importing them: each module under
+# video_ens/models/ with a `build` function and a `PRESETS` dict literal is a family (video_ens.models.MODELS is
+# built from the same two). tests/unit/test_config.py checks that this reading agrees with the imported table.
+# What only building can tell (a ResNet fork beyond its blocks, kernels="cuda", branch_widths of the wrong length)
+# is checked by video_ens.train, which builds the model on the meta device before anything else.
+
+MODEL_FIELDS = ("num_branches", "width_ratio", "fork", "num_classes", "dropout", "conv_init", "conv_init_std")
+"""The ModelConfig fields that are builder keywords common to every family (video_ens.models)."""
+
+_MODELS_DIR = Path(__file__).resolve().parent / "models"
+_SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family as its module's source declares it."""
+
+    module: str
+    """Module name under video_ens.models, e.g. "s3dg"."""
+    presets: tuple[str, ...]
+    """Its preset names: the keys of its PRESETS dict literal."""
+    keywords: dict[str, Any]
+    """Every keyword of its `build`, mapped to the type its annotation (or, without one, its default) states, or to
+    None where that is not a type config checks (int, float, bool, str, None, tuples and unions of them)."""
+    forks: tuple[str, ...] | None
+    """The names `build` accepts as fork (the module-level tuple it tests `fork` against); None when it computes
+    them (ResNet: from its number of blocks)."""
+
+
+def _annotation_type(node: ast.expr | None) -> Any:
+    """The typing object of a simple annotation (int, float | None, tuple[int, ...]); None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):  # a quoted annotation
+        try:
+            node = ast.parse(node.value, mode="eval").body
+        except SyntaxError:
+            return None
+    if isinstance(node, ast.Constant) and node.value is None:
+        return type(None)
+    if isinstance(node, ast.Name):
+        return _SIMPLE_TYPES.get(node.id)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left, right = _annotation_type(node.left), _annotation_type(node.right)
+        return None if left is None or right is None else typing.Union[left, right]  # noqa: UP007
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "tuple":
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        args: list[Any] = []
+        for item in items:
+            if isinstance(item, ast.Constant) and item.value is Ellipsis:
+                args.append(Ellipsis)
+                continue
+            tp = _annotation_type(item)
+            if tp is None:
+                return None
+            args.append(tp)
+        return tuple[tuple(args)]
+    return None
+
+
+def _default_type(node: ast.expr | None) -> Any:
+    try:
+        value = ast.literal_eval(node) if node is not None else None
+    except ValueError:
+        return None
+    return type(value) if type(value) in (int, float, bool, str) else None
+
+
+def _read_family(path: Path) -> ModelFamily | None | bool:
+    """The family `path` defines; None when it defines none; False when it has a PRESETS that is no dict literal."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    build, presets, constants = None, None, {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "build":
+            build = node
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        for target in targets:
+            if not isinstance(target, ast.Name) or node.value is None:
+                continue
+            if target.id == "PRESETS":
+                presets = node.value
+            try:
+                constants[target.id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    if build is None or presets is None:
+        return None
+    if not (
+        isinstance(presets, ast.Dict)
+        and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in presets.keys)
+    ):
+        return False
+    a = build.args
+    positional = a.posonlyargs + a.args
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    keywords = {}
+    for arg, default in [
+        *zip(a.args, defaults[len(a.posonlyargs) :], strict=True),
+        *zip(a.kwonlyargs, a.kw_defaults, strict=True),
+    ]:
+        keywords[arg.arg] = _annotation_type(arg.annotation) if arg.annotation is not None else _default_type(default)
+    forks = None
+    for node in ast.walk(build):  # `if fork not in NAMES:` with NAMES a module-level tuple of strings
+        if (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == "fork"
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], ast.NotIn)
+            and isinstance(node.comparators[0], ast.Name)
+        ):
+            names = constants.get(node.comparators[0].id)
+            if isinstance(names, tuple) and names and all(isinstance(n, str) for n in names):
+                forks = names
+    return ModelFamily(path.stem, tuple(k.value for k in presets.keys), keywords, forks)
+
+
+@functools.cache
+def model_families() -> dict[str, ModelFamily] | None:
+    """Every model family by module name, read from video_ens/models/*.py without importing it (a few ms, once).
+
+    None when the sources cannot be read that way (not shipped, or a PRESETS that is no dict literal): the recipe
+    check then leaves the model section to the builder.
+    """
+    families = {}
+    try:
+        for path in sorted(_MODELS_DIR.glob("*.py")):
+            family = _read_family(path)
+            if family is False:
+                return None
+            if family is not None:
+                families[family.module] = family
+    except (OSError, SyntaxError):
+        return None
+    return families or None
+
+
+def _closest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _check_model(cfg: ModelConfig) -> dict[str, Any]:
+    """Check name, fields, options and fork against the family's builder; the options with typed values."""
+    families = model_families()
+    if families is None:
+        return dict(cfg.options)
+    family = next((f for f in families.values() if cfg.name in f.presets), None)
+    if family is None:
+        known = sorted(n for f in families.values() for n in f.presets)
+        close = difflib.get_close_matches(cfg.name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise _FieldError("name", f"unknown model {cfg.name!r}{hint} Known models: {', '.join(known)}")
+    builder = f"video_ens/models/{family.module}.py build()"
+    for key in MODEL_FIELDS:
+        if getattr(cfg, key) is not None and key not in family.keywords:
+            raise _FieldError(key, f"model {cfg.name} has no {key} (not a keyword of {builder}): remove it")
+    option_names = [k for k in family.keywords if k not in MODEL_FIELDS]
+    options = {}
+    for key, value in cfg.options.items():
+        sub = f"options.{key}"
+        if key in MODEL_FIELDS:
+            raise _FieldError(sub, f"is a model field: set model.{key} instead of model.options.{key}")
+        if key not in family.keywords:
+            close = _closest(key, list(family.keywords))
+            hint = "."
+            if close is not None:
+                hint = f"; did you mean {cfg.field_path(close)!r}?"
+            raise _FieldError(
+                sub, f"unknown option of model {cfg.name} ({builder}){hint} Valid options: {', '.join(option_names)}"
+            )
+        tp = family.keywords[key]
+        if tp is None:
+            options[key] = value
+            continue
+        try:
+            options[key] = _convert(value, tp, sub)
+        except RecipeError as e:
+            where, _, reason = str(e).partition(": ")
+            raise _FieldError(where, reason) from None
+    if cfg.fork is not None and family.forks is not None and cfg.fork not in family.forks:
+        close = _closest(cfg.fork, family.forks)
+        hint = f"; did you mean {close!r}?" if close else "."
+        raise _FieldError(
+            "fork", f"{cfg.fork!r} is not a layer of model {cfg.name}{hint} Valid forks: {', '.join(family.forks)}"
+        )
+    return options
+
+
 # --------------------------------------------------------------------------------------------------- sections
+
+IMAGE_EVAL_CROP_FRACTION = 0.875
+"""Image evaluation's default: a centre crop of crop_size out of a short side of crop_size / 0.875 (224 of 256)."""
+
 
 
 @dataclass
@@ -54,9 +253,13 @@ class ModelConfig:
     num_branches: int | None = None
     """N, the number of branches above the fork; 1 is the single (baseline) network."""
     width_ratio: float | None = None
-    """Branch width / baseline width for every layer above the fork (the paper shrinks by about 1.5x: 1/1.5)."""
+    """Branch width / baseline width for every layer above the fork. None keeps the preset's; a preset without one
+    (and every builder's default) means 1.0 for one branch and 1/1.5 for more (the paper's ~1.5x shrink, S3D-G's
+    554). An explicit width_ratio, or num_branches=1, replaces a preset's pinned branch widths
+    (video_ens.models.model_kwargs)."""
     fork: str | None = None
-    """Layer after which the branches start, e.g. "MaxPool_4a" (S3D-G), "pool" (DBoF), "block2" (ResNet)."""
+    """Layer after which the branches start: an S3D-G layer name (e.g. "MaxPool_4a"), "pool" (DBoF), "stem" or
+    "blockK" (ResNet, e.g. "block2")."""
     num_classes: int | None = None
     """Classifier width: 400 for Kinetics-400, 3862 for YouTube-8M 2018, 1000 for ImageNet."""
     dropout: float | None = None
@@ -66,7 +269,8 @@ class ModelConfig:
     conv_init_std: float | None = None
     """Standard deviation for conv_init="normal" (paper: 0.03)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Family-specific builder keywords (e.g. {"hidden_size": 3000} for DBoF), checked against the builder."""
+    """Family-specific builder keywords (e.g. {"hidden_size": 3000} for DBoF, {"kernels": "auto"}): each key must be
+    a keyword of the family's `build` that is not a model field above, and its value of the annotated type."""
     channels_last: bool = False
     """Use channels-last memory format (channels_last_3d for clips): faster convolutions on recent GPUs."""
     compile: bool = False
@@ -79,12 +283,16 @@ class ModelConfig:
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
         _check(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         _check(self.conv_init_std is None or self.conv_init_std > 0, "conv_init_std", "must be > 0")
+        self.options = _check_model(self)
 
     def builder_kwargs(self) -> dict[str, Any]:
         """The keywords to pass to `create_model(name, **kwargs)`: set fields plus options."""
-        common = ("num_branches", "width_ratio", "fork", "num_classes", "dropout", "conv_init", "conv_init_std")
-        kw = {k: getattr(self, k) for k in common if getattr(self, k) is not None}
+        kw = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
         return {**kw, **self.options}
+
+    def field_path(self, keyword: str) -> str:
+        """The JSON path that sets builder keyword `keyword`: "model.fork", or "model.options.kernels"."""
+        return f"model.{keyword}" if keyword in MODEL_FIELDS else f"model.options.{keyword}"
 
 
 @dataclass
@@ -112,7 +320,18 @@ class DataConfig:
     crop_size: int = 224
     """Spatial crop (clips and images)."""
     short_side: tuple[int, int] = (256, 320)
-    """Training short-side scale jitter range [min, max] before the random crop (clips)."""
+    """Training short-side scale jitter range [min, max] before the random crop (clips, clip_crop="scale_jitter").
+    With clip_crop="resized_crop" clips are decoded at short side max; the low end is also evaluation's default
+    scale (eval.short_side)."""
+    clip_crop: Literal["scale_jitter", "resized_crop"] = "scale_jitter"
+    """Training crop of clips: "scale_jitter" scales the short side to a random size in short_side and takes a
+    random crop_size square (PySlowFast's Kinetics recipe, the paper's via Feichtenhofer et al. 2018);
+    "resized_crop" takes an Inception-style box (crop_scale, crop_ratio) of the clip decoded at short side
+    short_side[1] and resizes it to crop_size x crop_size. Images always use the resized crop."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Resized crop (images; clips with clip_crop="resized_crop"): box area as a fraction of the picture, [min, max]."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Resized crop: box aspect ratio width / height, [min, max], drawn log-uniformly."""
     flip: bool = True
     """Random horizontal flip in training."""
     color_jitter: float = 0.4
@@ -128,6 +347,10 @@ class DataConfig:
         lo, hi = self.short_side
         _check(0 < lo <= hi, "short_side", f"must be [min, max] with 0 < min <= max, got [{lo}, {hi}]")
         _check(lo >= self.crop_size, "short_side", f"minimum {lo} is smaller than crop_size {self.crop_size}")
+        s_lo, s_hi = self.crop_scale
+        _check(0 < s_lo <= s_hi <= 1, "crop_scale", f"must be [min, max] with 0 < min <= max <= 1, got [{s_lo}, {s_hi}]")
+        r_lo, r_hi = self.crop_ratio
+        _check(0 < r_lo <= r_hi, "crop_ratio", f"must be [min, max] with 0 < min <= max, got [{r_lo}, {r_hi}]")
         _check(0 <= self.color_jitter <= 1, "color_jitter", "must be in [0, 1]")
         _check(0 < self.max_skip_fraction <= 1, "max_skip_fraction", "must be in (0, 1]")
         _check(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "samples_per_epoch", "must be >= 1")
@@ -223,7 +446,8 @@ class TrainConfig:
     grad_accum_steps: int | None = None
     """Forward/backward passes per optimizer step; None derives it (1 when micro_batch_size is also unset)."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """bf16 autocasts convs and matmuls while BatchNorm keeps fp32 parameters; fp16 adds loss scaling (GPU only)."""
+    """bf16 and fp16 autocast convs and matmuls while parameters and BatchNorm stay fp32; fp16 adds a dynamic loss
+    scale (a GradScaler inside DeepSpeed's optimizer)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when available, else CPU."""
     seed: int = 0
@@ -334,6 +558,16 @@ class EvalConfig:
     """Spatial crops per clip for mode="clips" (1 = centre, 3 = left/centre/right)."""
     max_frames: int = 300
     """Cap on frames per video for mode="full" (and for YouTube-8M features)."""
+    short_side: int | None = None
+    """Short side the clips (decoded) or images (resized) are scaled to before the crop. None: for clips
+    data.short_side[0], the low end of the training scale; for images round(crop / 0.875) (224 of 256). For the
+    paper's Kinetics S3D-G that is 256, the convention the S3D-G and I3D papers evaluate with (short side 256, a
+    224 x 224 centre crop, all of up to 250 frames) and PySlowFast's test scale for the training jitter [256, 320]
+    the paper follows; scaling the short side to the crop instead (224) would show objects at 0.7-0.875x their
+    training size. The demo recipes train with short_side[0] = crop_size, so there nothing changes."""
+    crop_size: int | None = None
+    """Side of the square evaluation crops (centre, or 3 along the long side); None: data.crop_size. Equal to
+    short_side gives PySlowFast's fully convolutional 3 x 256 crops (the models accept any size)."""
     batch_size: int = 8
     """Model inputs per evaluation batch per rank: videos, images, or views (clips x crops) in mode "clips"."""
     top_k: int = 20
@@ -343,8 +577,19 @@ class EvalConfig:
         _check(self.num_clips >= 1, "num_clips", "must be >= 1")
         _check(self.num_crops in (1, 3), "num_crops", "must be 1 or 3")
         _check(self.max_frames >= 1, "max_frames", "must be >= 1")
+        _check(self.short_side is None or self.short_side >= 8, "short_side", "must be >= 8 (or null for the default)")
+        _check(self.crop_size is None or self.crop_size >= 8, "crop_size", "must be >= 8 (or null: data.crop_size)")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.top_k >= 1, "top_k", "must be >= 1")
+
+    def view_size(self, data: DataConfig) -> tuple[int, int]:
+        """(short side, crop size) of evaluation views of clips or images, the None defaults resolved."""
+        crop = self.crop_size if self.crop_size is not None else data.crop_size
+        if self.short_side is not None:
+            return self.short_side, crop
+        if data.kind == "image":
+            return int(crop / IMAGE_EVAL_CROP_FRACTION + 0.5), crop
+        return data.short_side[0], crop
 
 
 @dataclass
@@ -369,6 +614,14 @@ class Recipe:
     """Evaluation."""
 
     def __post_init__(self) -> None:
+        short, crop = self.eval.view_size(self.data)
+        if self.data.kind != "features" and short < crop:
+            which = "eval.short_side" if self.eval.short_side is not None else "eval.crop_size"
+            raise _FieldError(
+                which,
+                f"the evaluation crop {crop} does not fit in the short side {short}: use eval.short_side >= "
+                f"eval.crop_size (null defaults: data.short_side[0] and data.crop_size)",
+            )
         multi_label = self.data.kind == "features"
         if multi_label and self.objective.loss == "softmax_ce":
             raise _FieldError(

@@ -85,11 +85,11 @@ def test_missing_model_section_names_model_name():
 def test_overrides_go_through_the_same_checks():
     r = recipe_from_dict(apply_overrides(MINIMAL, ["optim.lr=0.5", "objective.structure=ensembling",
                                                     "objective.weight=-1.5", "data.short_side=[240, 300]",
-                                                    "train.max_steps=null", "model.options.hidden_size=30"]))
+                                                    "train.max_steps=null", "model.options.widths_scale=0.25"]))
     assert r.optim.lr == 0.5
     assert r.objective.structure == "ensembling" and r.objective.weight == -1.5
     assert r.data.short_side == (240, 300)
-    assert r.model.options == {"hidden_size": 30}
+    assert r.model.options == {"widths_scale": 0.25}
     assert "unknown key 'optim.lrr'" in _error(MINIMAL, ["optim.lrr=0.1"])
     assert "optim.lr: expected a number" in _error(MINIMAL, ["optim.lr=abc"])
     with pytest.raises(RecipeError, match="expected key=value"):
@@ -199,3 +199,160 @@ def test_shipped_recipes_load():
     for path in recipes:
         r = load_recipe(path)
         assert r.model.name in MODELS, f"{path.name}: unknown model {r.model.name}"
+
+
+# ------------------------------------------------------------------------------------------------- model section
+
+
+def _with_model(model: dict, **sections) -> dict:
+    return {**json.loads(json.dumps(MINIMAL)), "model": model, **sections}
+
+
+FEATURES = {"kind": "features", "train_shards": "data/t", "val_shards": "data/v"}
+
+
+@pytest.mark.parametrize(
+    "model, expect",
+    [
+        ({"name": "s3dg_ens3"}, "model.name: unknown model 's3dg_ens3'; did you mean 's3dg_ens2'? Known models: "),
+        ({"name": "s3dg_tiny", "fork": "block9"}, "model.fork: 'block9' is not a layer of model s3dg_tiny. Valid"),
+        ({"name": "s3dg_tiny", "fork": "Mixed4f"}, "model.fork: 'Mixed4f' is not a layer of model s3dg_tiny; did you mean 'Mixed_4f'?"),
+        ({"name": "dbof_tiny", "fork": "MaxPool_4a"}, "Valid forks: pool"),
+        ({"name": "s3dg_tiny", "options": {"bogus": 1}}, "model.options.bogus: unknown option of model s3dg_tiny"),
+        ({"name": "s3dg_tiny", "options": {"kernel": "auto"}}, "did you mean 'model.options.kernels'? Valid options: "),
+        ({"name": "s3dg_tiny", "options": {"dropuot": 0.1}}, "did you mean 'model.dropout'?"),
+        ({"name": "s3dg_tiny", "options": {"dropout": 0.1}}, "model.options.dropout: is a model field: set model.dropout"),
+        ({"name": "dbof_tiny", "options": {"cluster_size": "big"}}, 'model.options.cluster_size: expected an integer, got "big"'),
+        ({"name": "dbof_tiny", "options": {"branch_hidden_size": 2.5}}, "model.options.branch_hidden_size: expected an integer, got 2.5"),
+        ({"name": "resnet_tiny", "options": {"widths": [8, "a", 32, 64]}}, "model.options.widths[1]: expected an integer"),
+        ({"name": "resnet_tiny", "options": {"se": 1}}, "model.options.se: expected true or false"),
+        ({"name": "s3dg_tiny", "options": {"kernels": 3}}, "model.options.kernels: expected a string"),
+    ],
+)
+def test_model_section_is_checked_against_the_builder(model, expect):
+    raw = _with_model(model)
+    if model["name"].startswith("dbof"):
+        raw.update(data=FEATURES, objective={"loss": "sigmoid_bce"})
+    msg = _error(raw)
+    assert msg.startswith("t.json: ")
+    assert expect in msg
+
+
+def test_model_options_get_the_builders_types():
+    r = recipe_from_dict(_with_model({"name": "resnet_tiny", "options": {"widths": [8, 16, 32.0, 64], "se": True}}))
+    assert r.model.options == {"widths": (8, 16, 32, 64), "se": True}
+    assert type(r.model.options["widths"][2]) is int
+    r = recipe_from_dict(_with_model({"name": "s3dg_tiny", "options": {"widths_scale": 1, "kernels": "auto"}}))
+    assert r.model.options == {"widths_scale": 1.0, "kernels": "auto"} and type(r.model.options["widths_scale"]) is float
+    assert r.model.builder_kwargs() == {"widths_scale": 1.0, "kernels": "auto"}
+
+
+def test_every_preset_and_its_own_keywords_validate():
+    from video_ens.config import MODEL_FIELDS
+    from video_ens.models import MODELS
+
+    for name, (_, preset) in MODELS.items():
+        options = {k: v for k, v in preset.items() if k not in MODEL_FIELDS}
+        fields = {k: v for k, v in preset.items() if k in MODEL_FIELDS}
+        raw = _with_model({"name": name, **fields, "options": json.loads(json.dumps(options))})
+        if name.startswith("dbof"):
+            raw.update(data=FEATURES, objective={"loss": "sigmoid_bce"})
+        recipe_from_dict(raw)
+
+
+def test_the_source_reading_agrees_with_the_imported_models():
+    """config reads video_ens/models/*.py instead of importing them: what it reads must be what Python builds."""
+    import inspect
+    import types as pytypes
+
+    from video_ens import models
+    from video_ens.config import MODEL_FIELDS, model_families
+    from video_ens.models import dbof, resnet, s3dg
+
+    families = model_families()
+    assert families is not None and set(families) == {"s3dg", "dbof", "resnet"}
+    assert sorted(n for f in families.values() for n in f.presets) == sorted(models.MODELS)
+    for family in families.values():
+        module = {"s3dg": s3dg, "dbof": dbof, "resnet": resnet}[family.module]
+        assert family.presets == tuple(module.PRESETS)
+        params = inspect.signature(module.build).parameters
+        assert list(family.keywords) == list(params)
+        assert set(MODEL_FIELDS) <= set(params)
+        hints = typing.get_type_hints(module.build)
+        for key, tp in family.keywords.items():
+            hint = hints[key]
+            union = typing.get_origin(hint) in (typing.Union, pytypes.UnionType)
+            parts = typing.get_args(hint) if union else (hint,)
+            if all(p in (int, float, bool, str, type(None)) or typing.get_origin(p) is tuple for p in parts):
+                assert tp == hint, (family.module, key, tp, hint)  # every simple annotation is read and checked
+    assert families["s3dg"].forks == s3dg.LAYER_NAMES
+    assert families["dbof"].forks == dbof.FORKS
+    assert families["resnet"].forks is None  # computed from the number of blocks: checked by building (train.py)
+
+
+def test_model_errors_stop_the_launch_check_without_torch(tmp_path):
+    """`python -m video_ens.config` (launch.sh's first step) refuses a bad model section, still without torch."""
+    src = _write(tmp_path, MINIMAL)
+    code = (
+        "import sys; from video_ens.config import main; rc = main(sys.argv[1:]);"
+        "assert 'torch' not in sys.modules, 'config must not import torch'; sys.exit(rc)"
+    )
+    for override, expect in [
+        ("model.name=s3dg_ens3", "model.name: unknown model 's3dg_ens3'"),
+        ("model.fork=block9", "model.fork: 'block9' is not a layer"),
+        ('model.options={"bogus": 1}', "model.options.bogus: unknown option"),
+    ]:
+        out = subprocess.run([sys.executable, "-c", code, str(src), "--quiet", "--set", override], capture_output=True,
+                             text=True)
+        assert out.returncode == 2, (override, out.stderr)
+        assert expect in out.stderr
+
+
+# ------------------------------------------------------------------------------------------- crops and eval scale
+
+
+@pytest.mark.parametrize(
+    "patch, expect",
+    [
+        ({"data": {"clip_crop": "resized"}}, 'data.clip_crop: "resized" is not one of "scale_jitter", "resized_crop"; did you mean "resized_crop"?'),
+        ({"data": {"crop_scale": [0.5, 0.2]}}, "data.crop_scale: must be [min, max] with 0 < min <= max <= 1"),
+        ({"data": {"crop_scale": [0.5, 1.5]}}, "data.crop_scale: must be"),
+        ({"data": {"crop_ratio": [0, 1]}}, "data.crop_ratio: must be [min, max] with 0 < min <= max"),
+        ({"eval": {"short_side": 200}}, "eval.short_side: the evaluation crop 224 does not fit in the short side 200"),
+        ({"eval": {"crop_size": 288}}, "eval.crop_size: the evaluation crop 288 does not fit in the short side 256"),
+        ({"eval": {"short_side": 4}}, "eval.short_side: must be >= 8"),
+    ],
+)
+def test_crop_and_eval_scale_errors(patch, expect):
+    raw = json.loads(json.dumps(MINIMAL))
+    for section, values in patch.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    assert expect in _error(raw)
+
+
+def test_eval_scale_defaults():
+    r = recipe_from_dict(MINIMAL)
+    assert r.data.clip_crop == "scale_jitter" and r.data.crop_scale == (0.08, 1.0) and r.data.crop_ratio == (3 / 4, 4 / 3)
+    assert r.eval.short_side is None and r.eval.crop_size is None
+    # clips: the low end of the training scale (S3D-G / I3D / PySlowFast: short side 256, crop 224)
+    assert r.eval.view_size(r.data) == (256, 224)
+    r = recipe_from_dict(apply_overrides(MINIMAL, ["data.short_side=[288, 320]", "eval.crop_size=256"]))
+    assert r.eval.view_size(r.data) == (288, 256)
+    # images: crop / 0.875, unless stated
+    img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny"]))
+    assert img.eval.view_size(img.data) == (256, 224)
+    img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "data.crop_size=32",
+                                                     "data.short_side=[32, 36]"]))
+    assert img.eval.view_size(img.data) == (37, 32)
+    img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "eval.short_side=288"]))
+    assert img.eval.view_size(img.data) == (288, 224)
+
+
+def test_paper_kinetics_recipes_evaluate_at_short_side_256_and_demos_at_their_crop():
+    for path in sorted((ROOT / "recipes").glob("*kinetics*.json")):
+        r = load_recipe(path)
+        short, crop = r.eval.view_size(r.data)
+        if path.name.startswith("demo_"):
+            assert (short, crop) == (r.data.crop_size, r.data.crop_size), path.name  # what the demos always did
+        else:
+            assert (short, crop) == (256, 224), path.name

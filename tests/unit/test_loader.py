@@ -439,6 +439,85 @@ def test_no_val_folder_no_eval_stream(data):
     assert loader.eval_stream(cfg, EvalConfig(), input_spec=CLIP_SPEC, rank=0, world_size=1, root=root) is None
 
 
+def _spy(monkeypatch, name: str) -> list[dict]:
+    """Record the keywords every call of loader.<name> gets (workers=0: everything runs in this process)."""
+    real, calls = getattr(loader, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["full", "clips"])
+def test_clip_eval_runs_at_the_configured_short_side(data, monkeypatch, mode):
+    cfg = _cfg(data, short_side=(20, 24))  # crop 16: the old evaluation decoded at 16
+    for ecfg, short, crop in [
+        (EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20), 20, 16),  # default: data.short_side[0]
+        (EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20, short_side=22, crop_size=18), 22, 18),
+    ]:
+        decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipEvalTransform")
+        batches = list(_eval(cfg, ecfg, 0, 1).batches())
+        assert {c["short_side"] for c in decoded} == {short}
+        assert {(t["short_side"], t["crop_size"]) for t in transforms} == {(short, crop)}
+        assert all(b["inputs"].shape[-2:] == (crop, crop) for b in batches)
+        monkeypatch.undo()
+    # the views are those of ClipEvalTransform at that scale, bit for bit
+    ecfg = EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20, short_side=22, crop_size=18)
+    batch = next(iter(_eval(cfg, ecfg, 0, 1).batches()))
+    sample = schema.decode_video_sample(next(s for s in _clip_samples(24) if s["__key__"] == batch["ids"][0]))
+    if mode == "full":
+        indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
+    else:
+        indices = loader.uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
+    frames = loader.decode_frames(sample.video, indices, short_side=22)
+    views = loader.ClipEvalTransform(short_side=22, crop_size=18, num_crops=1 if mode == "full" else 3)(frames)
+    assert torch.equal(batch["inputs"][0], views[0])
+
+
+def test_image_eval_scale_is_configurable(data, monkeypatch):
+    cfg = _cfg(data, "image")
+    for ecfg, short, crop in [(EvalConfig(), 18, 16), (EvalConfig(short_side=24, crop_size=20), 24, 20)]:
+        calls = _spy(monkeypatch, "ImageEvalTransform")
+        batches = list(_eval(cfg, ecfg, 0, 1).batches())
+        assert {(c["short_side"], c["crop_size"]) for c in calls} == {(short, crop)}  # default: 16 / 0.875
+        assert all(b["inputs"].shape[-2:] == (crop, crop) for b in batches)
+        monkeypatch.undo()
+
+
+def test_clip_crop_option_reaches_the_train_transform(data, monkeypatch):
+    default = _cfg(data, samples_per_epoch=3)
+    decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipTrainTransform")
+    list(_train(default).batches(0, 0))
+    assert default.clip_crop == "scale_jitter"
+    assert {t.get("crop", "scale_jitter") for t in transforms} == {"scale_jitter"}
+    assert {c["short_side"] for c in decoded} <= set(range(16, 25))  # scale jitter inside the decoder
+    monkeypatch.undo()
+
+    cfg = _cfg(data, samples_per_epoch=3, clip_crop="resized_crop", crop_scale=(0.3, 0.9), crop_ratio=(0.5, 2.0))
+    decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipTrainTransform")
+    a = list(_train(cfg).batches(0, 0))
+    assert {(t["crop"], t["scale"], t["ratio"], t["crop_size"]) for t in transforms} == {
+        ("resized_crop", (0.3, 0.9), (0.5, 2.0), 16)
+    }
+    assert {c["short_side"] for c in decoded} == {24}  # decoded at the top of data.short_side
+    monkeypatch.undo()
+    assert a[0]["inputs"].shape == (3, 3, 8, 16, 16)
+    assert _all_same(a, list(_train(cfg).batches(0, 0)))  # still a pure function of the seed
+    assert not torch.equal(a[0]["inputs"], next(iter(_train(default).batches(0, 0)))["inputs"])
+
+
+def test_image_crop_ranges_reach_the_train_transform(data, monkeypatch):
+    calls = _spy(monkeypatch, "ImageTrainTransform")
+    list(_train(_cfg(data, "image", samples_per_epoch=4), batch=4).batches(0, 0))
+    assert {(c["scale"], c["ratio"]) for c in calls} == {((0.08, 1.0), (3 / 4, 4 / 3))}  # the defaults: as before
+    calls.clear()
+    list(_train(_cfg(data, "image", samples_per_epoch=4, crop_scale=(0.5, 1.0), crop_ratio=(1.0, 1.0)), batch=4).batches(0, 0))
+    assert {(c["scale"], c["ratio"]) for c in calls} == {((0.5, 1.0), (1.0, 1.0))}
+
+
 # ---------------------------------------------------------------------------------------------- recipe checks
 
 

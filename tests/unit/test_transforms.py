@@ -203,6 +203,28 @@ def test_clip_train_without_randomness_is_resize_crop_normalise():
     assert len(lefts) == 1
 
 
+def test_clip_resized_crop_is_the_box_resized_to_the_crop():
+    """The box is cut from the uint8 frames before conversion: the same numbers as converting the whole clip."""
+    clip = _clip(t=3, h=40, w=52)
+    transform = tf.ClipTrainTransform(crop_size=24, crop="resized_crop", scale=(0.2, 0.7), ratio=(0.6, 1.6), flip=False)
+    for seed in range(5):
+        out = transform(clip, _gen(seed))
+        box = tf.random_resized_crop_box(40, 52, _gen(seed), scale=(0.2, 0.7), ratio=(0.6, 1.6))
+        x = tf.resize(tf.crop(tf.to_float(clip), box), 24, 24)
+        assert torch.equal(out, tf.normalize(x, tf.VIDEO_MEAN, tf.VIDEO_STD).permute(1, 0, 2, 3))
+
+
+@pytest.mark.parametrize("kw", [dict(scale=(0.5, 0.2)), dict(scale=(0.1, 1.5)), dict(ratio=(0.0, 1.0))])
+def test_clip_resized_crop_rejects_impossible_ranges(kw):
+    with pytest.raises(ValueError, match="scale min <= max <= 1"):
+        tf.ClipTrainTransform(crop_size=24, crop="resized_crop", **kw)
+
+
+def test_clip_resized_crop_still_checks_its_input():
+    with pytest.raises(ValueError, match="uint8"):
+        tf.ClipTrainTransform(crop_size=24, crop="resized_crop")(torch.zeros(2, 30, 30, 3), _gen(0))
+
+
 def test_clip_eval_views():
     clip = _clip(t=3, h=48, w=64)
     one = tf.ClipEvalTransform(short_side=32, crop_size=32)(clip)

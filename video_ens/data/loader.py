@@ -60,18 +60,21 @@ Transforms, per kind (normalisation constants in transforms.py: Kinetics 0.45/0.
 for images):
 * clip, train: window of data.frames frames data.frame_stride apart at a random start; short side scaled to a
   random size in data.short_side inside the decoder (3-9x cheaper than F.interpolate afterwards), random
-  crop_size square, flip, colour jitter. Output (B, 3, T, S, S).
-* clip, eval "full": the first eval.max_frames frames, short side decoded at crop_size, centre crop; one video per
-  entry, and only videos of the same length share a batch (consecutive ones: padding frames would change a fully
-  convolutional model's temporal average). Eval "clips": eval.num_clips uniform clips x eval.num_crops crops along
-  the long side after scaling the short side to crop_size; "view_ids" = clip x num_crops + crop. eval.mode only
-  applies to clips: features and images always give one entry per sample.
+  crop_size square, flip, colour jitter. Output (B, 3, T, S, S). With data.clip_crop = "resized_crop" the clip is
+  decoded at short side data.short_side[1] and an Inception-style box (data.crop_scale, data.crop_ratio) is resized
+  to crop_size instead of the scale jitter and square crop.
+* clip, eval: short side decoded at eval.short_side (default data.short_side[0], the low end of the training
+  scale), crops of eval.crop_size (default data.crop_size). Mode "full": the first eval.max_frames frames, centre
+  crop; one video per entry, and only videos of the same length share a batch (consecutive ones: padding frames
+  would change a fully convolutional model's temporal average). Mode "clips": eval.num_clips uniform clips x
+  eval.num_crops crops along the long side; "view_ids" = clip x num_crops + crop. eval.mode only applies to clips:
+  features and images always give one entry per sample.
 * features: dequantized to [-2, 2] as the YouTube-8M starter code, rgb then audio (1024 + 128 = 1152). Training
   keeps data.frames frames drawn without replacement and kept in time order (all of a shorter video; the starter
   code draws with replacement), zero-padded to data.frames; evaluation keeps the first eval.max_frames frames,
   zero-padded to the longest in the batch. "lengths" holds the valid frames. Target: (B, C) multi-hot.
-* image, train: Inception random-resized crop, flip, colour jitter; eval: short side to crop_size / 0.875, centre
-  crop (ImageNet's usual 224-of-256).
+* image, train: Inception random-resized crop (data.crop_scale, data.crop_ratio), flip, colour jitter; eval: short
+  side to eval.short_side (default crop_size / 0.875), centre crop of eval.crop_size (ImageNet's usual 224-of-256).
 """
 
 from __future__ import annotations
@@ -133,9 +136,6 @@ SPARE_LIMIT = 64
 
 # Bad sample records kept in stats["last_bad"].
 LAST_BAD_KEPT = 10
-
-# Image evaluation: centre crop of crop_size out of a short side of crop_size / 0.875 (224 of 256).
-IMAGE_EVAL_CROP_FRACTION = 0.875
 
 # data.kind -> the schema kind of the dataset folder that feeds it.
 SCHEMA_KIND = {"clip": "video", "features": "yt8m", "image": "image"}
@@ -325,6 +325,9 @@ class _Recipe:
     short_side: tuple[int, int]
     flip: bool
     color_jitter: float
+    clip_crop: str  # "scale_jitter" | "resized_crop" (clips, training)
+    crop_scale: tuple[float, float]  # resized crop: area fraction range (images; clips with "resized_crop")
+    crop_ratio: tuple[float, float]  # resized crop: aspect ratio range
 
 
 def _key(raw: dict) -> str:
@@ -405,6 +408,19 @@ def _train_item(raw: dict, rec: _Recipe, gen: torch.Generator) -> _Item:
     if rec.kind == "clip":
         sample = _video(raw, rec)
         indices = sample_window(sample.num_frames, rec.frames, rec.frame_stride, gen)
+        if rec.clip_crop == "resized_crop":
+            # Decoded at the top of the recipe's scale range: the box's area is a fraction of the picture whatever
+            # its size, so the decode size only sets how much detail the resized box keeps.
+            frames = _frames(sample, indices, rec.short_side[1], rec)
+            transform = ClipTrainTransform(
+                crop_size=rec.crop_size,
+                crop="resized_crop",
+                scale=rec.crop_scale,
+                ratio=rec.crop_ratio,
+                flip=rec.flip,
+                colour=_colour(rec),
+            )
+            return _Item(sample.key, transform(frames, gen), sample.label)
         lo, hi = rec.short_side
         short = int(torch.randint(lo, hi + 1, (), generator=gen))
         frames = _frames(sample, indices, short, rec)  # uint8 (T, H, W, 3), short side already `short`
@@ -430,7 +446,9 @@ def _train_item(raw: dict, rec: _Recipe, gen: torch.Generator) -> _Item:
         feats = _features(sample, rows)
         return _Item(sample.key, feats, _multi_hot(sample.labels, rec.num_classes), length=len(rows))
     sample, pixels = _image(raw, rec)
-    transform = ImageTrainTransform(crop_size=rec.crop_size, flip=rec.flip, colour=_colour(rec))
+    transform = ImageTrainTransform(
+        crop_size=rec.crop_size, scale=rec.crop_scale, ratio=rec.crop_ratio, flip=rec.flip, colour=_colour(rec)
+    )
     return _Item(sample.key, transform(pixels, gen), sample.label)
 
 
@@ -679,6 +697,9 @@ def _recipe(data_cfg, num_classes: int | None) -> _Recipe:
         short_side=tuple(data_cfg.short_side),
         flip=data_cfg.flip,
         color_jitter=data_cfg.color_jitter,
+        clip_crop=data_cfg.clip_crop,
+        crop_scale=tuple(data_cfg.crop_scale),
+        crop_ratio=tuple(data_cfg.crop_ratio),
     )
 
 
@@ -757,6 +778,8 @@ class _EvalPlan:
     num_clips: int
     num_crops: int
     max_frames: int
+    short_side: int  # clips: decode at this short side; images: resize to it (eval.short_side resolved)
+    crop_size: int  # evaluation crops (eval.crop_size resolved)
 
 
 def _share(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
@@ -773,12 +796,12 @@ def _eval_items(raw: dict, plan: _EvalPlan) -> list[_Item]:
         if plan.mode == "full":
             # the frame rate the model was trained at: every frame_stride-th frame, at most max_frames of them
             indices = list(range(0, sample.num_frames, rec.frame_stride))[: plan.max_frames]
-            frames = _frames(sample, indices, rec.crop_size, rec)
-            clip = ClipEvalTransform(short_side=rec.crop_size, crop_size=rec.crop_size, num_crops=1)(frames)[0]
+            frames = _frames(sample, indices, plan.short_side, rec)
+            clip = ClipEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size, num_crops=1)(frames)[0]
             return [_Item(sample.key, clip, sample.label)]
         clips = uniform_clips(sample.num_frames, rec.frames, rec.frame_stride, plan.num_clips)
-        frames = _frames(sample, [i for c in clips for i in c], rec.crop_size, rec)  # one decode for all clips
-        transform = ClipEvalTransform(short_side=rec.crop_size, crop_size=rec.crop_size, num_crops=plan.num_crops)
+        frames = _frames(sample, [i for c in clips for i in c], plan.short_side, rec)  # one decode for all clips
+        transform = ClipEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size, num_crops=plan.num_crops)
         items = []
         for c in range(plan.num_clips):
             views = transform(frames[c * rec.frames : (c + 1) * rec.frames])  # (num_crops, 3, T, S, S)
@@ -790,8 +813,8 @@ def _eval_items(raw: dict, plan: _EvalPlan) -> list[_Item]:
         feats = _features(sample, slice(0, n))
         return [_Item(sample.key, feats, _multi_hot(sample.labels, rec.num_classes), length=n)]
     sample, pixels = _image(raw, rec)
-    short = int(rec.crop_size / IMAGE_EVAL_CROP_FRACTION + 0.5)
-    return [_Item(sample.key, ImageEvalTransform(short_side=short, crop_size=rec.crop_size)(pixels), sample.label)]
+    transform = ImageEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size)
+    return [_Item(sample.key, transform(pixels), sample.label)]
 
 
 class _EvalPass(IterableDataset):
@@ -910,6 +933,7 @@ def eval_stream(
     max_frames = eval_cfg.max_frames
     if data_cfg.kind == "features":
         max_frames = min(max_frames, input_spec.get("max_frames", max_frames))
+    short_side, crop_size = eval_cfg.view_size(data_cfg)
     plan = _EvalPlan(
         rec=_recipe(data_cfg, info.num_classes),
         shards=tuple(os.path.join(str(root.val), s.name) for s in info.shards),
@@ -922,5 +946,7 @@ def eval_stream(
         num_clips=eval_cfg.num_clips,
         num_crops=eval_cfg.num_crops,
         max_frames=max_frames,
+        short_side=short_side,
+        crop_size=crop_size,
     )
     return EvalStream(plan, num_workers=data_cfg.num_workers)

@@ -108,10 +108,14 @@ def uniform_clips(num_frames: int, clip_len: int, stride: int, num_clips: int, *
 # Layout and geometry. Internally frames are float (N, 3, H, W) in [0, 1]: N = T for a clip, 1 for an image.
 
 
+def _check_uint8(frames: torch.Tensor) -> None:
+    if frames.dtype != torch.uint8 or frames.dim() not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3) or (H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
+
+
 def to_float(frames: torch.Tensor) -> torch.Tensor:
     """uint8 (T, H, W, 3) or (H, W, 3) -> float (T, 3, H, W) or (1, 3, H, W) in [0, 1]."""
-    if frames.dtype != torch.uint8 or frames.shape[-1] != 3 or frames.dim() not in (3, 4):
-        raise ValueError(f"expected uint8 (T, H, W, 3) or (H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
+    _check_uint8(frames)
     frames = frames if frames.dim() == 4 else frames.unsqueeze(0)
     return frames.permute(0, 3, 1, 2).float().div_(255.0)
 
@@ -266,8 +270,9 @@ class ClipTrainTransform:
     """Training augmentation of a clip: uint8 (T, H, W, 3) -> float (3, T, crop_size, crop_size).
 
     crop: "scale_jitter" scales the short side to a random size in `short_side_range` and takes a random square of
-        `crop_size` (PySlowFast's Kinetics recipe); "resized_crop" takes an Inception-style box (`scale`, `ratio`)
-        and resizes it to `crop_size` (cheaper: only the box is resized).
+        `crop_size` (PySlowFast's Kinetics recipe); "resized_crop" takes an Inception-style box (`scale`: area
+        fraction range, `ratio`: aspect w/h range) and resizes it to `crop_size` (cheaper: only the box is
+        converted to float and resized). The loader selects it with data.clip_crop.
     flip: mirror left-right with probability 0.5. colour: jitter strengths, 0 to switch off.
     """
 
@@ -287,10 +292,13 @@ class ClipTrainTransform:
         low, high = self.short_side_range
         if self.crop == "scale_jitter" and not self.crop_size <= low <= high:
             raise ValueError(f"short_side_range {self.short_side_range} must satisfy crop_size <= min <= max")
+        if self.crop == "resized_crop" and not (
+            0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]
+        ):
+            raise ValueError(f"need 0 < scale min <= max <= 1 and 0 < ratio min <= max, got {self.scale}, {self.ratio}")
 
     def __call__(self, frames: torch.Tensor, rng: Any) -> torch.Tensor:
-        x = to_float(frames)  # (T, 3, H, W)
-        x = _train_geometry(x, self, rng)
+        x = _train_geometry(frames, self, rng)  # float (T, 3, crop_size, crop_size)
         if self.flip and _uniform(rng, 0.0, 1.0) < 0.5:
             x = hflip(x)
         x = self.colour(x, rng)
@@ -370,10 +378,13 @@ class ImageEvalTransform:
         return normalize(x, self.mean, self.std)[0]
 
 
-def _train_geometry(x: torch.Tensor, spec: ClipTrainTransform, rng: Any) -> torch.Tensor:
-    height, width = x.shape[-2:]
+def _train_geometry(frames: torch.Tensor, spec: ClipTrainTransform, rng: Any) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (T, 3, crop_size, crop_size). A resized-crop box is cut from the uint8 frames, so
+    only the box is converted to float (the same numbers as converting first: the conversion is per pixel)."""
+    _check_uint8(frames)
     if spec.crop == "resized_crop":
-        box = random_resized_crop_box(height, width, rng, spec.scale, spec.ratio)
-        return resize(crop(x, box), spec.crop_size, spec.crop_size)
-    x = resize_short_side(x, _randint(rng, *spec.short_side_range))
+        top, left, height, width = random_resized_crop_box(*frames.shape[-3:-1], rng, spec.scale, spec.ratio)
+        x = to_float(frames[..., top : top + height, left : left + width, :])
+        return resize(x, spec.crop_size, spec.crop_size)
+    x = resize_short_side(to_float(frames), _randint(rng, *spec.short_side_range))
     return crop(x, random_crop_box(*x.shape[-2:], spec.crop_size, rng))
