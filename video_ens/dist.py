@@ -68,12 +68,13 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend=backend, **kwargs)
 
 
-def shutdown(failed: bool | None = None) -> None:
+def shutdown(failed: bool | None = None, exit_code: int = 1) -> None:
     """Leave the process group; call it from a `finally` around the rank's work.
 
     On success: barrier, then destroy the group (without both, 2 of 6 two-rank runs aborted at exit,
     environment.md). On failure (`failed=True`, or by default an exception passing through the caller's `finally`)
-    with more than one rank: this rank prints its error now and exits at once with status 1, without the barrier.
+    with more than one rank: this rank prints its error now and exits at once with `exit_code`, without the
+    barrier.
     The other ranks may be waiting in a collective that this rank will never join, and a barrier would hold the
     error back until the collective timeout (30 min on gloo, 10 on NCCL); torchrun instead sees the exit at once
     and stops the other workers (or restarts the group under --max-restarts).
@@ -93,7 +94,7 @@ def shutdown(failed: bool | None = None) -> None:
             flush=True,
         )
         sys.stdout.flush()
-        os._exit(1)
+        os._exit(exit_code)
     try:
         dist.barrier()
     finally:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from . import dist
-from .config import Recipe, RecipeError
+from .config import Recipe
 
 _TAG = re.compile(r"^step_(\d{9})$")
 PARTIAL = ".partial"
@@ -55,11 +55,10 @@ def deepspeed_config(recipe: Recipe, *, world_size: int, device: torch.device) -
     if train.precision == "bf16":
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif train.precision == "fp16":
-        if device.type != "cuda":
-            raise RecipeError(
-                'train.precision: "fp16" needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use "bf16" or "fp32"'
-            )
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 2}
+        # Autocast to fp16 with a dynamic loss scale (a torch GradScaler inside DeepSpeed's optimizer), not
+        # DeepSpeed's "fp16" block: that one casts every parameter to fp16, BatchNorm's included, and expects fp16
+        # inputs, where autocast keeps fp32 weights and BN and casts per op, as the bf16 path does.
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "float16"}
     return cfg
 
 

@@ -8,9 +8,12 @@ normally started by launch.sh through torchrun (one process per GPU, or one on C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from .models import create_model
 from .models.size import model_size_report
 from .objective import loss_for
 from .optim import create_optimizer, peak_lr
-from .trainer import Trainer, all_reduce_bn_stats
+from .trainer import StopRequested, Trainer, all_reduce_bn_stats
 
 LOG = dist.get_logger("video_ens.train")
 
@@ -38,6 +41,11 @@ def _default_run_dir(recipe_path: str) -> Path:
     return Path("runs") / Path(recipe_path).stem
 
 
+# Exit status after a stop signal (SIGTERM, SIGUSR1): 128 + SIGTERM, as if the signal had ended the process, so
+# schedulers and wrappers see an interrupted run rather than a finished one; the checkpoint makes it resumable.
+EXIT_STOPPED = 143
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m video_ens.train", description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
@@ -48,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        # Build once on the meta device (nothing allocated, 1-100 ms) so that what only the builder can refuse (a
+        # ResNet fork beyond its blocks, conflicting branch widths) stops here, before any process group.
+        source = args.recipe + (f" (with --set {' '.join(args.overrides)})" if args.overrides else "")
+        build_model(recipe, device="meta", source=source)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -55,13 +67,19 @@ def main(argv: list[str] | None = None) -> int:
 
     device = dist.pick_device(recipe.train.device)
     engine.ensure_process_group(device)
+    rc = 1  # what an exception leaves
     try:
-        return _run(recipe, run_dir, device, dry_run=args.dry_run)
+        rc = _run(recipe, run_dir, device, dry_run=args.dry_run)
     except RecipeError as e:
         LOG.error(f"error: {e}")
-        return 2
+        rc = 2
+    except StopRequested as e:  # every rank stopped after the same step, which is checkpointed
+        LOG.warning(f"{e}; relaunch the same command to resume")
+        rc = EXIT_STOPPED
     finally:
-        dist.shutdown()
+        # A failure on one rank must not wait in the shutdown barrier for ranks that are stuck in a collective.
+        dist.shutdown(failed=rc not in (0, EXIT_STOPPED), exit_code=rc or 1)
+    return rc
 
 
 def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
@@ -70,7 +88,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     micro = ds_config["train_micro_batch_size_per_gpu"]
 
     _seed_everything(recipe.train.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
-    model = create_model(recipe.model.name, **recipe.model.builder_kwargs())
+    model = build_model(recipe)
     if recipe.train.bn_sync == "sync_bn":
         if device.type != "cuda":
             raise RecipeError('train.bn_sync: "sync_bn" needs CUDA (SyncBatchNorm does not run on CPU); use "all_reduce"')
@@ -101,12 +119,14 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     if recipe.model.compile:
         eng.compile()
 
-    if dry_run:
-        trainer = Trainer(recipe=recipe, run_dir=_scratch_dir(), engine=eng, criterion=criterion,
-                          train_data=train_data, eval_data=None, device=device,
-                          metrics_task=loader.metrics_task(recipe.data))
-        trainer.total_steps = 1
-        trainer.fit(save_fn=lambda t: None)
+    if dry_run:  # the trainer's logs go to a scratch folder that is removed again: a dry run writes nothing
+        with tempfile.TemporaryDirectory(prefix="video_ens_dry_run_") as scratch:
+            trainer = Trainer(recipe=recipe, run_dir=Path(scratch), engine=eng, criterion=criterion,
+                              train_data=train_data, eval_data=None, device=device,
+                              metrics_task=loader.metrics_task(recipe.data))
+            trainer.total_steps = 1
+            trainer.fit(save_fn=lambda t: None)
+            trainer.log.close()
         LOG.info("dry run: recipe valid, model and data built, one step ran")
         return 0
 
@@ -147,6 +167,28 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     return 0
 
 
+def build_model(recipe, *, device: str | torch.device | None = None, source: str | None = None):
+    """`create_model` from the recipe's model section, on `device` (default: the current default device).
+
+    A builder's ValueError or TypeError (an impossible value that the recipe check cannot see without building)
+    becomes a RecipeError naming the model fields it concerns, e.g. "model.fork: model resnet_tiny cannot be
+    built: fork must be one of ...".
+    """
+    kwargs = recipe.model.builder_kwargs()
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return create_model(recipe.model.name, **kwargs)
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        paths = [recipe.model.field_path(k) for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text)]
+        paths = paths or [recipe.model.field_path(k) for k in kwargs] or ["model.name"]
+        where = f"{source}: " if source else ""
+        raise RecipeError(
+            f"{where}{', '.join(paths)}: model {recipe.model.name} cannot be built: {text} "
+            "(fix these fields of the recipe's model section)"
+        ) from None
+
+
 def _num_classes(recipe) -> int | None:
     """The classifier width the recipe builds: model.num_classes, else the preset's, else the builder's default."""
     import inspect
@@ -160,12 +202,6 @@ def _num_classes(recipe) -> int | None:
         return preset["num_classes"]
     default = inspect.signature(build).parameters.get("num_classes")
     return None if default is None or default.default is inspect.Parameter.empty else default.default
-
-
-def _scratch_dir() -> Path:
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="video_ens_dry_run_"))
 
 
 def _model_size(recipe) -> dict:

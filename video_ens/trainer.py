@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,19 @@ from .evaluate import evaluate, gather_bad_samples
 from .optim import lr_at, set_lr
 
 LOG = dist.get_logger("video_ens.trainer")
+
+# Signals that ask a run to stop early but cleanly: SIGTERM (torchrun passes it on when it is told to stop; SLURM
+# sends it at preemption and at the time limit) and SIGUSR1 (what `sbatch --signal=USR1@90` sends ahead of the end).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequested(Exception):
+    """Raised by Trainer.fit after a stop signal: the step in progress finished on every rank and was checkpointed,
+    so relaunching the same command resumes from exactly there."""
+
+    def __init__(self, step: int, signame: str) -> None:
+        super().__init__(f"{signame} received: stopped after step {step}, which is checkpointed")
+        self.step, self.signame = step, signame
 
 
 class MetricsLog:
@@ -170,6 +184,7 @@ class Trainer:
         ]
         self.step = 0  # optimizer steps done
         self.bad_in_a_row = 0
+        self._stop_signal: str | None = None  # set by the signal handler; acted on at a step boundary
         self.log = MetricsLog(self.run_dir)
 
     # ------------------------------------------------------------------ state carried in checkpoints
@@ -206,6 +221,7 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, t.log_every)
         window_t0, window_samples = time.monotonic(), 0
         stream = self._micro_batches()
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         try:
             while self.step < self.total_steps:
                 lr = lr_at(
@@ -220,7 +236,7 @@ class Trainer:
                 # (seed, rank, step) makes every step's randomness independent of history, so a resumed run
                 # repeats exactly what an uninterrupted one does without saving generator states per rank.
                 torch.manual_seed(_step_seed(t.seed, dist.rank(), self.step))
-                terms = self._train_step(stream)
+                terms, stop = self._train_step(stream)
                 self.step += 1
                 window_samples += self.global_batch
                 info = {"loss": terms["loss"], "lr": lr}
@@ -238,12 +254,23 @@ class Trainer:
                 last = self.step == self.total_steps
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.evaluate()
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last:
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last or stop:
                     save_fn(self)
                 if on_step_end is not None:
                     on_step_end(self)
+                if stop and not last:
+                    signame = self._stop_signal or "a stop signal (on another rank)"
+                    self.log.write("stop", self.step, {"signal": signame})
+                    LOG.warning(f"{signame}: stopping after step {self.step}, checkpointed; relaunch to resume")
+                    raise StopRequested(self.step, signame)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             progress.close()
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        # Only a flag: the step in flight finishes, and every rank stops after the same step (see _agree).
+        self._stop_signal = signal.Signals(signum).name
 
     def _micro_batches(self):
         """Micro-batches from the exact position `self.step` implies, across epoch boundaries."""
@@ -258,8 +285,9 @@ class Trainer:
                     break
             epoch, start = epoch + 1, 0
 
-    def _train_step(self, stream) -> dict[str, Any]:
-        """One optimizer step = `accum` micro-batches; returns the mean loss terms over them."""
+    def _train_step(self, stream) -> tuple[dict[str, Any], bool]:
+        """One optimizer step = `accum` micro-batches; returns the mean loss terms over them, and whether the ranks
+        agreed to stop after this step (a stop signal arrived on one of them)."""
         self.engine.train()
         sums: dict[str, torch.Tensor] = {}
         skipped = 0
@@ -272,7 +300,8 @@ class Trainer:
             out = self.engine(inputs, **kwargs)  # 1. forward (autocast per the DeepSpeed config)
             terms = self.criterion(out.branches, target)
             loss = terms["loss"]
-            if not self._finite_everywhere(loss):
+            finite, stop = self._agree(loss)
+            if not finite:
                 # every rank sees the same verdict, so all skip this backward together (no collective mismatch)
                 # A zero loss that still touches every parameter keeps ZeRO's gradient hooks in step; its gradient
                 # is exactly zero, so nothing non-finite reaches the weights.
@@ -309,13 +338,18 @@ class Trainer:
             tdist.all_reduce(vec, op=tdist.ReduceOp.SUM)
             vec /= dist.world_size()
         vec = vec.tolist()
-        return {"loss": vec[0], "ensemble": vec[1], "branch": vec[2:]}
+        return {"loss": vec[0], "ensemble": vec[1], "branch": vec[2:]}, stop
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(the loss is finite on every rank, some rank has a stop signal), in one small all-reduce per
+        micro-batch, so every rank skips the same steps and stops after the same one."""
+        stop_here = self._stop_signal is not None
+        flags = torch.stack(
+            [torch.isfinite(loss.detach()).float().reshape(()), torch.tensor(float(not stop_here), device=loss.device)]
+        )
         if dist.is_initialized():
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
-        return bool(flag.item() == 1.0)
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MIN)
+        return bool(flags[0].item() == 1.0), bool(flags[1].item() == 0.0)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -340,6 +340,38 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
     assert lines_after - lines_before == RESUME_STEPS - 4  # steps 5-8 again, from the step-4 checkpoint
 
 
+def test_sigterm_checkpoints_the_current_step_and_the_relaunch_goes_on_from_it(demo_root, uninterrupted, tmp_path):
+    """SIGTERM to torchrun (what a scheduler sends at preemption or the time limit): the workers finish the step in
+    flight, agree on it, checkpoint it (between the every-2-steps checkpoints if need be) and exit; relaunching
+    resumes from that very step and ends with the uninterrupted losses."""
+    recipe = _resume_recipe(demo_root)
+    run = tmp_path / "sigterm"
+    proc = _launch(recipe, run, background=True)
+    try:
+        _wait_for_step(run, proc, 3)
+        os.kill(proc.pid, signal.SIGTERM)  # launch.sh execs torchrun: this is the agent
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stops = [r for r in log if r["kind"] == "stop"]
+    assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM", out[-3000:]
+    stopped_at = stops[0]["step"]
+    assert 3 <= stopped_at < RESUME_STEPS
+    from video_ens.engine import latest_checkpoint
+
+    assert latest_checkpoint(run / "checkpoints")[0] == stopped_at, "the stop step itself must be checkpointed"
+    lines_before = sum(r["kind"] == "train" for r in log)
+
+    _check(_launch(recipe, run))
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
+    lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    assert lines_after - lines_before == RESUME_STEPS - stopped_at  # nothing trained twice, nothing skipped
+
+
 def test_two_node_launch_on_localhost(demo_root, tmp_path):
     """NNODES=2 with one process per node, both on this machine: the same command with NODE_RANK 0 and 1."""
     recipe = _recipe("resnet", demo_root, zero=2, steps=2)

@@ -47,10 +47,12 @@ def test_precision_blocks():
     assert "bf16" not in bf16 and "fp16" not in bf16
     fp32 = engine.deepspeed_config(_recipe(train={"precision": "fp32"}), world_size=1, device=cpu)
     assert "torch_autocast" not in fp32 and "fp16" not in fp32
-    with pytest.raises(RecipeError, match='train.precision: "fp16" needs a CUDA GPU'):
-        engine.deepspeed_config(_recipe(train={"precision": "fp16"}), world_size=1, device=cpu)
-    fp16 = engine.deepspeed_config(_recipe(train={"precision": "fp16"}), world_size=1, device=torch.device("cuda"))
-    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0
+    # fp16 autocasts too (DeepSpeed adds a dynamic loss scale); its "fp16" block would cast BatchNorm to fp16 and
+    # expect fp16 inputs
+    for device in (cpu, torch.device("cuda")):
+        fp16 = engine.deepspeed_config(_recipe(train={"precision": "fp16"}), world_size=1, device=device)
+        assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"}
+        assert "fp16" not in fp16 and "bf16" not in fp16
 
 
 def test_zero_clipping_and_offload():
@@ -98,3 +100,40 @@ def test_checkpoint_files_are_read_without_unpickling_arbitrary_objects(tmp_path
     torch.save({"w": torch.zeros(1), "x": _Payload()}, bad)
     with pytest.raises(RuntimeError, match="bad.pt: refused to load"):
         engine.safe_torch_load(str(bad))
+
+
+# ------------------------------------------------------------------------------------------- model construction
+
+
+@pytest.mark.parametrize(
+    "model, paths, reason",
+    [
+        ({"name": "resnet_tiny", "fork": "block9"}, "model.fork", "fork must be one of"),
+        ({"name": "s3dg_tiny", "options": {"kernels": "cuda"}}, "model.options.kernels", "kernels must be one of"),
+        (
+            {"name": "resnet_tiny_ens2", "width_ratio": 0.5, "options": {"branch_widths": [4, 8]}},
+            "model.width_ratio, model.options.branch_widths",
+            "give branch_widths or width_ratio, not both",
+        ),
+    ],
+)
+def test_a_model_the_builder_refuses_is_a_recipe_error_naming_the_fields(model, paths, reason):
+    from video_ens.train import build_model
+
+    data = {"kind": "image", "train_shards": "data/t", "val_shards": "data/v"} if "resnet" in model["name"] else None
+    r = _recipe(model=model, **({"data": data} if data else {}))  # passes the recipe check: only building can tell
+    with pytest.raises(RecipeError) as e:
+        build_model(r, device="meta", source="r.json")
+    assert str(e.value).startswith(f"r.json: {paths}: model {model['name']} cannot be built: {reason}")
+    assert build_model(_recipe(), device="meta").num_branches == 1
+
+
+def test_train_refuses_an_unbuildable_model_before_any_process_group(capsys):
+    from video_ens import dist, train
+
+    rc = train.main(["recipes/demo_imagenet_resnet_mu3.json", "--dry-run", "--set", "model.fork=block9"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: recipes/demo_imagenet_resnet_mu3.json (with --set model.fork=block9): model.fork: " in err
+    assert "Traceback" not in err
+    assert not dist.is_initialized()
