@@ -509,14 +509,17 @@ class TrainConfig:
             if per_rank % acc:
                 raise RecipeError(
                     f"train.grad_accum_steps {acc} does not divide the per-rank batch {per_rank} "
-                    f"(global_batch_size {gb} / world size {world_size})"
+                    f"(global_batch_size {gb} / world size {world_size}): set it to a divisor of {per_rank}, or "
+                    "to null and set train.micro_batch_size instead"
                 )
             mb = per_rank // acc
         elif acc is None:
             if per_rank % mb:
                 raise RecipeError(
                     f"train.micro_batch_size {mb} does not divide the per-rank batch {per_rank} "
-                    f"(global_batch_size {gb} / world size {world_size})"
+                    f"(global_batch_size {gb} / world size {world_size}): set it to a divisor of {per_rank} "
+                    f"(e.g. {math.gcd(mb, per_rank)}; gradient accumulation makes up the rest), or to null to use "
+                    "the whole per-rank batch"
                 )
             acc = per_rank // mb
         if mb * acc * world_size != gb:

@@ -107,12 +107,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     eval_data = loader.eval_stream(
         recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
     )
-    model_classes = _num_classes(recipe)
-    if model_classes is not None and model_classes != train_data.num_classes:
-        raise RecipeError(
-            f"model.num_classes: model {recipe.model.name} has {model_classes} classes but the dataset "
-            f"{data_root.train} has {train_data.num_classes}: set model.num_classes to {train_data.num_classes}"
-        )
+    check_num_classes(recipe, train_data.num_classes, data_root.train)
     criterion = loss_for(recipe.objective, model)
     optimizer = create_optimizer(model, recipe.optim, lr=peak_lr(recipe.optim, recipe.train.global_batch_size))
     eng = engine.initialize(model, optimizer, ds_config)
@@ -189,18 +184,28 @@ def build_model(recipe, *, device: str | torch.device | None = None, source: str
         ) from None
 
 
+def check_num_classes(recipe, dataset_classes: int, dataset: str | Path) -> None:
+    """RecipeError when the classifier the recipe builds is not as wide as the dataset's label map."""
+    model_classes = _num_classes(recipe)
+    if model_classes is not None and model_classes != dataset_classes:
+        raise RecipeError(
+            f"model.num_classes: model {recipe.model.name} has {model_classes} classes but the dataset "
+            f"{dataset} has {dataset_classes}: set model.num_classes to {dataset_classes}"
+        )
+
+
 def _num_classes(recipe) -> int | None:
     """The classifier width the recipe builds: model.num_classes, else the preset's, else the builder's default."""
     import inspect
 
-    from .models import MODELS
+    from .models import MODELS, model_kwargs
 
     if recipe.model.num_classes is not None:
         return recipe.model.num_classes
-    build, preset = MODELS[recipe.model.name]
-    if "num_classes" in preset:
-        return preset["num_classes"]
-    default = inspect.signature(build).parameters.get("num_classes")
+    kwargs = model_kwargs(recipe.model.name, **recipe.model.builder_kwargs())
+    if "num_classes" in kwargs:
+        return kwargs["num_classes"]
+    default = inspect.signature(MODELS[recipe.model.name][0]).parameters.get("num_classes")
     return None if default is None or default.default is inspect.Parameter.empty else default.default
 
 

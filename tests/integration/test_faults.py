@@ -63,7 +63,9 @@ SCRIPT = textwrap.dedent(
     trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=loss_for(recipe.objective, model),
                       train_data=Stream(), eval_data=None, device=device, metrics_task="single_label")
     # Which steps left every weight bit for bit as it was (momentum and weight decay move them on any real step).
-    snap = lambda: torch.cat([p.detach().flatten().clone() for p in eng.module.parameters()])
+    # weights and BN running statistics (the bad forward moves those too: the trainer must restore them)
+    snap = lambda: torch.cat([t.detach().flatten().double().clone()
+                              for t in [*eng.module.parameters(), *eng.module.buffers()]])
     prev = snap()
     unchanged = []
     def on_step_end(t):

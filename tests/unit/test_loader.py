@@ -86,14 +86,14 @@ def _feat_arrays(i: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return rgb, audio, labels
 
 
-def _feat_samples(count: int, *, nan: tuple[int, ...] = ()) -> list[dict]:
+def _feat_samples(count: int, *, nan: tuple[int, ...] = (), inf: tuple[int, ...] = ()) -> list[dict]:
     samples = []
     for i in range(count):
         rgb, audio, labels = _feat_arrays(i)
         key = schema.make_key(i, f"yt{i}")
-        if i in nan:  # a float feature row holding NaN, written around encode_yt8m_sample's uint8 check
+        if i in nan or i in inf:  # a float feature row holding NaN / inf, written around encode_yt8m_sample's check
             bad = rgb.astype(np.float32)
-            bad[1] = np.nan
+            bad[1] = np.nan if i in nan else -np.inf
             samples.append(
                 {
                     "__key__": key,
@@ -136,7 +136,7 @@ def data(tmp_path_factory):
         num_classes=CLIP_CLASSES,
     )
     _write(root / "feats", "yt8m", _feat_samples(20), shard_size=5, num_classes=FEAT_CLASSES)
-    _write(root / "feats_nan", "yt8m", _feat_samples(8, nan=(5,)), shard_size=4, num_classes=FEAT_CLASSES)
+    _write(root / "feats_nan", "yt8m", _feat_samples(8, nan=(5,), inf=(6,)), shard_size=4, num_classes=FEAT_CLASSES)
     _write(
         root / "feats_half_bad", "yt8m", _feat_samples(10, nan=(0, 2, 4, 6, 8)), shard_size=5, num_classes=FEAT_CLASSES
     )
@@ -317,9 +317,10 @@ def test_a_micro_batch_of_only_bad_samples_refills_from_spares(data):
 def test_bad_features_and_images_are_counted_with_their_key(data):
     stream = _train(_cfg(data, "features", name="feats_nan", samples_per_epoch=8), batch=2)
     ids = [i for b in stream.batches(0, 0) for i in b["ids"]]
-    nan_key = _feat_samples(8)[5]["__key__"]
-    assert nan_key not in ids and len(ids) == 8
-    assert [r["key"] for r in stream.stats["last_bad"]] == [nan_key]
+    nan_key, inf_key = (_feat_samples(8)[i]["__key__"] for i in (5, 6))
+    assert nan_key not in ids and inf_key not in ids and len(ids) == 8
+    assert sorted(r["key"] for r in stream.stats["last_bad"]) == sorted([nan_key, inf_key])
+    assert stream.stats["bad_by_reason"] == {"format": 2}  # float rows: the shards hold uint8 features
     images = _train(_cfg(data, "image", samples_per_epoch=12), batch=4)
     list(images.batches(0, 0))
     assert images.stats["bad_by_reason"] == {"decode": 1}
