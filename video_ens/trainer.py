@@ -72,6 +72,19 @@ class MetricsLog:
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
+    def resumed(self, step: int, values: dict[str, Any]) -> None:
+        """Mark a resume at `step`: a "resume" line, and TensorBoard drops what an earlier attempt logged after
+        `step` (those steps are about to be logged again), so its curves do not double back."""
+        if not self.enabled:
+            return
+        self.write("resume", step, values)
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir, purge_step=step + 1)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -212,7 +225,7 @@ class Trainer:
                 "(the data order depends on data.num_workers, the world size, the batch and the seeds); "
                 "resume with the original values to continue exactly"
             )
-            self.log.write("resume", self.step, {"changed": changes})
+        self.log.resumed(self.step, {"changed": changes})
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, save_fn, on_step_end=None) -> None:

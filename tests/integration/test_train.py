@@ -298,6 +298,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     # the restart trained exactly the steps after the newest complete checkpoint, no more, no fewer
     lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
     assert lines_after - lines_before == steps - resume_from[0]
+    marks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "resume"' in line]
+    assert [(m["step"], m["changed"]) for m in marks] == [(resume_from[0], [])]  # same setup: nothing changed
 
 
 def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, uninterrupted, tmp_path):
