@@ -146,7 +146,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         trainer.restore(engine.load_checkpoint(eng, latest[1]))
         LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
     else:
-        _log_model_table(recipe, size, run_dir, model.num_branches)
+        _log_model_table(recipe, size, run_dir, model)
 
     def save(t: Trainer) -> None:
         all_reduce_bn_stats(eng.module)
@@ -214,16 +214,27 @@ def _model_size(recipe) -> dict:
     return model_size_report(recipe.model.name, **recipe.model.builder_kwargs())
 
 
-def _log_model_table(recipe, size: dict, run_dir: Path, num_branches: int) -> None:
+def _log_model_table(recipe, size: dict, run_dir: Path, model) -> None:
+    """The parameter and FLOP table at the start of a run: the shared base, each branch (with its classifier) and
+    the total, BatchNorm folded as the paper counts; also written to metrics.jsonl as a "model" line."""
     if not dist.is_main():
         return
-    frame = f", {_si(size['frame_flops'])} FLOPs per frame in the base" if "frame_flops" in size else ""
+    from .models.size import count_params
+
+    parts = [("base (shared)", count_params(model.base))]
+    parts += [(f"branch {i}", count_params(b)) for i, b in enumerate(model.branches)]
+    total = size["params"]
+    rows = [f"  {name:<16} {n:>14,} params  {100 * n / total:5.1f}%" for name, n in parts]
+    frame = f"; {_si(size['frame_flops'])} FLOPs per frame in the base" if "frame_flops" in size else ""
     LOG.info(
-        f"model {recipe.model.name}: {num_branches} branch(es), {_si(size['params'])} parameters (BN folded), "
-        f"{_si(size['flops'])} FLOPs per sample ({size['counted']}, input {size['input']}){frame}"
+        f"model {recipe.model.name}: {model.num_branches} branch(es), BatchNorm folded\n" + "\n".join(rows)
+        + f"\n  {'total':<16} {total:>14,} params, {_si(size['flops'])} FLOPs per sample ({size['counted']}, "
+        f"input {size['input']}){frame}"
     )
+    record = {"kind": "model", "step": 0, "num_branches": model.num_branches, "size": size,
+              "params_by_part": dict(parts)}
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "model", "step": 0, "num_branches": num_branches, "size": size}) + "\n")
+        f.write(json.dumps(record) + "\n")
 
 
 def _si(n: float) -> str:
