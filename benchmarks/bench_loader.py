@@ -1,4 +1,4 @@
-"""Loader benchmark, decoding stage: frames and clips per second per backend, beside the ffmpeg command line.
+"""Loader benchmark: decoding per backend beside the ffmpeg command line; --mode pipeline: train_stream end to end.
 
     python benchmarks/bench_loader.py                   # makes 3 clips of 340x256 H.264 (10 s, 30 fps) in a temp dir
     python benchmarks/bench_loader.py --videos DIR      # every .mp4/.mkv/.webm/.avi under DIR
@@ -20,17 +20,61 @@ a run minus a one-frame run of the same file; the start alone is ~50 ms per file
 Backends are interleaved over --rounds rounds (each round: the same clip positions for every backend), so load from
 other processes falls on all of them alike; the CSV keeps the median and the best round, and the load average.
 The results go to benchmarks/results/loader_<hostname>_<date>.csv with versions, machine and git SHA.
+
+Pipeline mode (--mode pipeline): the training input pipeline end to end, as train.py runs it
+-------------------------------------------------------------------------------------------
+
+    python benchmarks/bench_loader.py --mode pipeline                      # 64 frames, crop 224, short side 256-320
+    python benchmarks/bench_loader.py --mode pipeline --preset small       # 32 frames, crop 112, short side 128-160
+    python benchmarks/bench_loader.py --mode pipeline --shards DIR --workers 0 2 4 --clips 256 --rounds 3
+
+Shards: --shards DIR (a converted clip dataset, tools/convert_kinetics.py), or by default the same synthetic videos
+(or --videos DIR) converted by tools/convert_kinetics.py into a temp dir, each listed --dataset-size / videos times
+(the samples are then identical bytes: decoding never caches across samples, each opens its own decoder).
+`loader.train_stream(...).batches(epoch)` then runs with the recipe's data settings from the command line (frames,
+stride, crop, short-side range, flip, colour jitter, decoder backend = data.decoder) for every --workers count
+(data.num_workers; 0 = in the main process), micro-batches of --batch-size as train.micro_batch_size, a fresh fork
+of the workers per run, exactly as a training epoch. The main process only counts the batches (no model), so the
+rate is what the loader can feed at most. Worker counts are interleaved over --rounds rounds, as in decode mode.
+
+Columns per (backend, workers):
+  clips_per_s            steady rate of the whole pipeline: the first batch of every worker (fork, imports, a
+                         first full micro-batch) is left out; first_batch_s is that start-up latency
+  clips_per_s_per_worker clips_per_s / max(workers, 1) (workers = 0: the main process is the one worker)
+  worker_ms_per_clip     1000 / clips_per_s_per_worker: wall time one worker spends per clip, seen from outside
+  decode_ms, augment_ms, collate_ms, handoff_ms
+                         the same time measured inside the workers, per clip (wall): decode_frames itself (the
+                         windows and short sides the pipeline drew), the rest of the per-sample work (crop, float,
+                         flip, colour jitter, normalise, layout), the rest of building a micro-batch (tar reading,
+                         shuffle buffer, torch.stack), and the time between handing a batch over and starting the
+                         next (pickling it into shared memory for the main process, and any wait for a request)
+  worker_cpu_ms          CPU time per clip of the thread that builds batches (without handoff): below the wall
+                         time = the core was shared (other processes, or more workers than cores)
+  worker_sys_ms          ... of which kernel time (page faults of fresh large allocations: a 64x224x224 float clip
+                         is 38.5 MB, above glibc's largest mmap threshold, so every temporary is a new mapping)
+  feeder_cpu_ms          CPU time per clip of the worker's other threads: the multiprocessing queue's feeder thread,
+                         which pickles each batch into shared memory (a copy) while the worker builds the next
+  ipc_copy_ms            a direct measurement of moving one micro-batch of this shape into shared memory
+                         (Tensor.share_memory_(), the copy a worker makes to hand a batch over), per clip
+  decode_only_clips_per_s 1000 / decode_ms: what a decode-only benchmark would report for these windows
+  main_cpu_ms            CPU time of the main process per clip (receiving batches)
+A reference row ffmpeg-cli-net gives the ffmpeg command line's single-thread rate for every frame of the videos
+at the low end of the short-side range (see above), with its clips_per_s = frames_per_s / frames.
+The results go to benchmarks/results/loader_pipeline_<hostname>_<date>.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
+import multiprocessing
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import subprocess
@@ -202,21 +246,449 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_columns(load_before: float) -> dict:
+    """Versions, machine, load and code: the columns every row of both modes carries after its own."""
+    return {
+        "torch": torch.__version__,
+        "av": backend_version("pyav") or "",
+        "decord": backend_version("decord") or "",
+        "torchcodec": backend_version("torchcodec") or "",
+        "ffmpeg": ffmpeg_version_line() or "ffmpeg not found",
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": 1,
+        "loadavg": f"{load_before:.1f}-{os.getloadavg()[0]:.1f}",
+        "git_sha": git_sha(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipeline mode: train_stream end to end
+
+PRESETS = {  # recipe-like data settings: frames, crop_size, short_side range
+    "kinetics": (64, 224, (256, 320)),  # recipes/kinetics_s3dg_mu2.json
+    "small": (32, 112, (128, 160)),
+}
+
+PROBE_FIELDS = (
+    "decode_s",  # decode_frames, wall
+    "item_s",  # one training sample (decode and augmentation), wall
+    "produce_s",  # one micro-batch (samples, tar reading, shuffle, stack), wall
+    "produce_cpu_s",  # the same, CPU time of the thread that builds it (user + system)
+    "produce_sys_s",  # ... of which system (kernel) time
+    "handoff_s",  # from handing a micro-batch to the DataLoader until asked for the next, wall
+    "process_cpu_s",  # CPU time of the whole worker process over its life (all threads)
+    "thread_cpu_s",  # ... of the thread that builds batches
+    "clips",
+    "batches",
+)
+
+
+def thread_times() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of the calling thread (of the process where there is no RUSAGE_THREAD)."""
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime
+
+
+class Probes:
+    """Time sums that forked DataLoader workers add to: shared memory made before the fork, so the workers inherit it."""
+
+    def __init__(self) -> None:
+        self.values = multiprocessing.get_context("fork").Array("d", len(PROBE_FIELDS))
+
+    def add(self, **amounts: float) -> None:
+        with self.values.get_lock():
+            for name, amount in amounts.items():
+                self.values[PROBE_FIELDS.index(name)] += amount
+
+    def take(self) -> dict[str, float]:
+        """The sums since the last take, and zero them."""
+        with self.values.get_lock():
+            sums = dict(zip(PROBE_FIELDS, self.values[:], strict=True))
+            for i in range(len(PROBE_FIELDS)):
+                self.values[i] = 0.0
+        return sums
+
+
+@contextlib.contextmanager
+def probed(loader, probes: Probes):
+    """Time decode_frames, each training sample and each micro-batch inside the loader (workers fork with these)."""
+    decode, item, iterate = loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__
+
+    def timed_decode(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            probes.add(decode_s=time.perf_counter() - start)
+
+    def timed_item(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return item(*args, **kwargs)
+        finally:
+            probes.add(item_s=time.perf_counter() - start, clips=1)
+
+    def timed_iter(self):
+        batches = iterate(self)
+        life_process, life_thread = time.process_time(), thread_times()[0]
+        while True:
+            start, (cpu, sys_cpu) = time.perf_counter(), thread_times()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                # The queue's feeder thread may still be pickling the last batch: its share is slightly undercounted.
+                probes.add(
+                    process_cpu_s=time.process_time() - life_process, thread_cpu_s=thread_times()[0] - life_thread
+                )
+                return
+            made, (cpu_end, sys_end) = time.perf_counter(), thread_times()
+            probes.add(produce_s=made - start, produce_cpu_s=cpu_end - cpu, produce_sys_s=sys_end - sys_cpu, batches=1)
+            # In a worker the DataLoader puts it on a multiprocessing queue, whose feeder thread pickles it into
+            # shared memory (a copy of the whole batch) while this thread goes on with the next.
+            yield batch
+            probes.add(handoff_s=time.perf_counter() - made)
+
+    loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__ = timed_decode, timed_item, timed_iter
+    try:
+        yield
+    finally:
+        loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__ = decode, item, iterate
+
+
+def convert_videos(paths: list[Path], videos: Path, out: Path, size: int, shard_size: int, reencode) -> Path:
+    """A clip dataset of `size` samples (the videos listed in turn) through tools/convert_kinetics.py."""
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    if tools not in sys.path:  # the converters are scripts, not package modules
+        sys.path.insert(0, tools)
+    import convert_kinetics
+
+    annotations = out.parent / "annotations.csv"
+    with annotations.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for i in range(max(size, len(paths))):
+            path = paths[i % len(paths)]
+            writer.writerow([path.relative_to(videos).as_posix(), path.stem])
+    short_side, keyint = reencode or (None, None)
+    convert_kinetics.convert(
+        annotations=str(annotations),
+        videos=str(videos),
+        out=str(out),
+        short_side=short_side,
+        keyint=keyint,
+        workers=1,
+        shard_size=shard_size,
+        progress=False,
+    )
+    return out
+
+
+def extract_videos(dataset: Path, folder: Path, count: int) -> list[Path]:
+    """The first `count` clips of a converted dataset as files (for the ffmpeg command line)."""
+    from video_ens.data import loader, schema
+
+    paths: list[Path] = []
+    for shard in schema.read_info(dataset).shards:
+        for raw in loader._read_shard(str(dataset / shard.name), []):
+            if len(paths) == count:
+                return paths
+            try:
+                sample = schema.decode_video_sample(raw)
+            except schema.SampleError:
+                continue
+            path = folder / f"{len(paths)}.{sample.container}"
+            path.write_bytes(sample.video)
+            paths.append(path)
+    return paths
+
+
+def pipeline_pass(loader, data_cfg, probes: Probes, *, batch_size: int, clips: int, epoch: int) -> dict:
+    """One epoch of `clips` training samples through train_stream; arrival times and the probes' sums."""
+    root = loader.resolve_paths(data_cfg)
+    spec = {"kind": "clip", "frames": data_cfg.frames, "size": data_cfg.crop_size}
+    stream = loader.train_stream(
+        data_cfg, input_spec=spec, micro_batch_size=batch_size, rank=0, world_size=1, seed=0, root=root
+    )
+    probes.take()
+    arrivals, count = [], 0
+    cpu, start = time.process_time(), time.perf_counter()
+    for batch in stream.batches(epoch):
+        arrivals.append(time.perf_counter())
+        count += batch["inputs"].shape[0]
+        shape = tuple(batch["inputs"].shape)
+        del batch
+    main_cpu = time.process_time() - cpu
+    if stream.stats["bad"]:
+        print(f"warning: {stream.stats['bad']} bad samples: {stream.stats['last_bad'][-2:]}", file=sys.stderr)
+    warm = max(1, data_cfg.num_workers)  # batches that carried a worker's start-up
+    steady = (count - warm * batch_size, arrivals[-1] - arrivals[warm - 1]) if len(arrivals) > warm else None
+    return {
+        "clips": count,
+        "seconds": arrivals[-1] - start,
+        "first_batch_s": arrivals[0] - start,
+        "steady": steady,
+        "main_cpu_s": main_cpu,
+        "shape": shape,
+        "probes": probes.take(),
+    }
+
+
+def ipc_copy_seconds(shape: tuple[int, ...], repeats: int = 3) -> float:
+    """Best time to move a float32 batch of `shape` into shared memory, as a worker's queue put does."""
+    best = math.inf
+    for _ in range(repeats):
+        batch = torch.rand(shape)
+        start = time.perf_counter()
+        batch.share_memory_()
+        best = min(best, time.perf_counter() - start)
+        del batch
+    return best
+
+
+def run_pipeline(args, parser) -> Path:
+    from video_ens.config import DataConfig
+    from video_ens.data import loader
+
+    frames, crop_size, short_side = PRESETS[args.preset]
+    frames = args.frames or frames
+    crop_size = args.crop_size or crop_size
+    short_side = tuple(args.short_side_range or short_side)
+    batch_size = args.batch_size
+    clips = max(batch_size, args.clips // batch_size * batch_size)
+    wanted = args.backends or ["pyav"]
+    backends = [b for b in wanted if backend_version(b) is not None]
+    torch.set_num_threads(1)  # workers = 0: the main process is the one worker (DataLoader workers set 1 themselves)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        started = time.perf_counter()
+        if args.shards is not None:
+            dataset = args.shards
+            source = f"shards {args.shards}"
+            references = extract_videos(dataset, scratch, args.num_videos)
+        else:
+            if args.videos is not None:
+                videos, paths = args.videos, find_videos(args.videos)
+                if not paths:
+                    parser.error(f"no videos ({', '.join(sorted(VIDEO_SUFFIXES))}) under {args.videos}")
+                source = str(args.videos)
+            else:
+                videos = scratch / "videos"
+                videos.mkdir()
+                paths = make_videos(videos, args.num_videos)
+                source = f"synthetic 340x256 H.264 x{len(paths)}"
+            dataset = convert_videos(
+                paths, videos, scratch / "dataset", args.dataset_size, args.shard_size, args.reencode
+            )
+            references = paths
+            size = f" re-encoded short side {args.reencode[0]} keyint {args.reencode[1]}" if args.reencode else ""
+            source += f" as {max(args.dataset_size, len(paths))} samples{size}"
+        print(f"{source}: ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+        settings = dict(
+            kind="clip",
+            train_shards=str(dataset),
+            val_shards=str(dataset),
+            samples_per_epoch=clips,
+            frames=frames,
+            frame_stride=args.frame_stride,
+            crop_size=crop_size,
+            short_side=short_side,
+            flip=not args.no_flip,
+            color_jitter=args.color_jitter,
+        )
+        configs = [(b, w) for b in backends for w in args.workers]
+        runs: dict[tuple[str, int], list[dict]] = {}
+        probes = Probes()
+        ffmpeg = shutil.which("ffmpeg")
+        ffmpeg_samples = []
+        with probed(loader, probes):
+            for r in range(args.rounds):
+                shift = r % len(configs)  # rotate who goes first, as in decode mode
+                for backend, workers in configs[shift:] + configs[:shift]:
+                    cfg = DataConfig(**settings, num_workers=workers, decoder=backend)
+                    run = pipeline_pass(loader, cfg, probes, batch_size=batch_size, clips=clips, epoch=r)
+                    runs.setdefault((backend, workers), []).append(run)
+                    rate = run["steady"][0] / run["steady"][1] if run["steady"] else run["clips"] / run["seconds"]
+                    print(f"round {r} {backend} workers={workers}: {rate:.2f} clips/s", file=sys.stderr)
+                if ffmpeg and references:  # the practical per-core limit, at the low end of the short-side range
+                    sizes = [resized_size(*probe_size(p), short_side[0]) for p in references]
+                    seconds = ffmpeg_pass(ffmpeg, references, sizes) - ffmpeg_pass(ffmpeg, references, sizes, 1)
+                    ffmpeg_samples.append(sum(probe(p).num_frames - 1 for p in references) / seconds)
+        shape = next(iter(runs.values()))[0]["shape"] if runs else None
+        ipc_copy = ipc_copy_seconds(shape) / shape[0] if shape else None
+
+    common = {"source": source, "short_side": f"{short_side[0]}-{short_side[1]}", "rounds": args.rounds}
+    common |= machine_columns(load_before)
+    ffmpeg_rate = float(np.median(ffmpeg_samples)) if ffmpeg_samples else None
+    rows = []
+    for (backend, workers), samples in runs.items():
+        rates = sorted(s["steady"][0] / s["steady"][1] if s["steady"] else s["clips"] / s["seconds"] for s in samples)
+        clips_per_s = float(np.median(rates))
+        done = sum(s["clips"] for s in samples)
+        sums = {k: sum(s["probes"][k] for s in samples) for k in PROBE_FIELDS}
+        per_clip = {k: 1000 * v / max(sums["clips"], 1) for k, v in sums.items()}
+        per_worker = clips_per_s / max(workers, 1)
+        rows.append(
+            {
+                "backend": backend,
+                "workers": workers,
+                "clips_per_s": clips_per_s,
+                "clips_per_s_best": rates[-1],
+                "clips_per_s_per_worker": per_worker,
+                "worker_ms_per_clip": 1000 / per_worker,
+                "frames_per_s": clips_per_s * frames,
+                "vs_ffmpeg": per_worker * frames / ffmpeg_rate if ffmpeg_rate else "",
+                "decode_ms": per_clip["decode_s"],
+                "augment_ms": per_clip["item_s"] - per_clip["decode_s"],
+                "collate_ms": per_clip["produce_s"] - per_clip["item_s"],
+                "handoff_ms": per_clip["handoff_s"],
+                "worker_cpu_ms": per_clip["produce_cpu_s"],
+                "worker_sys_ms": per_clip["produce_sys_s"],
+                "feeder_cpu_ms": per_clip["process_cpu_s"] - per_clip["thread_cpu_s"] if workers else 0.0,
+                "ipc_copy_ms": 1000 * ipc_copy if workers and ipc_copy is not None else 0.0,
+                "decode_only_clips_per_s": 1000 / per_clip["decode_s"] if sums["decode_s"] else "",
+                "main_cpu_ms": 1000 * sum(s["main_cpu_s"] for s in samples) / done,
+                "first_batch_s": float(np.median([s["first_batch_s"] for s in samples])),
+                "clips": done,
+                "note": "" if sums["clips"] else "no probe sums (workers not forked?)",
+            }
+        )
+    if ffmpeg_rate:
+        rows.append(
+            {
+                "backend": "ffmpeg-cli-net",
+                "workers": "",
+                "clips_per_s": ffmpeg_rate / frames,
+                "clips_per_s_best": max(ffmpeg_samples) / frames,
+                "clips_per_s_per_worker": ffmpeg_rate / frames,
+                "worker_ms_per_clip": 1000 * frames / ffmpeg_rate,
+                "frames_per_s": ffmpeg_rate,
+                "vs_ffmpeg": 1.0,
+                "note": f"ffmpeg CLI, one thread, every frame at short side {short_side[0]}, minus process start",
+            }
+        )
+    for backend in wanted:
+        if backend not in backends:
+            rows.append({"backend": backend, "note": "not importable"})
+
+    setting = {
+        "frames": frames,
+        "frame_stride": args.frame_stride,
+        "crop_size": crop_size,
+        "flip": not args.no_flip,
+        "color_jitter": args.color_jitter,
+        "batch_size": batch_size,
+        # glibc's allocator settings change the cost of large temporaries (see worker_sys_ms)
+        "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")),
+    }
+    host = socket.gethostname()
+    out = args.out or RESULTS / f"loader_pipeline_{host}_{common['date']}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["backend", "workers", "clips_per_s", "clips_per_s_best", "clips_per_s_per_worker", "worker_ms_per_clip"]
+    fields += ["frames_per_s", "vs_ffmpeg", "decode_ms", "augment_ms", "collate_ms", "handoff_ms", "worker_cpu_ms"]
+    fields += [
+        "worker_sys_ms",
+        "feeder_cpu_ms",
+        "ipc_copy_ms",
+        "decode_only_clips_per_s",
+        "main_cpu_ms",
+        "first_batch_s",
+        "clips",
+        "note",
+    ]
+    fields += list(setting) + list(common)
+    append = args.append and out.exists()
+    with out.open("a" if append else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        if not append:
+            writer.writeheader()
+        for row in rows:
+            formatted = {
+                k: (f"{v:.3f}" if k in ("vs_ffmpeg", "first_batch_s") else f"{v:.2f}") if isinstance(v, float) else v
+                for k, v in row.items()
+            }
+            writer.writerow({k: "" for k in fields} | setting | common | formatted)
+    print(
+        f"{frames} frames x {crop_size}, short side {short_side[0]}-{short_side[1]}, batch {batch_size}:",
+        file=sys.stderr,
+    )
+    print(
+        "backend        workers clips/s /worker ms/clip | decode augment collate handoff (ms/clip) | first batch",
+        file=sys.stderr,
+    )
+    for row in rows:
+        if "clips_per_s" not in row:
+            continue
+        line = (
+            f"{row['backend']:14s} {row['workers']!s:>7} {row['clips_per_s']:7.2f} {row['clips_per_s_per_worker']:7.2f}"
+        )
+        line += f" {row['worker_ms_per_clip']:7.1f}"
+        if "decode_ms" in row:
+            line += f" | {row['decode_ms']:6.1f} {row['augment_ms']:7.1f} {row['collate_ms']:7.1f}"
+            line += f" {row['handoff_ms']:7.1f}            | {row['first_batch_s']:.2f} s"
+        print(line, file=sys.stderr)
+    print(out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    modes = ("decode", "pipeline")
+    parser.add_argument(
+        "--mode", choices=modes, default="decode", help="decode (default) or pipeline (see the module docstring)"
+    )
     parser.add_argument("--videos", type=Path, help="folder of videos (default: generate synthetic 340x256 clips)")
     parser.add_argument("--num-videos", type=int, default=3, help="synthetic clips to generate")
-    parser.add_argument("--short-side", type=int, default=256)
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--short-side", type=int, default=256, help="decode mode: the decoded short side")
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, help="decoder backends (default: decode mode all, pipeline pyav)"
+    )
     samplings = ["window", "spread", "all"]
-    parser.add_argument("--samplings", nargs="+", default=samplings, choices=samplings)
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds; the CSV has median and best")
-    parser.add_argument("--out", type=Path, help="CSV path (default: benchmarks/results/loader_<host>_<date>.csv)")
+    parser.add_argument("--samplings", nargs="+", default=samplings, choices=samplings, help="decode mode")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds; the CSV has median and best (default 8; pipeline 2)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="CSV path (default: benchmarks/results/loader[_pipeline]_<host>_<date>.csv)"
+    )
+    pipe = parser.add_argument_group("pipeline mode")
+    pipe.add_argument(
+        "--shards", type=Path, help="a converted clip dataset (default: convert the videos into a temp dir)"
+    )
+    pipe.add_argument("--dataset-size", type=int, default=24, help="samples of the converted dataset (videos repeated)")
+    pipe.add_argument("--shard-size", type=int, default=8, help="samples per shard of the converted dataset")
+    pipe.add_argument(
+        "--reencode", type=int, nargs=2, metavar=("SHORT_SIDE", "KEYINT"), help="convert with re-encoding"
+    )
+    pipe.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="data.num_workers values to run")
+    pipe.add_argument(
+        "--preset", choices=PRESETS, default="kinetics", help="kinetics: 64x224, 256-320; small: 32x112, 128-160"
+    )
+    pipe.add_argument("--frames", type=int, help="data.frames (default: the preset's)")
+    pipe.add_argument("--frame-stride", type=int, default=1, help="data.frame_stride")
+    pipe.add_argument("--crop-size", type=int, help="data.crop_size (default: the preset's)")
+    pipe.add_argument("--short-side-range", type=int, nargs=2, metavar=("MIN", "MAX"), help="data.short_side")
+    pipe.add_argument("--no-flip", action="store_true", help="data.flip = false")
+    pipe.add_argument("--color-jitter", type=float, default=0.4, help="data.color_jitter")
+    pipe.add_argument("--batch-size", type=int, default=8, help="micro-batch size (train.micro_batch_size)")
+    pipe.add_argument("--clips", type=int, default=64, help="clips per worker count per round (rounded to batches)")
+    pipe.add_argument("--append", action="store_true", help="append rows to an existing CSV (e.g. a second preset)")
     args = parser.parse_args(argv)
+    if args.mode == "pipeline":
+        args.rounds = args.rounds or 2
+        return run_pipeline(args, parser)
+    args.rounds = args.rounds or 8
+    args.backends = args.backends or list(BACKENDS)
+    return run_decode(args, parser)
 
+
+def run_decode(args, parser) -> Path:
     torch.set_num_threads(1)
     backends = [b for b in args.backends if backend_version(b) is not None]
     load_before = os.getloadavg()[0]
@@ -246,23 +718,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     if shutil.which("ffmpeg") is None:
         print("ffmpeg not found: no command-line reference (apt-get install ffmpeg)", file=sys.stderr)
-    ffmpeg_version = ffmpeg_version_line()
-    common = {
-        "source": source,
-        "short_side": args.short_side,
-        "rounds": args.rounds,
-        "torch": torch.__version__,
-        "av": backend_version("pyav") or "",
-        "decord": backend_version("decord") or "",
-        "torchcodec": backend_version("torchcodec") or "",
-        "ffmpeg": ffmpeg_version or "ffmpeg not found",
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": 1,
-        "loadavg": f"{load_before:.1f}-{os.getloadavg()[0]:.1f}",
-        "git_sha": git_sha(),
-        "date": datetime.date.today().isoformat(),
-    }
+    common = {"source": source, "short_side": args.short_side, "rounds": args.rounds} | machine_columns(load_before)
 
     def rate(samples, index):  # median and best of frames (index 0) or clips (index 1) per second
         rates = sorted(sample[index] / sample[2] for sample in samples)
