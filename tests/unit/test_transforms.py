@@ -256,3 +256,25 @@ def test_inputs_must_be_uint8_rgb():
         tf.to_float(torch.zeros(4, 8, 8, 3))
     with pytest.raises(ValueError, match="uint8"):
         tf.to_float(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("short_side_range", [(40, 40), (36, 48)], ids=["decoded-at-scale", "resized"])
+def test_clip_train_pipeline_equals_the_plain_composition_bit_for_bit(short_side_range):
+    """The clip pipeline crops and flips the bytes and then works in place; the result must be exactly that of the
+    plain out-of-place composition of the public steps, with the same draws in the same order, and leave the
+    caller's frames untouched."""
+    from video_ens.data import transforms as T
+
+    frames = torch.randint(0, 256, (5, 40, 52, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    before = frames.clone()
+    spec = T.ClipTrainTransform(crop_size=32, short_side_range=short_side_range, colour=T.ColourJitter(0.4, 0.4, 0.4))
+    for seed in range(8):
+        got = spec(frames, torch.Generator().manual_seed(seed))
+        rng = torch.Generator().manual_seed(seed)
+        x = T.resize_short_side(T.to_float(frames), T._randint(rng, *short_side_range))
+        x = T.crop(x, T.random_crop_box(*x.shape[-2:], 32, rng))
+        if T._uniform(rng, 0.0, 1.0) < 0.5:
+            x = T.hflip(x)
+        x = T.normalize(T.adjust_colour(x, *spec.colour.draw(rng)), spec.mean, spec.std)
+        assert torch.equal(got, x.permute(1, 0, 2, 3).contiguous()), seed
+    assert torch.equal(frames, before)

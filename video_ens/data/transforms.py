@@ -231,6 +231,10 @@ class ColourJitter:
     def __call__(self, x: torch.Tensor, rng: Any) -> torch.Tensor:
         return adjust_colour(x, *self.draw(rng))
 
+    def apply_(self, x: torch.Tensor, rng: Any) -> torch.Tensor:
+        """`__call__` in place on x, which the caller owns (the same numbers, no full-size temporaries)."""
+        return adjust_colour_(x, *self.draw(rng))
+
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -239,22 +243,50 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 def adjust_colour(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
     """Scale brightness, contrast (around the clip's mean grey) and saturation of float (N, 3, H, W) in [0, 1]."""
+    return adjust_colour_(x.clone(), brightness, contrast, saturation)
+
+
+def adjust_colour_(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+    """`adjust_colour` in place. The clip pipelines use it: a 64 x 224 x 224 float clip is 38.5 MB, above glibc's
+    mmap threshold, so each out-of-place step was a fresh mapping for the kernel to fault in and zero (more system
+    than user time; benchmarks/bench_loader.py --mode pipeline). Same operations in the same order: same numbers."""
     if brightness != 1.0:
-        x = (x * brightness).clamp_(0.0, 1.0)
+        x.mul_(brightness).clamp_(0.0, 1.0)
     if contrast != 1.0:
         mean = _grey(x).mean()
-        x = ((x - mean) * contrast + mean).clamp_(0.0, 1.0)
+        x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
     if saturation != 1.0:
         grey = _grey(x)
-        x = ((x - grey) * saturation + grey).clamp_(0.0, 1.0)
+        x.sub_(grey).mul_(saturation).add_(grey).clamp_(0.0, 1.0)
     return x
+
+
+def _adjust_colour_planes_(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> None:
+    """`adjust_colour_` for a channel-first float (3, ...) tensor in [0, 1]: the same operations, per plane."""
+
+    def grey() -> torch.Tensor:
+        return x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2]
+
+    if brightness != 1.0:
+        x.mul_(brightness).clamp_(0.0, 1.0)
+    if contrast != 1.0:
+        mean = grey().mean()
+        x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
+    if saturation != 1.0:
+        g = grey()
+        x.sub_(g).mul_(saturation).add_(g).clamp_(0.0, 1.0)
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(x - mean) / std per channel, for float (N, 3, H, W) in [0, 1]."""
+    return normalize_(x.clone(), mean, std)
+
+
+def normalize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """`normalize` in place."""
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    return x.sub_(mean_t).div_(std_t)
 
 
 def _clip_layout(x: torch.Tensor) -> torch.Tensor:
@@ -298,11 +330,23 @@ class ClipTrainTransform:
             raise ValueError(f"need 0 < scale min <= max <= 1 and 0 < ratio min <= max, got {self.scale}, {self.ratio}")
 
     def __call__(self, frames: torch.Tensor, rng: Any) -> torch.Tensor:
-        x = _train_geometry(frames, self, rng)  # float (T, 3, crop_size, crop_size)
-        if self.flip and _uniform(rng, 0.0, 1.0) < 0.5:
+        # float (T, 3, crop_size, crop_size), or the uint8 (T, crop, crop, 3) crop when it needs no resize
+        x = _train_geometry(frames, self, rng)
+        flip = self.flip and _uniform(rng, 0.0, 1.0) < 0.5
+        if x.dtype == torch.uint8:
+            # Flip the bytes and convert only the crop, straight into the (3, T, H, W) layout the model takes, where
+            # each channel is one plane: the grey and normalisation steps are then plane arithmetic. The same
+            # numbers as the general path below (tests/unit/test_transforms.py checks it bit for bit).
+            x = (x.flip(-2) if flip else x).permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+            x.div_(255.0)
+            _adjust_colour_planes_(x, *self.colour.draw(rng))
+            for c in range(3):
+                x[c].sub_(self.mean[c]).div_(self.std[c])
+            return x
+        if flip:
             x = hflip(x)
-        x = self.colour(x, rng)
-        return _clip_layout(normalize(x, self.mean, self.std))
+        x = self.colour.apply_(x, rng)  # x is ours: in place from here on
+        return _clip_layout(normalize_(x, self.mean, self.std))
 
 
 @dataclass(frozen=True)
@@ -326,7 +370,7 @@ class ClipEvalTransform:
             raise ValueError(f"crop_size {self.crop_size} must not exceed short_side {self.short_side}")
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        x = normalize(resize_short_side(to_float(frames), self.short_side), self.mean, self.std)
+        x = normalize_(resize_short_side(to_float(frames), self.short_side), self.mean, self.std)  # a fresh tensor
         height, width = x.shape[-2:]
         if self.num_crops == 1:
             boxes = [center_crop_box(height, width, self.crop_size)]
@@ -379,12 +423,17 @@ class ImageEvalTransform:
 
 
 def _train_geometry(frames: torch.Tensor, spec: ClipTrainTransform, rng: Any) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (T, 3, crop_size, crop_size). A resized-crop box is cut from the uint8 frames, so
-    only the box is converted to float (the same numbers as converting first: the conversion is per pixel)."""
+    """uint8 (T, H, W, 3) -> float (T, 3, crop_size, crop_size), or the uint8 (T, crop, crop, 3) crop when the frames
+    are already at the drawn scale. A resized-crop box is cut from the uint8 frames, so only the box is converted to
+    float (the same numbers as converting first: the conversion is per pixel)."""
     _check_uint8(frames)
     if spec.crop == "resized_crop":
         top, left, height, width = random_resized_crop_box(*frames.shape[-3:-1], rng, spec.scale, spec.ratio)
         x = to_float(frames[..., top : top + height, left : left + width, :])
         return resize(x, spec.crop_size, spec.crop_size)
-    x = resize_short_side(to_float(frames), _randint(rng, *spec.short_side_range))
+    short = _randint(rng, *spec.short_side_range)
+    if min(frames.shape[1:3]) == short:  # already at this scale (the loader decodes at it): crop the bytes
+        top, left, height, width = random_crop_box(*frames.shape[1:3], spec.crop_size, rng)
+        return frames[:, top : top + height, left : left + width]
+    x = resize_short_side(to_float(frames), short)
     return crop(x, random_crop_box(*x.shape[-2:], spec.crop_size, rng))
