@@ -584,3 +584,14 @@ def test_a_truncated_shard_is_counted_and_the_rest_still_read(tmp_path):
     # the member cut in half is skipped and counted under its key (a sample of the damaged shard)
     assert stream.stats["bad"] >= 1
     assert all(r["key"] in keys[4:8] or shards[1].name in r["key"] for r in stream.stats["last_bad"])
+
+
+def test_fewer_shards_than_rank_stream_slots_is_warned_on_rank_0(data, capfd):
+    cfg = _cfg(data, "features", name="feats_nan", samples_per_epoch=8)  # 2 shards
+    _train(cfg, batch=1, world=2)
+    assert "shard" not in capfd.readouterr().err  # 2 shards for 2 x 1 slots: disjoint
+    _train(cfg, batch=1, world=4)
+    err = capfd.readouterr().err
+    assert "2 shard(s) for 4 rank(s) x 1 stream(s)" in err and "at least 4 shards" in err
+    _train(cfg, batch=1, rank=1, world=4)
+    assert "shard" not in capfd.readouterr().err  # said once, by rank 0

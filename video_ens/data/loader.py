@@ -96,6 +96,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from video_ens import dist
 from video_ens.config import RecipeError
 from video_ens.data import schema
 from video_ens.data.decode import DecodeError, decode_frames
@@ -739,6 +740,12 @@ def train_stream(
             f"{world_size} ranks; set data.samples_per_epoch to at least {micro_batch_size * world_size}"
         )
     streams = max(1, data_cfg.num_workers)
+    if len(shards) < world_size * streams and rank == 0:
+        dist.get_logger("video_ens.data").warning(
+            f"data.train_shards has {len(shards)} shard(s) for {world_size} rank(s) x {streams} stream(s): some "
+            "(rank, stream) slots read the same shard in a pass, so ranks see overlapping samples within an epoch; "
+            f"re-shard into at least {world_size * streams} shards (a converter's --shard-size) to keep them disjoint"
+        )
     buffer = SHUFFLE_BUFFER[data_cfg.kind]
     if num_samples is not None:
         buffer = min(buffer, max(1, math.ceil(num_samples / (world_size * streams))))
