@@ -115,6 +115,18 @@ def test_models_objective_metrics_import_without_heavy_dependencies():
         for name in MODELS:
             with torch.device("meta"):
                 create_model(name)
+        # and the tiny ones run a forward pass, kernels="auto" included (the reference on CPU, with triton blocked)
+        for name in ("s3dg_tiny_ens2", "dbof_tiny_ens2", "resnet_tiny_ens2"):
+            kw = {"kernels": "auto"} if name != "resnet_tiny_ens2" else {"image_size": 32}
+            model = create_model(name, **kw).eval()
+            spec = model.input_spec
+            if spec["kind"] == "clip":
+                out = model(torch.randn(1, 3, 8, 32, 32))
+            elif spec["kind"] == "features":
+                out = model(torch.randn(2, 5, spec["dim"]), lengths=torch.tensor([5, 3]))
+            else:
+                out = model(torch.randn(1, 3, 32, 32))
+            assert torch.isfinite(out.ensemble).all(), name
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         assert not loaded, loaded
         print("ok", len(MODELS))
