@@ -85,7 +85,8 @@ def plot_curves(run_dir: Path, out: Path) -> Path:
     if not train and not evals:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no train or eval records")
     metric_names = list(evals[-1]["ensemble"]) if evals else []
-    panels = 2 + len(metric_names)
+    truth = bool(train) and "branch_truth" in train[0]  # each head's own loss against the labels
+    panels = 2 + truth + len(metric_names)
     cols = 2
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
@@ -110,9 +111,17 @@ def plot_curves(run_dir: Path, out: Path) -> Path:
     ax.set(title="learning rate", xlabel="step", ylabel="lr")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
 
+    if truth:
+        ax = axes[2]
+        ax.plot(steps, [r["ensemble_truth"] for r in train], color="black", lw=2, label="ensemble")
+        for i in range(len(train[0]["branch_truth"])):
+            ax.plot(steps, [r["branch_truth"][i] for r in train], lw=1, alpha=0.8, label=f"branch {i}")
+        ax.set(title="training loss against the labels", xlabel="step", ylabel="loss")
+        ax.legend(fontsize="small")
+
     eval_steps = [r["step"] for r in evals]
     marker = "o" if len(evals) < 30 else None
-    for ax, metric in zip(axes[2:], metric_names, strict=False):
+    for ax, metric in zip(axes[2 + truth :], metric_names, strict=False):
         ax.plot(eval_steps, [100 * r["ensemble"][metric] for r in evals], color="black", lw=2, marker=marker,
                 label="ensemble")
         for i in range(len(evals[-1]["branches"])):

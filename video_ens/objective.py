@@ -60,6 +60,9 @@ class EnsembleLoss(torch.nn.Module):
         branch    (N,) the weighted per-branch terms L_aux,i
         ensemble  scalar, the weighted ensemble term L_ens
         probs     (B, C) p_ens, detached (for metrics)
+        branch_truth    (N,) l(g, p_i), detached: each branch's own loss against the labels (for the logs; with
+                        co-distillation the branch terms are distillation terms, not this)
+        ensemble_truth  scalar l(g, p_ens), detached
 
     With N = 1 both structures reduce to the ordinary single-model loss l(g, p): ensembling because
     (1 - lambda) + lambda = 1, co-distillation because a lone branch has no ensemble to learn from, so its
@@ -118,6 +121,9 @@ class EnsembleLoss(torch.nn.Module):
             "branch": branch,
             "ensemble": ensemble,
             "probs": logp.ens_probs().detach(),
+            # for the logs: each branch's and the ensemble's own loss against the labels, whatever the structure
+            "branch_truth": truth_branch.detach(),
+            "ensemble_truth": truth_ens.detach(),
         }
 
     def _ground_truth(self, target: torch.Tensor, b: int, c: int) -> torch.Tensor:

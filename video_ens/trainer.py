@@ -332,7 +332,7 @@ class Trainer:
                 set_lr(self.engine.optimizer, 0.0)
             self.engine.backward(loss)  # 2. backward
             self.engine.step()  # 3. optimizer step at the accumulation boundary (DeepSpeed counts micro-steps)
-            for k in ("loss", "ensemble", "branch"):
+            for k in ("loss", "ensemble", "branch", "ensemble_truth", "branch_truth"):
                 sums[k] = sums.get(k, 0.0) + terms[k].detach().float()
         if skipped:
             self.bad_in_a_row += 1
@@ -345,13 +345,17 @@ class Trainer:
                 )
         else:
             self.bad_in_a_row = 0
-        vec = torch.cat([sums["loss"].reshape(1), sums["ensemble"].reshape(1), sums["branch"].reshape(-1)])
+        n = sums["branch"].numel()
+        vec = torch.cat([sums["loss"].reshape(1), sums["ensemble"].reshape(1), sums["branch"].reshape(-1),
+                         sums["ensemble_truth"].reshape(1), sums["branch_truth"].reshape(-1)])
         vec = vec / self.accum
         if dist.is_initialized():
             tdist.all_reduce(vec, op=tdist.ReduceOp.SUM)
             vec /= dist.world_size()
         vec = vec.tolist()
-        return {"loss": vec[0], "ensemble": vec[1], "branch": vec[2:]}, stop
+        terms = {"loss": vec[0], "ensemble": vec[1], "branch": vec[2 : 2 + n], "ensemble_truth": vec[2 + n],
+                 "branch_truth": vec[3 + n :]}
+        return terms, stop
 
     def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
         """(the loss is finite on every rank, some rank has a stop signal), in one small all-reduce per

@@ -222,3 +222,15 @@ def test_bad_targets_are_named():
         crit(z, torch.zeros(3, 5))
     with pytest.raises(ValueError, match=r"\(N, B, C\)"):
         crit(torch.zeros(3, 4), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("structure, weight", [("ensembling", -1.5), ("codistillation", 2.0)])
+def test_truth_terms_are_each_heads_own_loss_against_the_labels(structure, weight):
+    z = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(11)).requires_grad_()
+    y = torch.randint(0, 7, (5,), generator=torch.Generator().manual_seed(12))
+    out = EnsembleLoss(structure, weight, "softmax_ce")(z, y)
+    want = torch.stack([F.cross_entropy(z[i], y) for i in range(3)]).detach()
+    torch.testing.assert_close(out["branch_truth"], want)
+    p_ens = torch.softmax(z.detach(), dim=-1).mean(0)
+    torch.testing.assert_close(out["ensemble_truth"], F.nll_loss(p_ens.log(), y))
+    assert not out["branch_truth"].requires_grad and not out["ensemble_truth"].requires_grad
