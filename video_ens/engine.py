@@ -12,6 +12,7 @@ by construction and a crash mid-save leaves only a `.partial` directory that is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -179,17 +180,35 @@ def _deepspeed_safe_globals() -> list:
             loss_scaler.LossScaleProfile, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path: str, map_location=None):
+def safe_torch_load(path: str, map_location=None, *, mmap: bool | None = None, _load=None):
     """torch.load with weights_only=True and only DeepSpeed's own checkpoint classes allowed: a checkpoint file
     cannot run code when it is read (DeepSpeed's engine itself loads with weights_only=False)."""
+    load = _load or torch.load
+    extra = {} if mmap is None else {"mmap": mmap}
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return load(path, map_location=map_location, weights_only=True, **extra)
         except Exception as e:  # torch raises UnpicklingError (or a RuntimeError wrapping it)
             raise RuntimeError(
                 f"{path}: refused to load: it holds objects other than tensors and DeepSpeed's checkpoint classes "
                 f"({str(e).splitlines()[0][:200]}). Only load checkpoints you wrote."
             ) from None
+
+
+@contextlib.contextmanager
+def torch_load_is_safe():
+    """Within the block, every torch.load is `safe_torch_load`: for DeepSpeed code that calls torch.load itself
+    with weights_only=False (zero_to_fp32, which exports ZeRO-3 weights)."""
+    original = torch.load
+
+    def load(f, map_location=None, *args, mmap=None, **kwargs):
+        return safe_torch_load(f, map_location, mmap=mmap, _load=original)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def load_checkpoint(engine, path: str | Path) -> dict:
@@ -230,7 +249,8 @@ def consolidated_state_dict(engine, checkpoint: str | Path | None = None) -> dic
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint = Path(checkpoint)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    with torch_load_is_safe():  # zero_to_fp32 reads the shards with weights_only=False
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     buffers = {k: v.detach().cpu().clone() for k, v in engine.module.named_buffers()}
     return {**buffers, **{k: v.float() for k, v in weights.items()}}
 

@@ -102,6 +102,20 @@ def test_checkpoint_files_are_read_without_unpickling_arbitrary_objects(tmp_path
         engine.safe_torch_load(str(bad))
 
 
+def test_torch_load_is_safe_inside_the_block_for_code_that_asks_for_unsafe_loading(tmp_path):
+    """DeepSpeed's zero_to_fp32 (the ZeRO-3 export) calls torch.load(..., weights_only=False) itself."""
+    pytest.importorskip("deepspeed")
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.arange(3.0)}, good)
+    torch.save({"x": _Payload()}, bad)
+    original = torch.load
+    with engine.torch_load_is_safe():
+        assert torch.equal(torch.load(good, map_location="cpu", weights_only=False, mmap=True)["w"], torch.arange(3.0))
+        with pytest.raises(RuntimeError, match="bad.pt: refused to load"):
+            torch.load(bad, weights_only=False)
+    assert torch.load is original
+
+
 # ------------------------------------------------------------------------------------------- model construction
 
 
