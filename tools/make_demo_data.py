@@ -11,7 +11,8 @@ Each kind is written as its raw form first (mp4 files + a Kinetics annotation CS
 a class-per-folder image tree) in a temporary folder, then converted by the converter's library function, so the
 demo data goes through exactly the shard format and checks real data goes through.
 
-kinetics: 8 classes of motion of one large striped shape: move left/right/up/down, rotate cw/ccw, grow, shrink.
+kinetics: 8 classes of motion of one large striped shape: move left/right slowly or fast, rotate cw/ccw, grow,
+    shrink (direction, speed, rotation, scaling).
     Start positions, sizes and angles are drawn so that a single frame says little about the class (grow and
     shrink share their mid-clip sizes, every position and angle occurs in every class): the change over time tells.
     Appearance comes from small shared palettes (6 flat background tones, 4 stripe colour pairs, 3 shapes) drawn
@@ -59,9 +60,13 @@ from video_ens.data.schema import DatasetInfo, read_info  # noqa: E402
 from video_ens.data.tfrecord import TFRecordWriter, bytes_feature, encode_sequence_example, int64_feature  # noqa: E402
 from video_ens.data.writer import map_ordered  # noqa: E402
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 KINDS = ("kinetics", "yt8m", "images")
-MOTION_CLASSES = ("move_left", "move_right", "move_up", "move_down", "rotate_cw", "rotate_ccw", "grow", "shrink")
+# Direction, speed, rotation and scaling: move_left vs move_right differ in direction only, move_* vs move_*_fast in
+# speed only (0.45-0.7 against 1.1-1.4 px per frame at 64 px), so a model must measure how far the shape travels.
+MOTION_CLASSES = (
+    "move_left", "move_right", "move_left_fast", "move_right_fast", "rotate_cw", "rotate_ccw", "grow", "shrink"
+)
 PATTERN_CLASSES = (
     "stripes_horizontal",
     "stripes_vertical",
@@ -155,8 +160,8 @@ def render_motion_clip(
     scale = np.exp(rng.uniform(-0.06, 0.06) * steps / span)  # nuisance zoom
     drift = rng.normal(0, 0.06 * unit, 2)  # nuisance drift per frame
     if name.startswith("move"):
-        speed = rng.uniform(0.7, 1.0) * unit
-        heading = {"move_left": math.pi, "move_right": 0.0, "move_up": -math.pi / 2, "move_down": math.pi / 2}[name]
+        speed = (rng.uniform(1.1, 1.4) if name.endswith("_fast") else rng.uniform(0.45, 0.7)) * unit
+        heading = {"move_left": math.pi, "move_right": 0.0}[name.removesuffix("_fast")]
         heading += math.radians(rng.uniform(-10, 10))
         velocity = speed * np.array([math.cos(heading), math.sin(heading)])
     elif name.startswith("rotate"):
