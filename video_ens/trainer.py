@@ -336,8 +336,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + terms[k].detach().float()
         if skipped:
             self.bad_in_a_row += 1
-            self.log.write("skip", self.step, {"reason": "non-finite loss", "micro_batches": skipped})
-            LOG.warning(f"step {self.step}: {skipped} micro-batch(es) with a non-finite loss were not applied")
+            # numbered like the "train" line of the same update (self.step counts the updates done before it)
+            self.log.write("skip", self.step + 1, {"reason": "non-finite loss", "micro_batches": skipped})
+            LOG.warning(f"step {self.step + 1}: {skipped} micro-batch(es) with a non-finite loss were not applied")
             if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
                 raise FloatingPointError(
                     f"{self.bad_in_a_row} steps in a row had a non-finite loss (train.max_bad_steps = "

@@ -120,7 +120,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert all(r["unchanged_steps"] == [3] for r in results)
     skips = [r for r in log if r["kind"] == "skip"]
     # rank 0 writes the log and its own loss was finite: the skip it records is rank 1's, seen through the vote
-    assert [(s["step"], s["micro_batches"]) for s in skips] == [(2, 1)]
+    assert [(s["step"], s["micro_batches"]) for s in skips] == [(3, 1)]  # micro-batch 2 is the 3rd update
     train = {r["step"]: r for r in log if r["kind"] == "train"}
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
     bad = train[6]["bad_samples"]  # gathered from every rank, not only rank 0's stream
@@ -136,7 +136,7 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     # micro-batch 0 was good, 1 and 2 were not: the 2nd step and the 3rd (the one that stopped the run) left the
     # weights exactly as the 1st step did; weight decay (0.01) and momentum did not move them either
     assert all(r["unchanged_steps"] == [2] and r["final_unchanged"] for r in results)
-    assert [s["step"] for s in log if s["kind"] == "skip"] == [1, 2]
+    assert [s["step"] for s in log if s["kind"] == "skip"] == [2, 3]
 
 
 def math_finite(x: float) -> bool:
