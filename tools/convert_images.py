@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from video_ens.data.schema import DatasetInfo, encode_image_sample, load_label_names, make_key, sort_label_names
-from video_ens.data.writer import DatasetWriter, check_replaceable, map_ordered
+from video_ens.data.writer import DatasetWriter, check_replaceable, map_ordered, skip_summary
 
 CONVERTER_NAME = "convert_images"
 CONVERTER_VERSION = "1"
@@ -98,14 +98,10 @@ def _load_image(task: _Task) -> tuple[int, dict | None, str | None]:
 
 def _nothing_written(root: str, skipped: list[tuple[str, str]]) -> str:
     """The error message of a conversion that wrote no image: the input, the count skipped and the reasons."""
-    counts: dict[str, int] = {}
-    for _, reason in skipped:
-        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
     lines = [f"no image was converted: all {len(skipped)} files under {root} were skipped; nothing was published:"]
     if not skipped:
         lines[0] = f"no image was converted: {root} holds no files in class folders; nothing was published"
-    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    lines += skip_summary(skipped)
     return "\n".join(lines)
 
 

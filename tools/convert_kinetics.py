@@ -64,7 +64,7 @@ from video_ens.data.schema import (
     make_key,
     sort_label_names,
 )
-from video_ens.data.writer import DatasetWriter, check_replaceable, map_ordered
+from video_ens.data.writer import DatasetWriter, check_replaceable, map_ordered, skip_summary
 
 CONVERTER_NAME = "convert_kinetics"
 CONVERTER_VERSION = "1"
@@ -402,15 +402,11 @@ def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3):
 
 def _nothing_written(annotations: str, split: str | None, skipped: list[tuple[str, str]]) -> str:
     """The error message of a conversion that wrote no clip: the input, the count skipped and the reasons."""
-    counts: dict[str, int] = {}
-    for _, reason in skipped:
-        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
     rows = f"rows of split {split!r}" if split is not None else "rows"
     lines = [f"no clip was converted: all {len(skipped)} {rows} of {annotations} were skipped; nothing was published:"]
     if not skipped:
         lines[0] = f"no clip was converted: {annotations} has no {rows}; nothing was published"
-    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    lines += skip_summary(skipped)
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ from video_ens.data.schema import (
     make_key,
 )
 from video_ens.data.tfrecord import ProtobufDecodeError, TFRecordError, decode_sequence_example, iter_records
-from video_ens.data.writer import DatasetWriter, ShardSeries, check_replaceable, map_ordered
+from video_ens.data.writer import DatasetWriter, ShardSeries, check_replaceable, map_ordered, skip_summary
 
 CONVERTER_NAME = "convert_yt8m"
 CONVERTER_VERSION = "1"
@@ -207,9 +207,6 @@ def _corrupt_reason(error: TFRecordError) -> str:
 
 def _nothing_written(dataset: str, files: list[str], skipped: list[tuple[str, str]], hint: str = "") -> str:
     """The error message of a conversion that wrote no video into `dataset`: the inputs and why records were skipped."""
-    counts: dict[str, int] = {}
-    for _, reason in skipped:
-        counts[reason.split(":")[0]] = counts.get(reason.split(":")[0], 0) + 1
     lines = [
         f"no video was written to {dataset} from {len(files)} input file(s) ({', '.join(files[:3])}"
         f"{', ...' if len(files) > 3 else ''}): {len(skipped)} record(s) or file(s) skipped{hint}; nothing was "
@@ -217,8 +214,7 @@ def _nothing_written(dataset: str, files: list[str], skipped: list[tuple[str, st
     ]
     if not skipped:
         lines.append("  the input files hold no records")
-    lines += [f"  {n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    lines += [f"  e.g. {source}: {reason}" for source, reason in skipped[:5]]
+    lines += skip_summary(skipped)
     return "\n".join(lines)
 
 

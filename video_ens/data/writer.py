@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from video_ens import __version__
 from video_ens.data.schema import INFO_NAME, KINDS, DatasetInfo, ShardInfo
 
-__all__ = ["DatasetWriter", "ShardSeries", "map_ordered"]
+__all__ = ["DatasetWriter", "ShardSeries", "map_ordered", "skip_summary"]
 
 # Partial folders carry the host and pid of their writer, so a later run can tell an abandoned one (same host,
 # process gone) from one that is still being written, here or on another host of a shared file system.
@@ -238,6 +238,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def skip_summary(skipped: list[tuple[str, str]], examples: int = 5) -> list[str]:
+    """Indented lines for an error message about skipped inputs: "N x reason" per reason (the text before the
+    first colon), most frequent first, then up to `examples` "e.g. source: reason" lines."""
+    counts = collections.Counter(reason.split(":")[0] for _, reason in skipped)
+    lines = [f"  {n} x {reason}" for reason, n in counts.most_common()]
+    return lines + [f"  e.g. {source}: {reason}" for source, reason in skipped[:examples]]
 
 
 def check_replaceable(out: str, *, overwrite: bool) -> None:
