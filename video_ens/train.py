@@ -90,9 +90,13 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     _seed_everything(recipe.train.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
     model = build_model(recipe)
     if recipe.train.bn_sync == "sync_bn":
-        if device.type != "cuda":
+        if device.type != "cuda" and dry_run:
+            # A dry run on a machine without a GPU (a login node) still checks everything else of a GPU recipe.
+            LOG.warning('dry run without CUDA: train.bn_sync "sync_bn" is checked on a GPU only; BN runs per rank here')
+        elif device.type != "cuda":
             raise RecipeError('train.bn_sync: "sync_bn" needs CUDA (SyncBatchNorm does not run on CPU); use "all_reduce"')
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if recipe.model.channels_last:
         fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last

@@ -418,11 +418,17 @@ def test_inconsistent_batch_for_the_world_size_is_named(demo_root, tmp_path):
 
 
 def test_dry_run_writes_nothing(demo_root, tmp_path):
-    recipe = _recipe("dbof", demo_root, zero=1)
-    out = _launch(recipe, tmp_path / "run", env=_env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(_free_port())))
+    """DRY_RUN=1 builds everything and runs one step, leaving no run folder and no scratch folder behind. A GPU
+    recipe (sync_bn) can be dry-run on a machine without one: only the GPU-only setting is left unchecked, and said."""
+    recipe = _recipe("dbof", demo_root, zero=1, bn_sync="sync_bn")
+    env = _env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(_free_port()), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = _launch(recipe, tmp_path / "run", env=env)
     _check(out)
     assert "--dry-run" in out.stdout
+    assert 'dry run without CUDA: train.bn_sync "sync_bn" is checked on a GPU only' in out.stderr
     assert not (tmp_path / "run").exists()
+    assert not [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("video_ens_dry_run")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
