@@ -20,6 +20,7 @@
 #                       (the fused SWAP and context gates), 200 steps and the final evaluation
 #   step_s3dg.csv       bench_step.py: the full S3D-G 2-branch recipe at micro-batch 8, DeepSpeed engine vs a plain
 #                       loop, TFLOP/s and MFU
+#   train_fp16          the same demo run for a quarter of the steps in fp16 (autocast + loss scaling): log only
 # Every CSV row is written when it is measured, so a section stopped at its cap keeps what it measured. All output
 # goes to log.txt, and each section's exit status and duration to summary.txt: eight files, as many as a lent
 # machine sends back.
@@ -103,5 +104,8 @@ section train_demo 100 env PYTHON="$py" NPROC=1 DEMO_DIR="$run/data" bash launch
 cp "$run/yt8m/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null || echo "no metrics.jsonl from train_demo"
 section step_s3dg 90 "$py" benchmarks/bench_step.py "$step_recipe" --set train.micro_batch_size=8 --steps 10 \
   --out "$out/step_s3dg.csv"
+# fp16 (autocast + DeepSpeed's GradScaler) has only run on CPU: a short run on the GPU, its log in log.txt
+section train_fp16 60 env PYTHON="$py" NPROC=1 DEMO_DIR="$run/data" bash launch.sh recipes/demo_yt8m_dbof_mu2.json \
+  --run-dir "$run/fp16" --set train.precision=fp16 --set model.options.kernels=auto --set train.max_steps=$((steps / 4))
 echo "results in $out:"
 ls -l "$out"

@@ -32,7 +32,7 @@ def test_gpu_check_script_runs_every_section(tmp_path):
         "summary.txt", "train_metrics.jsonl",
     ]  # fmt: skip
     summary = (tmp_path / "summary.txt").read_text().splitlines()
-    names = ["pytest_cuda", "kernels_swap", "kernels_models", "kernels_gates", "train_demo", "step_s3dg"]
+    names = ["pytest_cuda", "kernels_swap", "kernels_models", "kernels_gates", "train_demo", "step_s3dg", "train_fp16"]
     assert [line.split(":")[0].removeprefix("== ") for line in summary] == names
     assert all(": exit 0 after" in line for line in summary), summary
     assert " passed" in (tmp_path / "log.txt").read_text()
