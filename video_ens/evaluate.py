@@ -50,6 +50,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import dist
+from .data.transforms import to_model_input
 from .metrics import EnsembleMetrics
 from .models.ensemble import EnsembleNet, ModelOutput, branch_probs
 from .models.s3dg import FeatureGate, InceptionBlock, Logits, SepConv3d, Unit3d
@@ -471,7 +472,7 @@ def evaluate(
     t0 = time.monotonic()
     try:
         for i, batch in enumerate(stream.batches()):
-            x = batch["inputs"].to(device, non_blocking=True)
+            x = to_model_input(batch["inputs"].to(device, non_blocking=True))  # uint8 clips -> normalised float
             kwargs = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
             with autocast(device, precision):
                 if x.dim() == 5 and max_chunk_frames and x.shape[2] > max_chunk_frames:

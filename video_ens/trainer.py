@@ -27,6 +27,7 @@ import torch.distributed as tdist
 
 from . import dist
 from .config import RecipeError
+from .data.transforms import to_model_input
 from .evaluate import evaluate, gather_bad_samples
 from .optim import lr_at, set_lr
 
@@ -306,7 +307,7 @@ class Trainer:
         skipped = 0
         for i in range(self.accum):
             batch = next(stream)
-            inputs = batch["inputs"].to(self.device, non_blocking=True)
+            inputs = to_model_input(batch["inputs"].to(self.device, non_blocking=True))  # uint8 clips -> normalised
             target = batch["target"].to(self.device, non_blocking=True)
             kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
             saved = [b.clone() for b in self._running_stats]  # BN statistics: a few K floats, restored if bad

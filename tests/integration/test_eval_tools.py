@@ -24,6 +24,7 @@ import torch
 from video_ens.config import dump_recipe, load_recipe, recipe_from_dict
 from video_ens.data import loader
 from video_ens.data.schema import read_info
+from video_ens.data.transforms import to_model_input
 from video_ens.evaluate import evaluate, full_clip_forward, load_weights
 from video_ens.models import create_model
 from video_ens.models.s3dg import SepConv3d
@@ -242,7 +243,7 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     with torch.no_grad():
         for batch in stream.batches():
             assert batch["inputs"].shape[2] == CLIP_FRAMES  # the whole video
-            out_ = model(batch["inputs"])
+            out_ = model(to_model_input(batch["inputs"]))
             heads = torch.cat([torch.softmax(out_.branches, -1), out_.ensemble[None]])  # (N + 1, B, C)
             for j, key in enumerate(batch["ids"]):
                 probs[key], targets[key] = heads[:, j].numpy(), int(batch["target"][j])
@@ -274,7 +275,7 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
     targets: dict[str, int] = {}
     with torch.no_grad():
         for batch in stream().batches():  # batches of 7 views: a video's 30 views straddle batches
-            out = model(batch["inputs"])
+            out = model(to_model_input(batch["inputs"]))
             heads = torch.cat([torch.softmax(out.branches, -1), out.ensemble[None]])  # (N + 1, B, C)
             for j, key in enumerate(batch["ids"]):
                 views.setdefault(key, {})[int(batch["view_ids"][j])] = heads[:, j].numpy()

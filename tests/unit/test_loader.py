@@ -21,6 +21,7 @@ pytest.importorskip("webdataset")
 
 from video_ens.config import DataConfig, EvalConfig, RecipeError  # noqa: E402
 from video_ens.data import loader, schema  # noqa: E402
+from video_ens.data.transforms import to_model_input  # noqa: E402
 from video_ens.data.writer import DatasetWriter  # noqa: E402
 
 CLIP_SPEC = {"kind": "clip", "frames": 8, "size": 16}
@@ -248,11 +249,14 @@ def test_global_rng_is_left_alone(data, workers):
 
 def test_clip_batch_shapes(data):
     batch = next(iter(_train(_cfg(data), batch=3).batches(0, 0)))
-    assert batch["inputs"].shape == (3, 3, 8, 16, 16) and batch["inputs"].dtype == torch.float32
+    # clips cross the DataLoader as bytes (a quarter of the shared memory); to_model_input finishes them
+    assert batch["inputs"].shape == (3, 3, 8, 16, 16) and batch["inputs"].dtype == torch.uint8
     assert batch["target"].dtype == torch.int64 and batch["target"].shape == (3,)
     assert "lengths" not in batch and len(batch["ids"]) == 3
+    x = to_model_input(batch["inputs"])
+    assert x.dtype == torch.float32
     # normalised with mean 0.45, std 0.225: [0, 1] maps to [-2, 2.44]
-    assert batch["inputs"].min() >= -2.0 - 1e-6 and batch["inputs"].max() <= 2.45
+    assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.45
     labels = {s["__key__"]: int(s["cls"]) for s in _clip_samples(24)}
     assert batch["target"].tolist() == [labels[i] for i in batch["ids"]]
 
@@ -475,7 +479,8 @@ def test_clip_eval_runs_at_the_configured_short_side(data, monkeypatch, mode):
         indices = loader.uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
     frames = loader.decode_frames(sample.video, indices, short_side=22)
     views = loader.ClipEvalTransform(short_side=22, crop_size=18, num_crops=1 if mode == "full" else 3)(frames)
-    assert torch.equal(batch["inputs"][0], views[0])
+    assert batch["inputs"].dtype == torch.uint8
+    assert torch.equal(to_model_input(batch["inputs"][:1])[0], views[0])  # the float transform's numbers exactly
 
 
 def test_image_eval_scale_is_configurable(data, monkeypatch):

@@ -278,3 +278,33 @@ def test_clip_train_pipeline_equals_the_plain_composition_bit_for_bit(short_side
         x = T.normalize(T.adjust_colour(x, *spec.colour.draw(rng)), spec.mean, spec.std)
         assert torch.equal(got, x.permute(1, 0, 2, 3).contiguous()), seed
     assert torch.equal(frames, before)
+
+
+def test_uint8_hand_over_finishes_to_the_float_pipeline_s_numbers():
+    """uint8_out returns bytes that `to_model_input` turns into the float pipeline's output: exactly when nothing
+    recomputes the pixels (no jitter, no resize), within half a grey level when jitter or a resize does."""
+    from video_ens.data import transforms as T
+
+    frames = torch.randint(0, 256, (5, 40, 52, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    half_level = 0.5 / 255 / min(T.VIDEO_STD) + 1e-6
+    cases = [
+        (dict(short_side_range=(40, 40)), 0.0),  # decoded at scale, no jitter: the same bytes
+        (dict(short_side_range=(40, 40), colour=T.ColourJitter(0.4, 0.4, 0.4)), half_level),
+        (dict(short_side_range=(36, 48), colour=T.ColourJitter(0.4, 0.4, 0.4)), half_level),
+        (dict(crop="resized_crop"), half_level),
+    ]
+    for kw, tol in cases:
+        for seed in range(4):
+            ref = T.ClipTrainTransform(crop_size=32, **kw)(frames, torch.Generator().manual_seed(seed))
+            got = T.ClipTrainTransform(crop_size=32, uint8_out=True, **kw)(frames, torch.Generator().manual_seed(seed))
+            assert got.dtype == torch.uint8 and got.shape == ref.shape
+            err = (T.to_model_input(got[None])[0] - ref).abs().max().item()
+            assert err <= tol, (kw, seed, err)
+    for short, tol in [(40, 0.0), (44, half_level)]:
+        for crops in (1, 3):
+            ref = T.ClipEvalTransform(short_side=short, crop_size=32, num_crops=crops)(frames)
+            got = T.ClipEvalTransform(short_side=short, crop_size=32, num_crops=crops, uint8_out=True)(frames)
+            assert got.dtype == torch.uint8 and got.shape == ref.shape
+            assert (T.to_model_input(got) - ref).abs().max().item() <= tol
+    x = torch.randn(2, 3, 4, 5, 5)
+    assert T.to_model_input(x) is x  # floats (features, images) pass through

@@ -3,7 +3,7 @@
     paths = resolve_paths(recipe.data)
     check_compatible(recipe.data, recipe.model.name, model.input_spec)
     train = train_stream(recipe.data, input_spec=..., micro_batch_size=8, rank=r, world_size=n, seed=0, root=paths)
-    for batch in train.batches(epoch, start): ...      # {"inputs", "target", "ids"[, "lengths"]}
+    for batch in train.batches(epoch, start): ...      # {"inputs", "target", "ids"[, "lengths"]}; clips: uint8
     val = eval_stream(recipe.data, recipe.eval, input_spec=..., rank=r, world_size=n, root=paths)
     for batch in val.batches(): ...                    # every evaluation sample exactly once across ranks
 
@@ -57,7 +57,10 @@ shard keys (unique within a dataset). `eval.batch_size` counts model inputs: vid
 images.
 
 Transforms, per kind (normalisation constants in transforms.py: Kinetics 0.45/0.225 as PySlowFast, ImageNet's
-for images):
+for images). Clips, train and eval, are handed over as uint8 (B, 3, T, S, S): a 64 x 224 x 224 micro-batch of 8
+is 77 MB through the DataLoader's shared memory instead of 308 MB in float32. `transforms.to_model_input`
+normalises them on the device (the trainer and `evaluate` call it; call it yourself when you use a stream
+directly). Pixels that jitter or a resize recomputed are rounded to the nearest grey level on the way.
 * clip, train: window of data.frames frames data.frame_stride apart at a random start; short side scaled to a
   random size in data.short_side inside the decoder (3-9x cheaper than F.interpolate afterwards), random
   crop_size square, flip, colour jitter. Output (B, 3, T, S, S). With data.clip_crop = "resized_crop" the clip is
@@ -420,6 +423,7 @@ def _train_item(raw: dict, rec: _Recipe, gen: torch.Generator) -> _Item:
                 ratio=rec.crop_ratio,
                 flip=rec.flip,
                 colour=_colour(rec),
+                uint8_out=True,
             )
             return _Item(sample.key, transform(frames, gen), sample.label)
         lo, hi = rec.short_side
@@ -435,6 +439,7 @@ def _train_item(raw: dict, rec: _Recipe, gen: torch.Generator) -> _Item:
             short_side_range=(rec.crop_size, rec.crop_size),
             flip=rec.flip,
             colour=_colour(rec),
+            uint8_out=True,
         )
         return _Item(sample.key, transform(frames, gen), sample.label)
     if rec.kind == "features":
@@ -804,11 +809,15 @@ def _eval_items(raw: dict, plan: _EvalPlan) -> list[_Item]:
             # the frame rate the model was trained at: every frame_stride-th frame, at most max_frames of them
             indices = list(range(0, sample.num_frames, rec.frame_stride))[: plan.max_frames]
             frames = _frames(sample, indices, plan.short_side, rec)
-            clip = ClipEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size, num_crops=1)(frames)[0]
+            clip = ClipEvalTransform(
+                short_side=plan.short_side, crop_size=plan.crop_size, num_crops=1, uint8_out=True
+            )(frames)[0]
             return [_Item(sample.key, clip, sample.label)]
         clips = uniform_clips(sample.num_frames, rec.frames, rec.frame_stride, plan.num_clips)
         frames = _frames(sample, [i for c in clips for i in c], plan.short_side, rec)  # one decode for all clips
-        transform = ClipEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size, num_crops=plan.num_crops)
+        transform = ClipEvalTransform(
+            short_side=plan.short_side, crop_size=plan.crop_size, num_crops=plan.num_crops, uint8_out=True
+        )
         items = []
         for c in range(plan.num_clips):
             views = transform(frames[c * rec.frames : (c + 1) * rec.frames])  # (num_crops, 3, T, S, S)

@@ -289,6 +289,25 @@ def normalize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...])
     return x.sub_(mean_t).div_(std_t)
 
 
+def _to_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Float in [0, 1] -> uint8, rounded to the nearest level (in place on x, which the caller owns)."""
+    return x.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def to_model_input(x: torch.Tensor, mean=VIDEO_MEAN, std=VIDEO_STD) -> torch.Tensor:
+    """Finish a batch on its device: uint8 clips (B, 3, T, H, W) or views (B, V, 3, T, H, W), as the loader hands
+    them over, become float32 normalised with `mean` / `std`, with the same arithmetic as the transforms' own
+    normalisation (x / 255, minus the mean, over the std, per channel). Anything else is returned as it is."""
+    if x.dtype != torch.uint8:
+        return x
+    if x.dim() not in (5, 6) or x.shape[-4] != 3:
+        raise ValueError(f"expected uint8 clips (B, 3, T, H, W) or (B, V, 3, T, H, W), got {tuple(x.shape)}")
+    x = x.to(torch.float32).div_(255.0)
+    shape = (3, 1, 1, 1)
+    x.sub_(torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape))
+    return x.div_(torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
+
+
 def _clip_layout(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3).contiguous()  # (T, 3, H, W) -> (3, T, H, W)
 
@@ -306,6 +325,9 @@ class ClipTrainTransform:
         fraction range, `ratio`: aspect w/h range) and resizes it to `crop_size` (cheaper: only the box is
         converted to float and resized). The loader selects it with data.clip_crop.
     flip: mirror left-right with probability 0.5. colour: jitter strengths, 0 to switch off.
+    uint8_out: return uint8 (3, T, crop, crop) without normalising (the loader's hand-over: a quarter of the bytes
+        through the DataLoader's shared memory; `to_model_input` finishes the batch on its device). Pixels touched by
+        colour jitter or a resize are rounded back to bytes; an untouched crop is returned as it was decoded.
     """
 
     crop_size: int = 224
@@ -317,6 +339,7 @@ class ClipTrainTransform:
     colour: ColourJitter = ColourJitter()
     mean: tuple[float, float, float] = VIDEO_MEAN
     std: tuple[float, float, float] = VIDEO_STD
+    uint8_out: bool = False
 
     def __post_init__(self) -> None:
         if self.crop not in ("scale_jitter", "resized_crop"):
@@ -337,15 +360,22 @@ class ClipTrainTransform:
             # Flip the bytes and convert only the crop, straight into the (3, T, H, W) layout the model takes, where
             # each channel is one plane: the grey and normalisation steps are then plane arithmetic. The same
             # numbers as the general path below (tests/unit/test_transforms.py checks it bit for bit).
-            x = (x.flip(-2) if flip else x).permute(3, 0, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-            x.div_(255.0)
-            _adjust_colour_planes_(x, *self.colour.draw(rng))
+            planes = (x.flip(-2) if flip else x).permute(3, 0, 1, 2)  # uint8 (3, T, crop, crop) view
+            factors = self.colour.draw(rng)
+            if self.uint8_out and factors == (1.0, 1.0, 1.0):
+                return planes.contiguous()
+            x = planes.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+            _adjust_colour_planes_(x, *factors)
+            if self.uint8_out:
+                return _to_bytes(x)
             for c in range(3):
                 x[c].sub_(self.mean[c]).div_(self.std[c])
             return x
         if flip:
             x = hflip(x)
         x = self.colour.apply_(x, rng)  # x is ours: in place from here on
+        if self.uint8_out:
+            return _to_bytes(_clip_layout(x))
         return _clip_layout(normalize_(x, self.mean, self.std))
 
 
@@ -362,6 +392,7 @@ class ClipEvalTransform:
     num_crops: int = 1
     mean: tuple[float, float, float] = VIDEO_MEAN
     std: tuple[float, float, float] = VIDEO_STD
+    uint8_out: bool = False  # as ClipTrainTransform's: uint8 views, normalised later by `to_model_input`
 
     def __post_init__(self) -> None:
         if self.num_crops not in (1, 3):
@@ -370,6 +401,20 @@ class ClipEvalTransform:
             raise ValueError(f"crop_size {self.crop_size} must not exceed short_side {self.short_side}")
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        if self.uint8_out:
+            _check_uint8(frames)
+            if min(frames.shape[1:3]) == self.short_side:  # decoded at this size: crop the bytes
+                height, width = frames.shape[1:3]
+                boxes = [center_crop_box(height, width, self.crop_size)]
+                if self.num_crops == 3:
+                    boxes = three_crop_boxes(height, width, self.crop_size)
+                views = [frames[:, t : t + h, left : left + w].permute(3, 0, 1, 2) for t, left, h, w in boxes]
+                return torch.stack(views)
+            x = resize_short_side(to_float(frames), self.short_side)
+            boxes = [center_crop_box(*x.shape[-2:], self.crop_size)]
+            if self.num_crops == 3:
+                boxes = three_crop_boxes(*x.shape[-2:], self.crop_size)
+            return torch.stack([_to_bytes(_clip_layout(crop(x, box))) for box in boxes])
         x = normalize_(resize_short_side(to_float(frames), self.short_side), self.mean, self.std)  # a fresh tensor
         height, width = x.shape[-2:]
         if self.num_crops == 1:
