@@ -28,7 +28,7 @@ import torch.distributed as tdist
 from . import dist
 from .config import RecipeError
 from .data.transforms import to_model_input
-from .evaluate import evaluate, gather_bad_samples
+from .evaluate import evaluate, format_duration, gather_bad_samples
 from .optim import lr_at, set_lr
 
 LOG = dist.get_logger("video_ens.trainer")
@@ -130,19 +130,11 @@ class Progress:
             rate = (step - self.s0) / max(time.monotonic() - self.t0, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
             fields = " ".join(f"{k}={v:.4g}" for k, v in info.items())
-            LOG.info(f"step {step}/{self.total} ({rate:.2f} step/s, eta {_fmt_eta(eta)}) {fields}")
+            LOG.info(f"step {step}/{self.total} ({rate:.2f} step/s, eta {format_duration(eta)}) {fields}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
 
 
 def all_reduce_bn_stats(model: torch.nn.Module) -> None:
