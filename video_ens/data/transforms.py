@@ -246,35 +246,27 @@ def adjust_colour(x: torch.Tensor, brightness: float, contrast: float, saturatio
     return adjust_colour_(x.clone(), brightness, contrast, saturation)
 
 
-def adjust_colour_(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+def _grey_planes(x: torch.Tensor) -> torch.Tensor:
+    """`_grey` of a channel-first (3, ...) tensor, whose channels are whole planes: plane arithmetic."""
+    return x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2]
+
+
+def adjust_colour_(
+    x: torch.Tensor, brightness: float, contrast: float, saturation: float, *, grey=_grey
+) -> torch.Tensor:
     """`adjust_colour` in place. The clip pipelines use it: a 64 x 224 x 224 float clip is 38.5 MB, above glibc's
     mmap threshold, so each out-of-place step was a fresh mapping for the kernel to fault in and zero (more system
-    than user time; benchmarks/bench_loader.py --mode pipeline). Same operations in the same order: same numbers."""
+    than user time; benchmarks/bench_loader.py --mode pipeline). Same operations in the same order: same numbers.
+    `grey`: `_grey` for (N, 3, H, W), `_grey_planes` for channel-first (3, T, H, W)."""
     if brightness != 1.0:
         x.mul_(brightness).clamp_(0.0, 1.0)
     if contrast != 1.0:
-        mean = _grey(x).mean()
+        mean = grey(x).mean()
         x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
     if saturation != 1.0:
-        grey = _grey(x)
-        x.sub_(grey).mul_(saturation).add_(grey).clamp_(0.0, 1.0)
-    return x
-
-
-def _adjust_colour_planes_(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> None:
-    """`adjust_colour_` for a channel-first float (3, ...) tensor in [0, 1]: the same operations, per plane."""
-
-    def grey() -> torch.Tensor:
-        return x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2]
-
-    if brightness != 1.0:
-        x.mul_(brightness).clamp_(0.0, 1.0)
-    if contrast != 1.0:
-        mean = grey().mean()
-        x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
-    if saturation != 1.0:
-        g = grey()
+        g = grey(x)
         x.sub_(g).mul_(saturation).add_(g).clamp_(0.0, 1.0)
+    return x
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -282,10 +274,13 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     return normalize_(x.clone(), mean, std)
 
 
-def normalize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """`normalize` in place."""
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+def normalize_(
+    x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], *, channel_dim: int = -3
+) -> torch.Tensor:
+    """`normalize` in place; `channel_dim` -4 for clips laid out (..., 3, T, H, W)."""
+    shape = [3] + [1] * (-channel_dim - 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
     return x.sub_(mean_t).div_(std_t)
 
 
@@ -302,10 +297,7 @@ def to_model_input(x: torch.Tensor, mean=VIDEO_MEAN, std=VIDEO_STD) -> torch.Ten
         return x
     if x.dim() not in (5, 6) or x.shape[-4] != 3:
         raise ValueError(f"expected uint8 clips (B, 3, T, H, W) or (B, V, 3, T, H, W), got {tuple(x.shape)}")
-    x = x.to(torch.float32).div_(255.0)
-    shape = (3, 1, 1, 1)
-    x.sub_(torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape))
-    return x.div_(torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
+    return normalize_(x.to(torch.float32).div_(255.0), mean, std, channel_dim=-4)
 
 
 def _clip_layout(x: torch.Tensor) -> torch.Tensor:
@@ -365,12 +357,10 @@ class ClipTrainTransform:
             if self.uint8_out and factors == (1.0, 1.0, 1.0):
                 return planes.contiguous()
             x = planes.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-            _adjust_colour_planes_(x, *factors)
+            adjust_colour_(x, *factors, grey=_grey_planes)
             if self.uint8_out:
                 return _to_bytes(x)
-            for c in range(3):
-                x[c].sub_(self.mean[c]).div_(self.std[c])
-            return x
+            return normalize_(x, self.mean, self.std, channel_dim=-4)
         if flip:
             x = hflip(x)
         x = self.colour.apply_(x, rng)  # x is ours: in place from here on
@@ -400,28 +390,21 @@ class ClipEvalTransform:
         if self.crop_size > self.short_side:
             raise ValueError(f"crop_size {self.crop_size} must not exceed short_side {self.short_side}")
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        if self.uint8_out:
-            _check_uint8(frames)
-            if min(frames.shape[1:3]) == self.short_side:  # decoded at this size: crop the bytes
-                height, width = frames.shape[1:3]
-                boxes = [center_crop_box(height, width, self.crop_size)]
-                if self.num_crops == 3:
-                    boxes = three_crop_boxes(height, width, self.crop_size)
-                views = [frames[:, t : t + h, left : left + w].permute(3, 0, 1, 2) for t, left, h, w in boxes]
-                return torch.stack(views)
-            x = resize_short_side(to_float(frames), self.short_side)
-            boxes = [center_crop_box(*x.shape[-2:], self.crop_size)]
-            if self.num_crops == 3:
-                boxes = three_crop_boxes(*x.shape[-2:], self.crop_size)
-            return torch.stack([_to_bytes(_clip_layout(crop(x, box))) for box in boxes])
-        x = normalize_(resize_short_side(to_float(frames), self.short_side), self.mean, self.std)  # a fresh tensor
-        height, width = x.shape[-2:]
+    def _boxes(self, height: int, width: int) -> list[Box]:
         if self.num_crops == 1:
-            boxes = [center_crop_box(height, width, self.crop_size)]
-        else:
-            boxes = three_crop_boxes(height, width, self.crop_size)
-        return torch.stack([_clip_layout(crop(x, box)) for box in boxes])
+            return [center_crop_box(height, width, self.crop_size)]
+        return three_crop_boxes(height, width, self.crop_size)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        _check_uint8(frames)
+        if self.uint8_out and min(frames.shape[1:3]) == self.short_side:  # decoded at this size: crop the bytes
+            boxes = self._boxes(*frames.shape[1:3])
+            return torch.stack([frames[:, t : t + h, left : left + w].permute(3, 0, 1, 2) for t, left, h, w in boxes])
+        x = resize_short_side(to_float(frames), self.short_side)  # a fresh tensor
+        if self.uint8_out:
+            return torch.stack([_to_bytes(_clip_layout(crop(x, box))) for box in self._boxes(*x.shape[-2:])])
+        x = normalize_(x, self.mean, self.std)
+        return torch.stack([_clip_layout(crop(x, box)) for box in self._boxes(*x.shape[-2:])])
 
 
 @dataclass(frozen=True)
