@@ -16,31 +16,16 @@ Metrics are printed in %. A run without eval.json still gets its sizes.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
 
 from video_ens.config import recipe_from_dict
-from video_ens.models import MODELS, model_kwargs
+from video_ens.models import builder_arguments
 from video_ens.models.ensemble import resolve_width_ratio
 from video_ens.models.size import model_size_report
 
 GREEK = {"ensembling": "λ", "codistillation": "μ"}
-
-
-def _builder_view(model_cfg) -> dict:
-    """The model's keywords as its builder sees them: the recipe's merged over the preset's the way create_model
-    merges them (video_ens.models.model_kwargs), then the builder's defaults for the rest."""
-    build, _ = MODELS[model_cfg.name]
-    kwargs = model_kwargs(model_cfg.name, **model_cfg.builder_kwargs())
-    out = {}
-    for name, param in inspect.signature(build).parameters.items():
-        if name in kwargs:
-            out[name] = kwargs[name]
-        elif param.default is not inspect.Parameter.empty:
-            out[name] = param.default
-    return out
 
 
 def read_run(run_dir: Path) -> dict:
@@ -71,7 +56,7 @@ def sizes(model_cfg) -> dict:
 def row(run: dict, *, branches: bool) -> dict:
     recipe = run["recipe"]
     m = recipe.model
-    kw = _builder_view(m)
+    kw = builder_arguments(m.name, **m.builder_kwargs())  # as create_model builds it
     num_branches = kw.get("num_branches") or 1
     fork = kw.get("fork")
     # family-specific branch settings, e.g. DBoF's branch_hidden_size / branch_mixtures, ResNet's branch_widths

@@ -200,17 +200,9 @@ def check_num_classes(recipe, dataset_classes: int, dataset: str | Path) -> None
 
 def _num_classes(recipe) -> int | None:
     """The classifier width the recipe builds: model.num_classes, else the preset's, else the builder's default."""
-    import inspect
+    from .models import builder_arguments
 
-    from .models import MODELS, model_kwargs
-
-    if recipe.model.num_classes is not None:
-        return recipe.model.num_classes
-    kwargs = model_kwargs(recipe.model.name, **recipe.model.builder_kwargs())
-    if "num_classes" in kwargs:
-        return kwargs["num_classes"]
-    default = inspect.signature(MODELS[recipe.model.name][0]).parameters.get("num_classes")
-    return None if default is None or default.default is inspect.Parameter.empty else default.default
+    return builder_arguments(recipe.model.name, **recipe.model.builder_kwargs()).get("num_classes")
 
 
 def _model_size(recipe) -> dict:

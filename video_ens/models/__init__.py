@@ -25,6 +25,7 @@ meet a preset's branch shape (an explicit width_ratio, or num_branches=1, replac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from . import dbof, resnet, s3dg
@@ -69,6 +70,14 @@ def model_kwargs(name: str, **overrides) -> dict:
     return {**kwargs, **overrides}
 
 
+def builder_arguments(name: str, **overrides) -> dict:
+    """Every keyword of the family's builder as `create_model(name, **overrides)` calls it: `model_kwargs`, then the
+    builder's own defaults for the rest (for reports and checks that need a resolved value, e.g. num_classes)."""
+    kwargs = model_kwargs(name, **overrides)
+    params = inspect.signature(MODELS[name][0]).parameters.items()
+    return {k: kwargs[k] if k in kwargs else p.default for k, p in params if k in kwargs or p.default is not p.empty}
+
+
 def create_model(name: str, **overrides) -> EnsembleNet:
     """Build the named model; `overrides` replace preset keywords (e.g. num_branches=3, num_classes=10), with the
     branch-shape rule of `model_kwargs` (an explicit width_ratio or num_branches=1 replaces a preset's pinned
@@ -80,4 +89,4 @@ def create_model(name: str, **overrides) -> EnsembleNet:
     return MODELS[name][0](**kwargs)
 
 
-__all__ = ["MODELS", "EnsembleNet", "ModelOutput", "create_model", "model_kwargs"]
+__all__ = ["MODELS", "EnsembleNet", "ModelOutput", "builder_arguments", "create_model", "model_kwargs"]
