@@ -27,7 +27,7 @@ every head, averaged over views). OUT defaults to the run folder (--run-dir) or 
 Samples that cannot be evaluated (undecodable, a label outside the label map, a damaged shard) are skipped; the
 metrics cover the rest. Their count is "bad_samples"; "bad_sample_keys" names them as the training log's eval
 lines do: {"bad": n, "bad_by_reason": {reason: n}, "last_bad": [{"key", "reason", "detail", "rank"}]} (each rank's
-last few, video_ens.data.loader.LAST_BAD_KEPT). The log and eval.md list them too.
+last few, video_ens.data.samples.LAST_BAD_KEPT). The log and eval.md list them too.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 
 from video_ens import dist
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
-from video_ens.data import loader
+from video_ens.data import loader, samples
 from video_ens.evaluate import evaluate, load_weights
 from video_ens.models import create_model
 
@@ -129,7 +129,7 @@ def report_markdown(out: dict) -> str:
         if len(named) == out["bad_samples"]:
             by_key = ", by key:"
         elif named:
-            by_key = f", the last {len(named)} by key (each rank keeps its last {loader.LAST_BAD_KEPT}):"
+            by_key = f", the last {len(named)} by key (each rank keeps its last {samples.LAST_BAD_KEPT}):"
         else:
             by_key = ""
         bad_lines = [f"- bad samples (skipped): {bad_sample_summary(bad)}{by_key}"]

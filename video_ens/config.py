@@ -338,6 +338,11 @@ class DataConfig:
     """Brightness/contrast/saturation jitter strength in training (0 disables)."""
     max_skip_fraction: float = 0.5
     """Stop with an error when more than this fraction of samples seen so far were bad (after 100 samples)."""
+    repeat_samples: int = 1
+    """Clips per decoded video (MAE-ST's repeated sampling, clips only): each video a worker decodes gives this many
+    training clips (own crop, scale, flip, colour, and a window shifted within the decoded span) in the same
+    micro-batch, which must be a multiple of it. Epochs count clips, so an epoch decodes 1/repeat_samples as many
+    videos; the loader's rate in clips/s rises by up to this factor."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
@@ -353,6 +358,12 @@ class DataConfig:
         _check(0 < r_lo <= r_hi, "crop_ratio", f"must be [min, max] with 0 < min <= max, got [{r_lo}, {r_hi}]")
         _check(0 <= self.color_jitter <= 1, "color_jitter", "must be in [0, 1]")
         _check(0 < self.max_skip_fraction <= 1, "max_skip_fraction", "must be in (0, 1]")
+        _check(self.repeat_samples >= 1, "repeat_samples", "must be >= 1")
+        _check(
+            self.repeat_samples == 1 or self.kind == "clip",
+            "repeat_samples",
+            f"applies to clips only (data.kind {self.kind!r} decodes each sample for one input): set it to 1",
+        )
         _check(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "samples_per_epoch", "must be >= 1")
         _check(bool(self.train_shards), "train_shards", "is required: a converted dataset folder (tools/convert_*.py)")
         _check(bool(self.val_shards), "val_shards", "is required: a converted dataset folder (tools/convert_*.py)")
@@ -616,6 +627,18 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
 
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """`train.batch_layout`, also checking that micro-batches hold whole groups of data.repeat_samples clips."""
+        micro, accum = self.train.batch_layout(world_size)
+        repeat = self.data.repeat_samples
+        if micro % repeat:
+            raise RecipeError(
+                f"data.repeat_samples: {repeat} clips per decoded video must fill micro-batches of {micro} "
+                f"(train.micro_batch_size at world size {world_size}) exactly; set it to a divisor of {micro}, or "
+                "set train.micro_batch_size to a multiple of it"
+            )
+        return micro, accum
+
     def __post_init__(self) -> None:
         short, crop = self.eval.view_size(self.data)
         if self.data.kind != "features" and short < crop:
@@ -835,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.world_size is not None:
-            recipe.train.batch_layout(args.world_size)
+            recipe.batch_layout(args.world_size)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ PARTIAL = ".partial"
 def deepspeed_config(recipe: Recipe, *, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed config dict for this recipe on `world_size` ranks (RecipeError when it cannot run here)."""
     train, ds = recipe.train, recipe.deepspeed
-    micro, accum = train.batch_layout(world_size)
+    micro, accum = recipe.batch_layout(world_size)
     cfg: dict = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,

@@ -394,7 +394,7 @@ def progress_line(done: int, total: int | None, seconds: float, *, bad: int = 0)
 def merge_bad_samples(per_rank: list[dict]) -> dict[str, Any]:
     """The bad-sample stats of every rank's stream (`stream.stats`) as one: {"bad": total, "bad_by_reason":
     {reason: total}, "last_bad": [{"key", "reason", "detail", "rank"}, ...]} (the trainer's "bad_sample_keys" form;
-    each rank keeps its last few records, video_ens.data.loader.LAST_BAD_KEPT, so the list is bounded)."""
+    each rank keeps its last few records, video_ens.data.samples.LAST_BAD_KEPT, so the list is bounded)."""
     by_reason: dict[str, int] = {}
     records: list[dict] = []
     for rank, stats in enumerate(per_rank):
@@ -472,7 +472,7 @@ def evaluate(
     t0 = time.monotonic()
     try:
         for i, batch in enumerate(stream.batches()):
-            x = to_model_input(batch["inputs"].to(device, non_blocking=True))  # uint8 clips -> normalised float
+            x = to_model_input(batch, device)  # clips: boxes resized to the crop and normalised here
             kwargs = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
             with autocast(device, precision):
                 if x.dim() == 5 and max_chunk_frames and x.shape[2] > max_chunk_frames:

@@ -111,59 +111,66 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     eval_data = loader.eval_stream(
         recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
     )
-    check_num_classes(recipe, train_data.num_classes, data_root.train)
-    criterion = loss_for(recipe.objective, model)
-    optimizer = create_optimizer(model, recipe.optim, lr=peak_lr(recipe.optim, recipe.train.global_batch_size))
-    eng = engine.initialize(model, optimizer, ds_config)
-    if recipe.model.compile:
-        eng.compile()
+    try:
+        check_num_classes(recipe, train_data.num_classes, data_root.train)
+        criterion = loss_for(recipe.objective, model)
+        optimizer = create_optimizer(model, recipe.optim, lr=peak_lr(recipe.optim, recipe.train.global_batch_size))
+        eng = engine.initialize(model, optimizer, ds_config)
+        if recipe.model.compile:
+            eng.compile()
 
-    if dry_run:  # the trainer's logs go to a scratch folder that is removed again: a dry run writes nothing
-        with tempfile.TemporaryDirectory(prefix="video_ens_dry_run_") as scratch:
-            trainer = Trainer(recipe=recipe, run_dir=Path(scratch), engine=eng, criterion=criterion,
-                              train_data=train_data, eval_data=None, device=device,
-                              metrics_task=loader.metrics_task(recipe.data))
-            trainer.total_steps = 1
-            trainer.fit(save_fn=lambda t: None)
-            trainer.log.close()
-        LOG.info("dry run: recipe valid, model and data built, one step ran")
+        if dry_run:  # the trainer's logs go to a scratch folder that is removed again: a dry run writes nothing
+            with tempfile.TemporaryDirectory(prefix="video_ens_dry_run_") as scratch:
+                trainer = Trainer(recipe=recipe, run_dir=Path(scratch), engine=eng, criterion=criterion,
+                                  train_data=train_data, eval_data=None, device=device,
+                                  metrics_task=loader.metrics_task(recipe.data))
+                trainer.total_steps = 1
+                trainer.fit(save_fn=lambda t: None)
+                trainer.log.close()
+            LOG.info("dry run: recipe valid, model and data built, one step ran")
+            return 0
+
+        if dist.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints").mkdir(exist_ok=True)
+            dump_recipe(recipe, run_dir / "recipe.json")
+        if dist.is_initialized():
+            torch.distributed.barrier()  # the run folder exists before any rank writes to it
+
+        ckpt_root = run_dir / "checkpoints"
+        engine.remove_partial_checkpoints(ckpt_root)
+        latest = engine.latest_checkpoint(ckpt_root)
+        size = _model_size(recipe)
+        # FLOPs per training sample for the TFLOP/s log: DBoF's count covers only the video-level part, so add the
+        # frame-level base at the number of frames trained on.
+        flops = size["flops"] + size.get("frame_flops", 0) * recipe.data.frames
+        trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
+                          eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data),
+                          flops_per_sample=flops)
+        if latest is not None:
+            trainer.restore(engine.load_checkpoint(eng, latest[1]))
+            LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
+        else:
+            _log_model_table(recipe, size, run_dir, model)
+
+        def save(t: Trainer) -> None:
+            all_reduce_bn_stats(eng.module)
+            engine.save_checkpoint(eng, ckpt_root, t.step, t.client_state(), keep=recipe.train.keep_checkpoints)
+
+        trainer.fit(save_fn=save)
+        result = trainer.evaluate()
+        last = engine.latest_checkpoint(ckpt_root)
+        weights = engine.consolidated_state_dict(eng, last[1] if last else None)
+        if dist.is_main():
+            _write_outputs(run_dir, result, weights, recipe)
+        trainer.log.close()
         return 0
-
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.json")
-    if dist.is_initialized():
-        torch.distributed.barrier()  # the run folder exists before any rank writes to it
-
-    ckpt_root = run_dir / "checkpoints"
-    engine.remove_partial_checkpoints(ckpt_root)
-    latest = engine.latest_checkpoint(ckpt_root)
-    size = _model_size(recipe)
-    # FLOPs per training sample for the TFLOP/s log: DBoF's count covers only the video-level part, so add the
-    # frame-level base at the number of frames trained on.
-    flops = size["flops"] + size.get("frame_flops", 0) * recipe.data.frames
-    trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
-                      eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data),
-                      flops_per_sample=flops)
-    if latest is not None:
-        trainer.restore(engine.load_checkpoint(eng, latest[1]))
-        LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
-    else:
-        _log_model_table(recipe, size, run_dir, model)
-
-    def save(t: Trainer) -> None:
-        all_reduce_bn_stats(eng.module)
-        engine.save_checkpoint(eng, ckpt_root, t.step, t.client_state(), keep=recipe.train.keep_checkpoints)
-
-    trainer.fit(save_fn=save)
-    result = trainer.evaluate()
-    last = engine.latest_checkpoint(ckpt_root)
-    weights = engine.consolidated_state_dict(eng, last[1] if last else None)
-    if dist.is_main():
-        _write_outputs(run_dir, result, weights, recipe)
-    trainer.log.close()
-    return 0
+    finally:
+        # The data workers live across epochs and evaluations; stop them before this process ends (it leaves
+        # through os._exit, which skips the handlers that would otherwise reap them).
+        train_data.close()
+        if eval_data is not None:
+            eval_data.close()
 
 
 def build_model(recipe, *, device: str | torch.device | None = None, source: str | None = None):

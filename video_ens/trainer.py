@@ -226,6 +226,7 @@ class Trainer:
         t = self.recipe.train
         progress = Progress(self.total_steps, self.step, t.log_every)
         window_t0, window_samples = time.monotonic(), 0
+        window_wait = self._data_wait()
         stream = self._micro_batches()
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         try:
@@ -250,13 +251,17 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     dt = max(time.monotonic() - window_t0, 1e-9)
                     rate = window_samples / dt
+                    wait = self._data_wait()
+                    # The share of the window this rank spent waiting for its data workers: near 0 when the input
+                    # pipeline keeps up, near 1 when the run is bound by it (add data.num_workers or cores).
                     record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch,
+                              "data_wait": round(min(1.0, (wait - window_wait) / dt), 4),
                               "bad_samples": gather_bad_samples(self.train_data.stats)}  # every rank's
                     if self.flops_per_sample and self.device.type == "cuda":
                         # forward + backward ~ 3x the forward FLOPs, per GPU
                         record["tflops_per_gpu"] = 3 * self.flops_per_sample * rate / dist.world_size() / 1e12
                     self.log.write("train", self.step, record)
-                    window_t0, window_samples = time.monotonic(), 0
+                    window_t0, window_samples, window_wait = time.monotonic(), 0, wait
                 last = self.step == self.total_steps
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
                     self.evaluate()
@@ -273,6 +278,10 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             progress.close()
+
+    def _data_wait(self) -> float:
+        """Seconds this rank has waited for training batches so far (0 for a stream that does not count them)."""
+        return float(getattr(self.train_data, "stats", {}).get("seconds", {}).get("wait", 0.0))
 
     def _on_stop_signal(self, signum, frame) -> None:
         # Only a flag: the step in flight finishes, and every rank stops after the same step (see _agree).
@@ -299,7 +308,7 @@ class Trainer:
         skipped = 0
         for i in range(self.accum):
             batch = next(stream)
-            inputs = to_model_input(batch["inputs"].to(self.device, non_blocking=True))  # uint8 clips -> normalised
+            inputs = to_model_input(batch, self.device)  # clips: resized, flipped, jittered, normalised here
             target = batch["target"].to(self.device, non_blocking=True)
             kwargs = {"lengths": batch["lengths"].to(self.device)} if "lengths" in batch else {}
             saved = [b.clone() for b in self._running_stats]  # BN statistics: a few K floats, restored if bad

@@ -242,8 +242,8 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     probs, targets = {}, {}
     with torch.no_grad():
         for batch in stream.batches():
-            assert batch["inputs"].shape[2] == CLIP_FRAMES  # the whole video
-            out_ = model(to_model_input(batch["inputs"]))
+            assert batch["inputs"].shape[1] == CLIP_FRAMES  # the whole video
+            out_ = model(to_model_input(batch))
             heads = torch.cat([torch.softmax(out_.branches, -1), out_.ensemble[None]])  # (N + 1, B, C)
             for j, key in enumerate(batch["ids"]):
                 probs[key], targets[key] = heads[:, j].numpy(), int(batch["target"][j])
@@ -275,7 +275,7 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
     targets: dict[str, int] = {}
     with torch.no_grad():
         for batch in stream().batches():  # batches of 7 views: a video's 30 views straddle batches
-            out = model(to_model_input(batch["inputs"]))
+            out = model(to_model_input(batch))
             heads = torch.cat([torch.softmax(out.branches, -1), out.ensemble[None]])  # (N + 1, B, C)
             for j, key in enumerate(batch["ids"]):
                 views.setdefault(key, {})[int(batch["view_ids"][j])] = heads[:, j].numpy()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ av = pytest.importorskip("av")
 pytest.importorskip("webdataset")
 
 from video_ens.config import DataConfig, EvalConfig, RecipeError  # noqa: E402
-from video_ens.data import loader, schema  # noqa: E402
-from video_ens.data.transforms import to_model_input  # noqa: E402
+from video_ens.data import loader, samples, schema  # noqa: E402
+from video_ens.data.decode import decode_frames  # noqa: E402
+from video_ens.data.transforms import ClipEvalTransform, sample_window, to_model_input, uniform_clips  # noqa: E402
 from video_ens.data.writer import DatasetWriter  # noqa: E402
 
 CLIP_SPEC = {"kind": "clip", "frames": 8, "size": 16}
@@ -180,9 +182,9 @@ def _train(cfg: DataConfig, *, batch: int = 3, rank: int = 0, world: int = 1, se
 
 
 def _same(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys() or a["ids"] != b["ids"]:
+    if a.keys() != b.keys():
         return False
-    return all(torch.equal(a[k], b[k]) for k in a if k != "ids")
+    return all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
 
 
 def _all_same(xs: list[dict], ys: list[dict]) -> bool:
@@ -249,12 +251,18 @@ def test_global_rng_is_left_alone(data, workers):
 
 def test_clip_batch_shapes(data):
     batch = next(iter(_train(_cfg(data), batch=3).batches(0, 0)))
-    # clips cross the DataLoader as bytes (a quarter of the shared memory); to_model_input finishes them
-    assert batch["inputs"].shape == (3, 3, 8, 16, 16) and batch["inputs"].dtype == torch.uint8
+    # clips cross the DataLoader as the bytes of boxes cut from the stored 48x40 frames, with what the device needs
+    # to finish them: short side 16-24 of 40 stored pixels is a 16-pixel crop cut as a 27-40 pixel box
+    b, t, h, w, c = batch["inputs"].shape
+    assert (b, t, c) == (3, 8, 3) and batch["inputs"].dtype == torch.uint8
+    assert batch["extent"].shape == (3, 2) and batch["crop_size"] == 16
+    assert all(27 <= side <= 40 for side in batch["extent"].flatten().tolist())
+    assert h >= int(batch["extent"][:, 0].max()) and w >= int(batch["extent"][:, 1].max())
+    assert batch["flip"].shape == (3,) and batch["colour"].shape == (3, 3)
     assert batch["target"].dtype == torch.int64 and batch["target"].shape == (3,)
     assert "lengths" not in batch and len(batch["ids"]) == 3
-    x = to_model_input(batch["inputs"])
-    assert x.dtype == torch.float32
+    x = to_model_input(batch)
+    assert x.shape == (3, 3, 8, 16, 16) and x.dtype == torch.float32
     # normalised with mean 0.45, std 0.225: [0, 1] maps to [-2, 2.44]
     assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.45
     labels = {s["__key__"]: int(s["cls"]) for s in _clip_samples(24)}
@@ -395,7 +403,7 @@ def test_eval_full_clips_keep_each_video_whole(data):
     stream = _eval(cfg, EvalConfig(mode="full", batch_size=4, max_frames=20), 0, 1)
     count = 0
     for batch in stream.batches():
-        b, c, t, h, w = batch["inputs"].shape
+        b, c, t, h, w = to_model_input(batch).shape
         assert (c, h, w) == (3, 16, 16) and b == len(batch["ids"]) <= 4
         # every frame_stride-th frame (the training frame rate), at most max_frames; equal lengths share a batch
         assert all(min(-(-frames[i] // cfg.frame_stride), 20) == t for i in batch["ids"])
@@ -411,7 +419,7 @@ def test_eval_clips_mode_gives_every_view_once(data):
         stream = _eval(cfg, ecfg, rank, 2)
         assert stream.aggregate == "mean"
         for batch in stream.batches():
-            assert batch["inputs"].shape[1:] == (3, 8, 16, 16)
+            assert to_model_input(batch).shape[1:] == (3, 8, 16, 16)
             assert batch["view_ids"].dtype == torch.int64
             views.update(zip(batch["ids"], batch["view_ids"].tolist(), strict=True))
     keys = [s["__key__"] for s in _clip_samples(24)]
@@ -445,15 +453,24 @@ def test_no_val_folder_no_eval_stream(data):
 
 
 def _spy(monkeypatch, name: str) -> list[dict]:
-    """Record the keywords every call of loader.<name> gets (workers=0: everything runs in this process)."""
-    real, calls = getattr(loader, name), []
+    """Record the keywords every call of samples.<name> gets (workers=0: everything runs in this process)."""
+    real, calls = getattr(samples, name), []
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loader, name, spy)
+    monkeypatch.setattr(samples, name, spy)
     return calls
+
+
+def _sample(key: str, folder) -> schema.VideoSample:
+    """The sample as stored in the dataset folder (re-encoding with x264 does not always give the same bytes)."""
+    for shard in sorted(folder.glob("*.tar")):
+        for raw in samples.read_shard(str(shard), []):
+            if raw["__key__"] == key:
+                return schema.decode_video_sample(raw)
+    raise KeyError(key)
 
 
 @pytest.mark.parametrize("mode", ["full", "clips"])
@@ -463,24 +480,43 @@ def test_clip_eval_runs_at_the_configured_short_side(data, monkeypatch, mode):
         (EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20), 20, 16),  # default: data.short_side[0]
         (EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20, short_side=22, crop_size=18), 22, 18),
     ]:
-        decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipEvalTransform")
+        transforms = _spy(monkeypatch, "ClipEvalTransform")
         batches = list(_eval(cfg, ecfg, 0, 1).batches())
-        assert {c["short_side"] for c in decoded} == {short}
         assert {(t["short_side"], t["crop_size"]) for t in transforms} == {(short, crop)}
-        assert all(b["inputs"].shape[-2:] == (crop, crop) for b in batches)
+        assert all(to_model_input(b).shape[-2:] == (crop, crop) for b in batches)
         monkeypatch.undo()
-    # the views are those of ClipEvalTransform at that scale, bit for bit
+    # the views are those of the CPU reference at that scale (ClipEvalTransform of the decoded frames)
     ecfg = EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20, short_side=22, crop_size=18)
     batch = next(iter(_eval(cfg, ecfg, 0, 1).batches()))
-    sample = schema.decode_video_sample(next(s for s in _clip_samples(24) if s["__key__"] == batch["ids"][0]))
+    sample = _sample(batch["ids"][0], data / "clips")
     if mode == "full":
         indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
     else:
-        indices = loader.uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
-    frames = loader.decode_frames(sample.video, indices, short_side=22)
-    views = loader.ClipEvalTransform(short_side=22, crop_size=18, num_crops=1 if mode == "full" else 3)(frames)
+        indices = uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
+    frames = decode_frames(sample.video, indices)
+    views = ClipEvalTransform(short_side=22, crop_size=18, num_crops=1 if mode == "full" else 3)(frames)
     assert batch["inputs"].dtype == torch.uint8
-    assert torch.equal(to_model_input(batch["inputs"][:1])[0], views[0])  # the float transform's numbers exactly
+    assert torch.allclose(to_model_input(batch)[0], views[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "clips"])
+def test_clip_eval_at_the_stored_scale_hands_over_the_decoded_bytes(data, mode):
+    """Where eval.short_side is the stored short side (40 here) nothing is resized: the batch holds the decoded
+    frames' crops bit for bit, and the model input is exactly their normalisation."""
+    cfg = _cfg(data, short_side=(40, 48), crop_size=16)
+    ecfg = EvalConfig(mode=mode, num_clips=2, num_crops=3, batch_size=4, max_frames=20, short_side=40, crop_size=32)
+    batch = next(iter(_eval(cfg, ecfg, 0, 1).batches()))
+    sample = _sample(batch["ids"][0], data / "clips")
+    if mode == "full":
+        indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
+    else:
+        indices = uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
+    frames = decode_frames(sample.video, indices)  # (T, 40, 48, 3)
+    left = 8 if mode == "full" else 0  # the centre crop, or the first of three along the long side
+    assert batch["extent"][0].tolist() == [32, 32]
+    assert torch.equal(batch["inputs"][0, :, :32, :32], frames[:, 4:36, left : left + 32])
+    expected = (frames[:, 4:36, left : left + 32].permute(3, 0, 1, 2).float() / 255 - 0.45) / 0.225
+    assert torch.equal(to_model_input(batch)[0], expected)
 
 
 def test_image_eval_scale_is_configurable(data, monkeypatch):
@@ -495,24 +531,26 @@ def test_image_eval_scale_is_configurable(data, monkeypatch):
 
 def test_clip_crop_option_reaches_the_train_transform(data, monkeypatch):
     default = _cfg(data, samples_per_epoch=3)
-    decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipTrainTransform")
-    list(_train(default).batches(0, 0))
+    transforms = _spy(monkeypatch, "ClipTrainTransform")
+    batches = list(_train(default).batches(0, 0))
     assert default.clip_crop == "scale_jitter"
-    assert {t.get("crop", "scale_jitter") for t in transforms} == {"scale_jitter"}
-    assert {c["short_side"] for c in decoded} <= set(range(16, 25))  # scale jitter inside the decoder
+    assert {t["crop"] for t in transforms} == {"scale_jitter"}
+    # short side 16-24 of the 40 stored pixels, crop 16: boxes of 16 x 40 / 24 to 16 x 40 / 16 stored pixels
+    assert all(27 <= side <= 40 for b in batches for side in b["extent"].flatten().tolist())
     monkeypatch.undo()
 
     cfg = _cfg(data, samples_per_epoch=3, clip_crop="resized_crop", crop_scale=(0.3, 0.9), crop_ratio=(0.5, 2.0))
-    decoded, transforms = _spy(monkeypatch, "decode_frames"), _spy(monkeypatch, "ClipTrainTransform")
+    transforms = _spy(monkeypatch, "ClipTrainTransform")
     a = list(_train(cfg).batches(0, 0))
     assert {(t["crop"], t["scale"], t["ratio"], t["crop_size"]) for t in transforms} == {
         ("resized_crop", (0.3, 0.9), (0.5, 2.0), 16)
     }
-    assert {c["short_side"] for c in decoded} == {24}  # decoded at the top of data.short_side
     monkeypatch.undo()
-    assert a[0]["inputs"].shape == (3, 3, 8, 16, 16)
+    for h, w in a[0]["extent"].tolist():  # boxes of the stored 48 x 40 frames, within the drawn area and aspect
+        assert 0.3 * 0.8 <= h * w / (48 * 40) <= 0.9 * 1.2 and 0.5 * 0.8 <= w / h <= 2.0 * 1.2
+    assert to_model_input(a[0]).shape == (3, 3, 8, 16, 16)
     assert _all_same(a, list(_train(cfg).batches(0, 0)))  # still a pure function of the seed
-    assert not torch.equal(a[0]["inputs"], next(iter(_train(default).batches(0, 0)))["inputs"])
+    assert not _same(a[0], next(iter(_train(default).batches(0, 0))))
 
 
 def test_image_crop_ranges_reach_the_train_transform(data, monkeypatch):
@@ -600,3 +638,192 @@ def test_fewer_shards_than_rank_stream_slots_is_warned_on_rank_0(data, capfd):
     assert "2 shard(s) for 4 rank(s) x 1 stream(s)" in err and "at least 4 shards" in err
     _train(cfg, batch=1, rank=1, world=4)
     assert "shard" not in capfd.readouterr().err  # said once, by rank 0
+
+
+# ----------------------------------------------------------------------------------- clips: decode once, crop, repeat
+
+
+def _slot_generator(k: int, i: int, *, seed: int = 0, rank: int = 0, epoch: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(loader._mix("aug", seed, rank, epoch, k, i))
+
+
+def test_clips_without_jitter_are_the_decoded_bytes(data):
+    """At the stored scale with no flip or colour the batch holds the decoded frames' crops bit for bit (what the
+    decoder gave before augmentation moved to the device), and the model input is exactly their normalisation."""
+    cfg = _cfg(data, short_side=(40, 40), crop_size=16, flip=False, color_jitter=0.0, samples_per_epoch=6)
+    spec = samples.SampleSpec.from_config(cfg, CLIP_CLASSES)
+    for k, batch in enumerate(_train(cfg, batch=3).batches(0, 0)):
+        assert batch["extent"].tolist() == [[16, 16]] * 3 and not batch["flip"].any()
+        assert torch.equal(batch["colour"], torch.ones(3, 3))
+        for i, key in enumerate(batch["ids"]):
+            sample = _sample(key, data / "clips")
+            gen = _slot_generator(k, i)
+            window = sample_window(sample.num_frames, cfg.frames, cfg.frame_stride, gen)
+            top, left, h, w = spec.clip_transform().draw(40, 48, gen).box
+            frames = decode_frames(sample.video, window)[:, top : top + h, left : left + w]
+            assert torch.equal(batch["inputs"][i, :, :16, :16], frames)
+            expected = (frames.permute(3, 0, 1, 2).float() / 255 - 0.45) / 0.225
+            assert torch.equal(to_model_input(batch)[i], expected)
+
+
+@pytest.mark.parametrize("repeat,workers", [(2, 0), (3, 0), (2, 2)])
+def test_repeated_sampling_keeps_every_micro_batch_a_function_of_its_position(data, repeat, workers):
+    cfg = _cfg(data, num_workers=workers, samples_per_epoch=42, repeat_samples=repeat)
+    stream = _train(cfg, batch=6)
+    assert stream.micro_batches_per_epoch == 7
+    full = list(stream.batches(1, 0))
+    assert stream.stats["samples"] == 42 // repeat  # an epoch counts clips: 42 clips from 42 / r videos
+    for start in (1, 4, 6):
+        assert _all_same(list(stream.batches(1, start)), full[start:]), f"start {start}"
+    for batch in full:
+        # the r clips of a video sit side by side, with its id and label; they differ in their augmentation
+        groups = [list(range(g, g + repeat)) for g in range(0, 6, repeat)]
+        for group in groups:
+            assert len({batch["ids"][i] for i in group}) == 1 and len({int(batch["target"][i]) for i in group}) == 1
+            views = {(tuple(batch["extent"][i].tolist()), tuple(batch["colour"][i].tolist())) for i in group}
+            assert len(views) == repeat
+        assert len({batch["ids"][g[0]] for g in groups}) == len(groups)
+
+
+def test_repeated_views_share_one_decode(data):
+    """k views of one video cost the decoding of one: the shifted windows lie in the frames the decoder passes
+    through anyway, and the video is opened once (counted)."""
+    cfg = _cfg(data, short_side=(16, 24), frames=8, frame_stride=1)
+    spec = samples.SampleSpec.from_config(cfg, CLIP_CLASSES)
+    raw = _clip_samples(24)[3]  # 30 frames, one keyframe: a window's decode starts at frame 0
+    costs = {}
+    for k in (1, 3):
+        cost = samples.DecodeCost()
+        buffer = samples.ClipBuffer(k, 8, shared=False)
+        samples.train_clips(raw, spec, [_slot_generator(5, j) for j in range(k)], buffer, 0, cost)
+        costs[k] = cost
+    assert costs[3].frames_decoded == costs[1].frames_decoded  # the same decoding for three views
+    assert costs[3].frames_delivered == 3 * costs[1].frames_delivered == 24
+
+
+def test_repeated_sampling_opens_each_video_once(data, monkeypatch):
+    calls = []
+    real = samples.open_video
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(samples, "open_video", counted)
+    stream = _train(_cfg(data, samples_per_epoch=12, repeat_samples=3), batch=6)
+    batches = list(stream.batches(0, 0))
+    assert len(batches) == 2 and len(calls) == 4 == stream.stats["samples"]
+
+
+def test_repeat_samples_must_divide_the_micro_batch(data):
+    with pytest.raises(RecipeError, match="data.repeat_samples: 4 clips per decoded video.*micro-batches of 6"):
+        _train(_cfg(data, repeat_samples=4), batch=6)
+    with pytest.raises(ValueError, match="applies to clips only"):
+        _cfg(data, "features", repeat_samples=2)
+
+
+def test_clip_buffer_grows_without_losing_placed_views():
+    buffer = samples.ClipBuffer(2, 3, height=4, width=4, shared=False)
+    buffer.array[0, :, :4, :3] = 7
+    buffer.place(0, samples.ClipAugment((0, 0, 4, 3)))
+    buffer.ensure(6, 5)
+    assert buffer.tensor.shape == (2, 3, 6, 5, 3)
+    assert (buffer.array[0, :, :4, :3] == 7).all() and (buffer.array[0, :, 4:] == 0).all()
+    assert (buffer.array[0, :, :, 3:] == 0).all()
+    assert buffer.extent[0].tolist() == [4, 3]
+
+
+# ------------------------------------------------------------------------------------------- workers and hand-over
+
+
+def _worker_pids() -> set[int]:
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_workers_live_across_epochs_and_positions(data):
+    """The DataLoader workers are forked once and serve every later epoch and start position, with the same
+    micro-batches a fresh stream gives; close() ends them."""
+    before = _worker_pids()
+    cfg = _cfg(data, num_workers=2, samples_per_epoch=24)
+    stream = _train(cfg, batch=3)
+    first = list(stream.batches(0, 0))
+    pids = _worker_pids() - before
+    assert len(pids) == 2
+    partial = stream.batches(1, 0)
+    next(partial)  # left mid-epoch, as the trainer leaves a stream when it evaluates or stops
+    resumed = list(stream.batches(2, 3))
+    assert _worker_pids() - before == pids
+    with pytest.raises(RuntimeError, match="restarted the workers"):
+        next(partial)  # the workers moved on: the old pass cannot hand out batches of the new one
+    fresh = _train(cfg, batch=3)
+    assert _all_same(resumed, list(fresh.batches(2, 3)))
+    assert _all_same(first, list(fresh.batches(0, 0)))
+    fresh.close()
+    stream.close()
+    assert not _worker_pids() - before
+
+
+def test_clip_batches_cross_in_shared_memory(data):
+    batch = next(iter(_train(_cfg(data, num_workers=1, samples_per_epoch=6), batch=3).batches(0, 0)))
+    assert batch["inputs"].is_shared()  # built there by the worker: the hand-over passed a handle, not a copy
+
+
+def test_shared_memory_too_small_for_the_batches_in_flight_is_named(data, monkeypatch):
+    class Fs:
+        f_frsize = 4096
+        f_blocks = 64 << 20 >> 12  # Docker's default: 64 MiB
+        f_bavail = f_blocks
+
+    monkeypatch.setattr(loader.os, "statvfs", lambda path: Fs)
+    stream = _train(_cfg(data, num_workers=2, samples_per_epoch=6, frames=64, crop_size=224, short_side=(256, 320)),
+                    batch=3)
+    with pytest.raises(RuntimeError, match=r"/dev/shm, which holds 64 MiB in all.*--shm-size=1g"):
+        next(iter(stream.batches(0, 0)))
+    loader.check_shared_memory(1 << 20, 2, "small")  # 6 MiB in flight: fits
+    with pytest.raises(RuntimeError, match="2 rank"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        loader.check_shared_memory(6 << 20, 2, "x")
+
+
+def test_workers_die_with_a_killed_rank(data, tmp_path):
+    """A rank killed with SIGKILL (no chance to stop its workers) leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import multiprocessing, sys, time
+from video_ens.config import DataConfig
+from video_ens.data import loader
+cfg = DataConfig(kind="features", train_shards={str(data / "feats")!r}, val_shards={str(data / "feats")!r},
+                 frames=6, num_workers=2, samples_per_epoch=20)
+stream = loader.train_stream(cfg, input_spec={FEAT_SPEC!r}, micro_batch_size=2, rank=0, world_size=1, seed=0,
+                             root=loader.resolve_paths(cfg))
+next(iter(stream.batches(0)))
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie waiting for its reaper has exited already
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 2.0  # without PR_SET_PDEATHSIG they would run on until their 5 s parent check
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)

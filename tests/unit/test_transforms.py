@@ -227,15 +227,50 @@ def test_clip_resized_crop_still_checks_its_input():
 
 def test_clip_eval_views():
     clip = _clip(t=3, h=48, w=64)
-    one = tf.ClipEvalTransform(short_side=32, crop_size=32)(clip)
-    three = tf.ClipEvalTransform(short_side=32, crop_size=32, num_crops=3)(clip)
-    assert one.shape == (1, 3, 3, 32, 32) and three.shape == (3, 3, 3, 32, 32)
+    # at the stored short side the views are crops of the stored pixels
+    one = tf.ClipEvalTransform(short_side=48, crop_size=48)(clip)
+    three = tf.ClipEvalTransform(short_side=48, crop_size=48, num_crops=3)(clip)
+    assert one.shape == (1, 3, 3, 48, 48) and three.shape == (3, 3, 3, 48, 48)
     assert torch.equal(three[1], one[0])  # the middle of the three crops is the centre crop
-    full = tf.normalize(tf.resize_short_side(tf.to_float(clip), 32), tf.VIDEO_MEAN, tf.VIDEO_STD)  # (3, 3, 32, 43)
-    assert torch.equal(three[0], full[..., :32].permute(1, 0, 2, 3))
-    assert torch.equal(three[2], full[..., -32:].permute(1, 0, 2, 3))
+    full = tf.normalize(tf.to_float(clip), tf.VIDEO_MEAN, tf.VIDEO_STD)  # (3, 3, 48, 64)
+    assert torch.equal(one[0], full[..., 8:56].permute(1, 0, 2, 3))
+    assert torch.equal(three[0], full[..., :48].permute(1, 0, 2, 3))
+    assert torch.equal(three[2], full[..., -48:].permute(1, 0, 2, 3))
+    # at short side 32 (scale 2/3) a 32-pixel view is a 48-pixel box of the stored frames, resized to 32
+    spec = tf.ClipEvalTransform(short_side=32, crop_size=32, num_crops=3)
+    assert spec.boxes(48, 64) == [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # scaled: 32 x 43, lefts 0, 5, 11
+    views = spec(clip)
+    for view, (_, left, _, _) in zip(views, spec.boxes(48, 64), strict=True):
+        expected = tf.normalize(tf.resize(tf.to_float(clip[:, :, left : left + 48]), 32, 32), tf.VIDEO_MEAN, tf.VIDEO_STD)
+        assert torch.equal(view, expected.permute(1, 0, 2, 3))
     with pytest.raises(ValueError, match="num_crops"):
         tf.ClipEvalTransform(num_crops=10)
+
+
+def test_boxes_map_from_the_scaled_picture_to_stored_pixels():
+    # factor 1: the box as it is; otherwise side and corner scaled and rounded, and kept inside the picture
+    assert tf._stored_box((3, 5, 16, 16), 1.0, 40, 52) == (3, 5, 16, 16)
+    assert tf._stored_box((10, 20, 32, 32), 40 / 48, 40, 52) == (8, 17, 27, 27)  # 26.67 -> 27, 8.33 -> 8, 16.7 -> 17
+    assert tf._stored_box((16, 30, 32, 32), 40 / 48, 40, 52) == (13, 25, 27, 27)
+    assert tf._stored_box((0, 60, 32, 32), 40 / 48, 40, 52) == (0, 25, 27, 27)  # past the right edge: clamped
+    assert tf._scaled_size(40, 52, 48) == (48, 62) and tf._scaled_size(52, 40, 48) == (62, 48)
+
+
+def test_scale_jitter_draws_the_short_side_then_the_position_at_that_scale():
+    """`draw` consumes the generator in its documented order: short side, top and left at that scale (mapped to
+    stored pixels), flip, colour; `__call__` applies exactly what `draw` gives."""
+    spec = tf.ClipTrainTransform(crop_size=32, short_side_range=(40, 56), colour=tf.ColourJitter(0.4, 0.4, 0.4))
+    clip = _clip(h=40, w=52)
+    for seed in range(6):
+        rng = _gen(seed)
+        short = tf._randint(rng, 40, 56)
+        scaled = tf.random_crop_box(*tf._scaled_size(40, 52, short), 32, rng)
+        flip = tf._uniform(rng, 0.0, 1.0) < 0.5
+        colour = spec.colour.draw(rng)
+        augment = spec.draw(40, 52, _gen(seed))
+        assert augment == tf.ClipAugment(tf._stored_box(scaled, 40 / short, 40, 52), flip, colour)
+        assert augment.box[2] == round(32 * 40 / short)  # the crop of that scale, in stored pixels
+        assert torch.equal(spec(clip, _gen(seed)), tf.apply_clip(clip, augment, 32))
 
 
 def test_image_transforms():
@@ -258,53 +293,50 @@ def test_inputs_must_be_uint8_rgb():
         tf.to_float(torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("short_side_range", [(40, 40), (36, 48)], ids=["decoded-at-scale", "resized"])
-def test_clip_train_pipeline_equals_the_plain_composition_bit_for_bit(short_side_range):
-    """The clip pipeline crops and flips the bytes and then works in place; the result must be exactly that of the
-    plain out-of-place composition of the public steps, with the same draws in the same order, and leave the
-    caller's frames untouched."""
-    from video_ens.data import transforms as T
-
-    frames = torch.randint(0, 256, (5, 40, 52, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    before = frames.clone()
-    spec = T.ClipTrainTransform(crop_size=32, short_side_range=short_side_range, colour=T.ColourJitter(0.4, 0.4, 0.4))
-    for seed in range(8):
-        got = spec(frames, torch.Generator().manual_seed(seed))
-        rng = torch.Generator().manual_seed(seed)
-        x = T.resize_short_side(T.to_float(frames), T._randint(rng, *short_side_range))
-        x = T.crop(x, T.random_crop_box(*x.shape[-2:], 32, rng))
-        if T._uniform(rng, 0.0, 1.0) < 0.5:
-            x = T.hflip(x)
-        x = T.normalize(T.adjust_colour(x, *spec.colour.draw(rng)), spec.mean, spec.std)
-        assert torch.equal(got, x.permute(1, 0, 2, 3).contiguous()), seed
-    assert torch.equal(frames, before)
+def _padded(clips: list[torch.Tensor], augments: list[tf.ClipAugment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the loader hands over: each clip's box at the top left of a slot as large as the largest box."""
+    height = max(a.box[2] for a in augments)
+    width = max(a.box[3] for a in augments)
+    frames = torch.zeros((len(clips), clips[0].shape[0], height, width, 3), dtype=torch.uint8)
+    for b, (clip, a) in enumerate(zip(clips, augments, strict=True)):
+        top, left, h, w = a.box
+        frames[b, :, :h, :w] = clip[:, top : top + h, left : left + w]
+    return frames, torch.tensor([a.box[2:] for a in augments])
 
 
-def test_uint8_hand_over_finishes_to_the_float_pipeline_s_numbers():
-    """uint8_out returns bytes that `to_model_input` turns into the float pipeline's output: exactly when nothing
-    recomputes the pixels (no jitter, no resize), within half a grey level when jitter or a resize does."""
-    from video_ens.data import transforms as T
-
-    frames = torch.randint(0, 256, (5, 40, 52, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    half_level = 0.5 / 255 / min(T.VIDEO_STD) + 1e-6
-    cases = [
-        (dict(short_side_range=(40, 40)), 0.0),  # decoded at scale, no jitter: the same bytes
-        (dict(short_side_range=(40, 40), colour=T.ColourJitter(0.4, 0.4, 0.4)), half_level),
-        (dict(short_side_range=(36, 48), colour=T.ColourJitter(0.4, 0.4, 0.4)), half_level),
-        (dict(crop="resized_crop"), half_level),
+def test_device_step_equals_the_cpu_reference():
+    """finish_clips (the batched step the training device runs) gives each clip the numbers of apply_clip (the CPU
+    reference, step by step) for the same parameters: boxes smaller and larger than the crop, flips, colour; well
+    within half a grey level."""
+    half_level = 0.5 / 255 / min(tf.VIDEO_STD)
+    specs = [
+        tf.ClipTrainTransform(crop_size=32, short_side_range=(32, 64), colour=tf.ColourJitter(0.4, 0.4, 0.4)),
+        tf.ClipTrainTransform(crop_size=32, crop="resized_crop", colour=tf.ColourJitter(0.4, 0.4, 0.4)),
     ]
-    for kw, tol in cases:
-        for seed in range(4):
-            ref = T.ClipTrainTransform(crop_size=32, **kw)(frames, torch.Generator().manual_seed(seed))
-            got = T.ClipTrainTransform(crop_size=32, uint8_out=True, **kw)(frames, torch.Generator().manual_seed(seed))
-            assert got.dtype == torch.uint8 and got.shape == ref.shape
-            err = (T.to_model_input(got[None])[0] - ref).abs().max().item()
-            assert err <= tol, (kw, seed, err)
-    for short, tol in [(40, 0.0), (44, half_level)]:
-        for crops in (1, 3):
-            ref = T.ClipEvalTransform(short_side=short, crop_size=32, num_crops=crops)(frames)
-            got = T.ClipEvalTransform(short_side=short, crop_size=32, num_crops=crops, uint8_out=True)(frames)
-            assert got.dtype == torch.uint8 and got.shape == ref.shape
-            assert (T.to_model_input(got) - ref).abs().max().item() <= tol
-    x = torch.randn(2, 3, 4, 5, 5)
-    assert T.to_model_input(x) is x  # floats (features, images) pass through
+    for spec in specs:
+        clips = [_clip(t=5, h=40 + 4 * b, w=52 - 2 * b, seed=b) for b in range(6)]
+        augments = [spec.draw(*c.shape[1:3], _gen(10 + b)) for b, c in enumerate(clips)]
+        assert {a.flip for a in augments} == {True, False}
+        frames, extent = _padded(clips, augments)
+        got = tf.finish_clips(
+            frames, extent, size=32,
+            flip=torch.tensor([a.flip for a in augments]), colour=torch.tensor([a.colour for a in augments]),
+        )
+        assert got.shape == (6, 3, 5, 32, 32) and got.dtype == torch.float32
+        for b, (clip, augment) in enumerate(zip(clips, augments, strict=True)):
+            err = (got[b] - tf.apply_clip(clip, augment, 32)).abs().max().item()
+            assert err < half_level / 100, (spec.crop, b, err)
+
+
+def test_device_step_without_resize_or_jitter_is_the_normalised_bytes():
+    clips = [_clip(t=3, seed=s) for s in range(2)]
+    augments = [tf.ClipAugment((4, 7, 32, 32)), tf.ClipAugment((0, 20, 32, 32))]
+    frames, extent = _padded(clips, augments)
+    batch = {"inputs": frames, "extent": extent, "crop_size": 32}
+    got = tf.to_model_input(batch)
+    expected = (frames.permute(0, 4, 1, 2, 3).float() / 255 - 0.45) / 0.225  # (B, 3, T, 32, 32)
+    assert torch.equal(got, expected)
+    x = torch.randn(2, 3, 5, 5)
+    assert tf.to_model_input({"inputs": x}) is x  # features and images leave the workers finished
+    with pytest.raises(ValueError, match="uint8"):
+        tf.finish_clips(frames.float(), extent, size=32)

@@ -6,7 +6,8 @@ model code never pulls in WebDataset or a video decoder):
     schema.py     sample layout of each dataset kind, `_info.json`, typed decoding of samples, YouTube-8M dequantize
     writer.py     atomic dataset folders of WebDataset shards (used by tools/convert_*.py and tools/make_demo_data.py)
     tfrecord.py   TFRecord reading/writing with CRC-32C checks and tf.train protobuf parsing, without TensorFlow
-    decode.py     decoding frames from encoded clips
-    transforms.py clip and image transforms
-    loader.py     WebDataset training and evaluation streams over the shards
+    decode.py     decoding frames from encoded clips (whole, or straight into a caller's buffer)
+    transforms.py clip and image transforms: clip parameters drawn in the loader, pixels worked on the device
+    samples.py    one shard sample into model inputs, per kind; bad-sample and decoding accounting
+    loader.py     WebDataset training and evaluation streams over the shards, their workers and hand-over
 """

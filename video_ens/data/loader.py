@@ -3,9 +3,14 @@
     paths = resolve_paths(recipe.data)
     check_compatible(recipe.data, recipe.model.name, model.input_spec)
     train = train_stream(recipe.data, input_spec=..., micro_batch_size=8, rank=r, world_size=n, seed=0, root=paths)
-    for batch in train.batches(epoch, start): ...      # {"inputs", "target", "ids"[, "lengths"]}; clips: uint8
+    for batch in train.batches(epoch, start): ...      # {"inputs", "target", "ids"[, "lengths"]} + clip entries
+        x = transforms.to_model_input(batch, device)    # clips: resized, flipped, jittered, normalised there
     val = eval_stream(recipe.data, recipe.eval, input_spec=..., rank=r, world_size=n, root=paths)
     for batch in val.batches(): ...                    # every evaluation sample exactly once across ranks
+    train.close(); val.close()                         # the worker processes (they live across epochs)
+
+What a sample turns into is `samples.py`; this module decides which samples each rank and worker reads, in which
+order, and hands the batches over.
 
 Training: a pure function of (seed, rank, epoch, position)
 ----------------------------------------------------------
@@ -15,37 +20,57 @@ the micro-batch its checkpoint recorded and reproduce the uninterrupted per-step
 mid-epoch resume state of its own, webdataset/webdataset#271). How:
 
 * Streams. A rank reads W = max(1, data.num_workers) independent sample streams; micro-batch k is built from
-  stream k % W, as its (k // W)-th batch of B consecutive samples. DataLoader worker w is handed stream
-  (w + start) % W, so the in-order DataLoader, which asks workers 0, 1, ... in turn, returns k = start, start+1, ...
-  The stream therefore also depends on data.num_workers: resume with the recipe the checkpoint holds.
+  stream k % W, as its (k // W)-th group of B / r consecutive videos (r = data.repeat_samples; B / r samples of
+  features or images, where r is 1). DataLoader worker w is handed stream (w + start) % W, so the in-order
+  DataLoader, which asks workers 0, 1, ... in turn, returns k = start, start+1, ... The stream therefore also
+  depends on data.num_workers: resume with the recipe the checkpoint holds.
 * Shards. Each stream is endless. Pass c over the shards draws a permutation of all shards from (seed, epoch, c),
   the same on every rank, and deals it out to the R x W (rank, stream) slots: with at least R x W shards, ranks
   read disjoint shards within a pass. This is WebDataset's resampled-shards scheme (the maintainer's advice for
   multi-node training, webdataset/webdataset#434: a fixed nominal epoch set on the loader, not on the dataset, so
   no rank runs out early and hangs the others in all-reduce, #225) drawn without replacement, so every shard is
-  read equally often. The nominal epoch is data.samples_per_epoch (default: the dataset's size).
+  read equally often. The nominal epoch is data.samples_per_epoch (default: the dataset's size), counted in model
+  inputs: with repeated sampling an epoch decodes 1 / r as many videos.
 * Shuffle. Samples pass through a buffer (per-kind size below) shuffled by an RNG of (seed, rank, epoch, stream),
   emptied at the end of each pass. An epoch that fits in one pass (data.samples_per_epoch at most the dataset size,
   shards of equal size, at least R x W shards) therefore shows each rank a disjoint part of the data.
-* Skipping. To start at k, a stream first reads its first k // W batches of raw tar samples and throws them away
-  without decoding: tar reading runs at ~1 GB/s here (design/environment.md), while decoding and augmenting one
-  32-frame 224x224 clip from 340x256 H.264 costs ~105 ms of a core.
+* Skipping. To start at k, a stream first reads its first k // W groups of raw tar samples and throws them away
+  without decoding: tar reading runs at ~1 GB/s here (design/environment.md), decoding a 64-frame window of a
+  602x256 clip costs ~30 ms of a core.
 * Augmentation. Slot i of micro-batch k draws every random choice (window, scale, crop, flip, colour, frames) from
   a torch.Generator seeded by a hash of (seed, rank, epoch, k, i), so it never depends on what came before.
-* Bad samples (DecodeError, SampleError, a label outside the label map, non-finite features, an unreadable tar
-  member) are counted in `TrainStream.stats` with their key and reason. A micro-batch always has B samples: a bad
-  slot is refilled with another good sample of the same micro-batch, decoded again under the bad slot's own
-  generator; a micro-batch whose every slot is bad (likely only with B of 1 or 2) refills from the first samples of
-  randomly chosen shards (seeded by k; reading a tar's head is cheap). A refill never depends on the stream before
-  the micro-batch, so skipping stays decode-free. When more than data.max_skip_fraction of the samples seen
-  (after 100) were bad, the stream raises RuntimeError rather than train on what is left.
-  A clip shorter than its window is not bad: the window loops (transforms.sample_window).
+* Repeated sampling (data.repeat_samples = r, clips): each video decoded once gives r clips in consecutive slots
+  of the same micro-batch (MAE-ST's recipe, Feichtenhofer et al. 2022, which measured 1.8x the loading rate for
+  r = 2): different crops, scales, flips, colours and windows within the decoded span (`samples.train_clips`).
+  The same micro-batch because that is what keeps micro-batch k a function of k alone: spreading a video's clips
+  over several micro-batches would make one depend on a decode done for another, which a resume at k has not done.
+  A micro-batch thus holds B / r videos (micro_batch_size must be a multiple of r).
+* Bad samples (a BadSample of samples.py, an unreadable tar member) are counted in `TrainStream.stats` with their
+  key and reason. A micro-batch always has B inputs: the slots of a bad video are refilled from another good video
+  of the same micro-batch, decoded again under the bad slots' own generators; a micro-batch whose every video is
+  bad (likely only with one or two per micro-batch) refills from the first samples of randomly chosen shards (seeded
+  by k; reading a tar's head is cheap). A refill never depends on the stream before the micro-batch, so skipping
+  stays decode-free. When more than data.max_skip_fraction of the samples seen (after 100) were bad, the stream
+  raises RuntimeError rather than train on what is left. A clip shorter than its window is not bad: the window loops
+  (transforms.sample_window).
 
-Workers are forked (cheap: no re-import of torch and PyAV, which costs seconds per worker when spawned) and not
-persistent: each `batches()` call forks a fresh set, and no decoder object exists before the fork (decode_frames
-opens one per sample, single-threaded, as torchcodec's and PyAV's users learned to, meta-pytorch/torchcodec#766).
-The DataLoader gets its own torch.Generator, so iterating never draws from the global torch RNG (which would shift
-dropout masks between a resumed and an uninterrupted run).
+Workers
+-------
+Forked (cheap: no re-import of torch and PyAV, which costs seconds per worker when spawned) on the first
+`batches()` and kept for the stream's life (DataLoader persistent_workers): each later `batches(epoch, start)`
+tells them the new position through a small shared array, and each worker then builds its stream afresh from it,
+so micro-batches stay the same pure function of their position; a worker carries nothing from one pass to the next
+but its warm process. Forking once matters for short epochs and frequent evaluations: a fresh set of workers cost
+about a second each time (first_batch_s in benchmarks/bench_loader.py: fork, imports and a first micro-batch). No
+decoder object exists before the fork (decoders open per sample, single-threaded, as torchcodec's and PyAV's users
+learned to, meta-pytorch/torchcodec#766). Each worker dies with its rank (PR_SET_PDEATHSIG), so a killed rank
+leaves no orphans. The DataLoader gets its own torch.Generator, so iterating never draws from the global torch RNG
+(which would shift dropout masks between a resumed and an uninterrupted run).
+
+Hand-over: a worker builds up to PREFETCH_PER_WORKER micro-batches ahead; clip batches are built in shared memory
+(`samples.ClipBuffer`) and cross as a handle. On CUDA they are copied into pinned memory, and the trainer's copy to
+the GPU is non-blocking. Before forking, a stream compares what its batches in flight need in /dev/shm (all ranks of
+the node) with what /dev/shm holds: more than its size is an error naming --shm-size, more than is free a warning.
 
 Evaluation: every sample once
 -----------------------------
@@ -56,62 +81,65 @@ shard keys (unique within a dataset). `eval.batch_size` counts model inputs: vid
 "clips" (a video's views may straddle batches; the metrics average them by id and view_ids), frame-feature videos,
 images.
 
-Transforms, per kind (normalisation constants in transforms.py: Kinetics 0.45/0.225 as PySlowFast, ImageNet's
-for images). Clips, train and eval, are handed over as uint8 (B, 3, T, S, S): a 64 x 224 x 224 micro-batch of 8
-is 77 MB through the DataLoader's shared memory instead of 308 MB in float32. `transforms.to_model_input`
-normalises them on the device (the trainer and `evaluate` call it; call it yourself when you use a stream
-directly). Pixels that jitter or a resize recomputed are rounded to the nearest grey level on the way.
-* clip, train: window of data.frames frames data.frame_stride apart at a random start; short side scaled to a
-  random size in data.short_side inside the decoder (3-9x cheaper than F.interpolate afterwards), random
-  crop_size square, flip, colour jitter. Output (B, 3, T, S, S). With data.clip_crop = "resized_crop" the clip is
-  decoded at short side data.short_side[1] and an Inception-style box (data.crop_scale, data.crop_ratio) is resized
-  to crop_size instead of the scale jitter and square crop.
-* clip, eval: short side decoded at eval.short_side (default data.short_side[0], the low end of the training
-  scale), crops of eval.crop_size (default data.crop_size). Mode "full": the first eval.max_frames frames, centre
-  crop; one video per entry, and only videos of the same length share a batch (consecutive ones: padding frames
-  would change a fully convolutional model's temporal average). Mode "clips": eval.num_clips uniform clips x
-  eval.num_crops crops along the long side; "view_ids" = clip x num_crops + crop. eval.mode only applies to clips:
-  features and images always give one entry per sample.
+What a batch holds, per kind (normalisation constants in transforms.py: Kinetics 0.45/0.225 as PySlowFast,
+ImageNet's for images):
+* clip, train: uint8 (B, T, H, W, 3) boxes cut from frames at their stored size (H, W the largest box), with
+  "extent" (B, 2), "flip" (B,), "colour" (B, 3) and "crop_size"; `transforms.to_model_input` turns them into
+  float (B, 3, T, S, S) on the device. Window: data.frames frames data.frame_stride apart at a random start. Box:
+  data.clip_crop "scale_jitter" (a random short side in data.short_side, a random crop_size square at that scale,
+  both mapped back to stored pixels) or "resized_crop" (an Inception-style box, data.crop_scale, data.crop_ratio).
+* clip, eval: the same layout without flip and colour; the short side scaled to eval.short_side (default
+  data.short_side[0], the low end of the training scale), crops of eval.crop_size (default data.crop_size). Mode
+  "full": the first eval.max_frames frames, centre crop; one video per entry, and only videos of the same length
+  share a batch (consecutive ones: padding frames would change a fully convolutional model's temporal average).
+  Mode "clips": eval.num_clips uniform clips x eval.num_crops crops along the long side; "view_ids" = clip x
+  num_crops + crop. eval.mode only applies to clips: features and images always give one entry per sample. Where
+  eval.short_side is the stored short side the boxes are the crops themselves, bit for bit as decoded.
 * features: dequantized to [-2, 2] as the YouTube-8M starter code, rgb then audio (1024 + 128 = 1152). Training
   keeps data.frames frames drawn without replacement and kept in time order (all of a shorter video; the starter
   code draws with replacement), zero-padded to data.frames; evaluation keeps the first eval.max_frames frames,
   zero-padded to the longest in the batch. "lengths" holds the valid frames. Target: (B, C) multi-hot.
 * image, train: Inception random-resized crop (data.crop_scale, data.crop_ratio), flip, colour jitter; eval: short
-  side to eval.short_side (default crop_size / 0.875), centre crop of eval.crop_size (ImageNet's usual 224-of-256).
+  side to eval.short_side (default crop_size / 0.875), centre crop of eval.crop_size (ImageNet's usual 224-of-256);
+  float (B, 3, S, S), finished in the workers.
 """
 
 from __future__ import annotations
 
-import collections
+import ctypes
 import hashlib
-import io
 import itertools
 import math
 import multiprocessing
 import os
 import random
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from video_ens import dist
 from video_ens.config import RecipeError
 from video_ens.data import schema
-from video_ens.data.decode import DecodeError, decode_frames
-from video_ens.data.transforms import (
-    ClipEvalTransform,
-    ClipTrainTransform,
-    ColourJitter,
-    ImageEvalTransform,
-    ImageTrainTransform,
-    random_crop_box,
-    sample_window,
-    uniform_clips,
+from video_ens.data.samples import (
+    BadSample,
+    BatchReport,
+    ClipBuffer,
+    EvalView,
+    Item,
+    SampleSpec,
+    SampleStats,
+    collate,
+    eval_items,
+    read_shard,
+    sample_key,
+    train_clips,
+    train_item,
 )
 
 __all__ = [
@@ -138,8 +166,10 @@ MIN_SEEN_FOR_SKIP_CHECK = 100
 # A micro-batch whose every sample is bad tries at most this many spare samples before giving up.
 SPARE_LIMIT = 64
 
-# Bad sample records kept in stats["last_bad"].
-LAST_BAD_KEPT = 10
+# Micro-batches a DataLoader worker builds ahead of the one being consumed (its prefetch_factor). Two keep a worker
+# busy while the trainer holds one batch and another waits in the queue; more only hold more shared memory (a 64 x
+# 224 clip micro-batch of 8 is ~77 MB).
+PREFETCH_PER_WORKER = 2
 
 # data.kind -> the schema kind of the dataset folder that feeds it.
 SCHEMA_KIND = {"clip": "video", "features": "yt8m", "image": "image"}
@@ -269,7 +299,7 @@ def _describe_spec(spec: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Seeds, raw samples and bad samples
+# Seeds
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -279,206 +309,29 @@ def _mix(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _generator(*parts: Any) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(_mix(*parts))
-    return gen
-
-
-class _BadSample(Exception):
-    def __init__(self, reason: str, key: str, detail: str):
-        super().__init__(f"{reason}: {key}: {detail}")
-        self.record = {"key": key, "reason": reason, "detail": detail[:300]}
-
-
-def _read_shard(url: str, errors: list[dict]) -> Iterator[dict]:
-    """Raw samples of one tar, in order: {"__key__", "__url__", field: bytes}. Read errors land in `errors`."""
-    import webdataset as wds
-
-    def handler(exn: Exception) -> bool:
-        errors.append({"key": url, "reason": "shard", "detail": f"{type(exn).__name__}: {exn}"[:300]})
-        return True  # go on with the next member, or the next shard
-
-    yield from wds.tarfile_samples([{"url": url}], handler=handler)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding one sample into model inputs
+# Workers and the hand-over
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Item:
-    key: str
-    inputs: torch.Tensor  # (3, T, S, S) clip, (T, D) features, (3, S, S) image
-    target: Any  # int label, or (C,) float multi-hot
-    length: int | None = None  # valid frames (features)
-    view: int | None = None  # clip x crop index (eval mode "clips")
-
-
-@dataclass(frozen=True)
-class _Recipe:
-    """What decoding needs, as plain values (pickled into workers when they are spawned)."""
-
-    kind: str
-    num_classes: int | None
-    decoder: str
-    frames: int
-    frame_stride: int
-    crop_size: int
-    short_side: tuple[int, int]
-    flip: bool
-    color_jitter: float
-    clip_crop: str  # "scale_jitter" | "resized_crop" (clips, training)
-    crop_scale: tuple[float, float]  # resized crop: area fraction range (images; clips with "resized_crop")
-    crop_ratio: tuple[float, float]  # resized crop: aspect ratio range
-
-
-def _key(raw: dict) -> str:
-    return str(raw.get("__key__", "<no key>"))
-
-
-def _label(value: int, key: str, num_classes: int | None) -> int:
-    if num_classes is not None and value >= num_classes:
-        raise _BadSample("label", key, f"label {value} outside the label map of {num_classes} classes")
-    return value
-
-
-def _video(raw: dict, rec: _Recipe) -> schema.VideoSample:
+def _worker_init(worker_id: int) -> None:
+    """In each DataLoader worker: die with the rank (a rank killed with SIGKILL would otherwise leave its workers
+    running until their next check of the parent, every 5 s in torch's worker loop)."""
     try:
-        sample = schema.decode_video_sample(raw)
-    except schema.SampleError as e:
-        raise _BadSample("format", _key(raw), str(e)) from None
-    _label(sample.label, _key(raw), rec.num_classes)
-    return sample
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):
+        pass  # not Linux: the worker loop's own check of the parent ends them
 
 
-def _frames(sample: schema.VideoSample, indices: list[int], short_side: int, rec: _Recipe) -> torch.Tensor:
-    try:
-        return decode_frames(sample.video, indices, short_side=short_side, backend=rec.decoder)
-    except DecodeError as e:
-        raise _BadSample("decode", sample.key, str(e)) from None
-
-
-def _yt8m(raw: dict, rec: _Recipe) -> schema.YT8MSample:
-    try:
-        sample = schema.decode_yt8m_sample(raw, num_classes=rec.num_classes or schema.YT8M_NUM_CLASSES)
-    except schema.SampleError as e:
-        reason = "label" if e.field == "json.labels" else "format"
-        raise _BadSample(reason, _key(raw), str(e)) from None
-    if sample.num_frames == 0:
-        raise _BadSample("format", _key(raw), "no frames")
-    return sample
-
-
-def _features(sample: schema.YT8MSample, rows: np.ndarray | slice) -> torch.Tensor:
-    """Dequantized rgb then audio of the chosen frames: float32 (n, 1152)."""
-    feats = np.concatenate([schema.dequantize(sample.rgb[rows]), schema.dequantize(sample.audio[rows])], axis=1)
-    if not np.isfinite(feats).all():
-        raise _BadSample("nonfinite", sample.key, "features hold NaN or inf")
-    return torch.from_numpy(feats)
-
-
-def _multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    target = torch.zeros(num_classes, dtype=torch.float32)
-    target[torch.from_numpy(labels)] = 1.0
-    return target
-
-
-def _image(raw: dict, rec: _Recipe) -> tuple[schema.ImageSample, torch.Tensor]:
-    """The image sample and its pixels, uint8 (H, W, 3) RGB."""
-    from PIL import Image
-
-    try:
-        sample = schema.decode_image_sample(raw)
-    except schema.SampleError as e:
-        raise _BadSample("format", _key(raw), str(e)) from None
-    _label(sample.label, sample.key, rec.num_classes)
-    try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            pixels = np.array(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise _BadSample("decode", sample.key, f"{type(e).__name__}: {e}") from None
-    return sample, torch.from_numpy(pixels)
-
-
-def _colour(rec: _Recipe) -> ColourJitter:
-    s = rec.color_jitter
-    return ColourJitter(s, s, s)
-
-
-def _train_item(raw: dict, rec: _Recipe, gen: torch.Generator) -> _Item:
-    """One augmented training sample; every random draw comes from `gen`, in a fixed order."""
-    if rec.kind == "clip":
-        sample = _video(raw, rec)
-        indices = sample_window(sample.num_frames, rec.frames, rec.frame_stride, gen)
-        if rec.clip_crop == "resized_crop":
-            # Decoded at the top of the recipe's scale range: the box's area is a fraction of the picture whatever
-            # its size, so the decode size only sets how much detail the resized box keeps.
-            frames = _frames(sample, indices, rec.short_side[1], rec)
-            transform = ClipTrainTransform(
-                crop_size=rec.crop_size,
-                crop="resized_crop",
-                scale=rec.crop_scale,
-                ratio=rec.crop_ratio,
-                flip=rec.flip,
-                colour=_colour(rec),
-                uint8_out=True,
-            )
-            return _Item(sample.key, transform(frames, gen), sample.label)
-        lo, hi = rec.short_side
-        short = int(torch.randint(lo, hi + 1, (), generator=gen))
-        frames = _frames(sample, indices, short, rec)  # uint8 (T, H, W, 3), short side already `short`
-        top, left, height, width = random_crop_box(frames.shape[1], frames.shape[2], rec.crop_size, gen)
-        frames = frames[:, top : top + height, left : left + width]  # (T, S, S, 3)
-        # Scale (in the decoder) and crop (on uint8) happen here, ahead of ClipTrainTransform's own, which then
-        # find nothing to do; it flips the bytes, converts only the crop and jitters and normalises in place (a
-        # 64-frame clip at 224: 48 ms on one core, against 287 ms converting the whole frame out of place).
-        transform = ClipTrainTransform(
-            crop_size=rec.crop_size,
-            short_side_range=(rec.crop_size, rec.crop_size),
-            flip=rec.flip,
-            colour=_colour(rec),
-            uint8_out=True,
-        )
-        return _Item(sample.key, transform(frames, gen), sample.label)
-    if rec.kind == "features":
-        sample = _yt8m(raw, rec)
-        n = sample.num_frames
-        if n <= rec.frames:
-            rows = np.arange(n)
-        else:
-            rows = torch.randperm(n, generator=gen)[: rec.frames].sort().values.numpy()
-        feats = _features(sample, rows)
-        return _Item(sample.key, feats, _multi_hot(sample.labels, rec.num_classes), length=len(rows))
-    sample, pixels = _image(raw, rec)
-    transform = ImageTrainTransform(
-        crop_size=rec.crop_size, scale=rec.crop_scale, ratio=rec.crop_ratio, flip=rec.flip, colour=_colour(rec)
-    )
-    return _Item(sample.key, transform(pixels, gen), sample.label)
-
-
-def _collate(items: list[_Item], rec: _Recipe, pad_to: int | None = None) -> dict[str, Any]:
-    batch: dict[str, Any] = {"ids": [it.key for it in items]}
-    if rec.kind == "features":
-        lengths = torch.tensor([it.length for it in items], dtype=torch.int64)
-        frames = pad_to if pad_to is not None else int(lengths.max())
-        inputs = torch.zeros((len(items), frames, items[0].inputs.shape[-1]), dtype=torch.float32)  # (B, T, D)
-        for b, it in enumerate(items):
-            inputs[b, : it.length] = it.inputs
-        batch.update(inputs=inputs, lengths=lengths, target=torch.stack([it.target for it in items]))
-    else:
-        batch["inputs"] = torch.stack([it.inputs for it in items])  # (B, 3, T, S, S) or (B, 3, S, S)
-        batch["target"] = torch.tensor([it.target for it in items], dtype=torch.int64)
-    if items[0].view is not None:
-        batch["view_ids"] = torch.tensor([it.view for it in items], dtype=torch.int64)
-    return batch
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs["persistent_workers"] = False
+        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_PER_WORKER, worker_init_fn=_worker_init)
         if "fork" in multiprocessing.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
     return DataLoader(
@@ -491,9 +344,101 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     )
 
 
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+def check_shared_memory(batch_bytes: int, num_workers: int, what: str, *, path: str = "/dev/shm") -> None:
+    """RuntimeError when the batches the workers of every rank on this node keep in flight cannot fit in `path`'s
+    size, a warning when they exceed what is free now. In flight per worker: PREFETCH_PER_WORKER batches handed
+    over or queued and one being built."""
+    if num_workers == 0:
+        return
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return  # no /dev/shm (not Linux): nothing to check against
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = ranks * num_workers * (PREFETCH_PER_WORKER + 1) * batch_bytes
+    total, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+    text = (
+        f"{what}: {ranks} rank(s) x data.num_workers {num_workers} x {PREFETCH_PER_WORKER + 1} batches of "
+        f"{_size(batch_bytes)} in flight need {_size(need)} of {path}"
+    )
+    advice = math.ceil(1.5 * need / (1 << 30))  # GiB, with room for the pinned copies' staging and other users
+    fix = (
+        f"give {path} at least {advice} GiB (docker run --shm-size={advice}g; Kubernetes: an emptyDir with medium "
+        "Memory mounted there) or lower data.num_workers or the batch size"
+    )
+    if need > total:
+        raise RuntimeError(f"{text}, which holds {_size(total)} in all: {fix}")
+    if need > free and dist.rank() == 0:
+        dist.get_logger("video_ens.data").warning(f"{text}, which has {_size(free)} free now: {fix}")
+
+
+def _size(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+def _clip_batch_bytes(spec: SampleSpec, inputs: int, frames: int, side: int) -> int:
+    return inputs * frames * side * side * 3
+
+
+class _Stream:
+    """What both streams share: the DataLoader (made, and its workers forked, on first use), its hand-over of
+    batches with their reports, and `close`."""
+
+    def __init__(self, num_workers: int, what: str):
+        self.num_workers = num_workers
+        self._what = what
+        self._stats = SampleStats()
+        self._dataloader: DataLoader | None = None
+        self._iterator = None
+        self._passes = 0  # pass counter: a generator of an earlier pass must not go on reading the new one
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self._stats.as_dict()
+
+    def _dataset(self) -> IterableDataset:
+        raise NotImplementedError
+
+    def _batch_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _iterate(self) -> Iterator[dict]:
+        """The batches of one pass (every batch's "_report" folded into the stats), and how long each was waited for."""
+        if self._dataloader is None:
+            check_shared_memory(self._batch_bytes(), self.num_workers, self._what)
+            self._dataloader = _loader(self._dataset(), self.num_workers)
+        self._iterator = iter(self._dataloader)  # persistent workers: restarts them at the new position
+        self._passes += 1
+        this_pass = self._passes
+        while True:
+            if this_pass != self._passes:
+                raise RuntimeError(f"{self._what}: a later batches() call restarted the workers; this one is over")
+            start = time.perf_counter()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                return
+            self._stats.wait_s += time.perf_counter() - start
+            self._stats.add(batch.pop("_report"))
+            self._check(self._stats)
+            if "inputs" in batch:
+                yield batch
+
+    def _check(self, stats: SampleStats) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop the worker processes (they are persistent); a later `batches()` forks new ones."""
+        iterator, self._iterator, self._dataloader = self._iterator, None, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass  # interpreter shutdown: the workers go with the process
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,37 +448,47 @@ def _worker() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _TrainPlan:
-    rec: _Recipe
+    spec: SampleSpec
     shards: tuple[str, ...]
     seed: int
     rank: int
     world_size: int
     streams: int  # W
     batch_size: int  # B
+    repeat: int  # r: inputs per decoded video (clips); B / r videos per micro-batch
     buffer_size: int
 
 
-class _TrainEpoch(IterableDataset):
-    """Micro-batches [start, stop) of one epoch of one rank; each DataLoader worker builds whole micro-batches."""
+class _TrainPass(IterableDataset):
+    """Micro-batches [start, stop) of one epoch of one rank; each DataLoader worker builds whole micro-batches.
 
-    def __init__(self, plan: _TrainPlan, epoch: int, start: int, stop: int):
+    (epoch, start, stop) live in a small shared array that the stream sets before each pass, so persistent workers
+    (forked once) read the position of the pass they are asked for."""
+
+    def __init__(self, plan: _TrainPlan):
         super().__init__()
-        self.plan, self.epoch, self.start, self.stop = plan, epoch, start, stop
+        self.plan = plan
+        self.position = multiprocessing.RawArray("q", 3)  # in shared memory: forked workers see the stream's writes
         self._errors: list[dict] = []
+
+    def set_position(self, epoch: int, start: int, stop: int) -> None:
+        self.position[:] = [epoch, start, stop]
 
     def __iter__(self) -> Iterator[dict]:
         p = self.plan
+        self.epoch, start, stop = self.position[:]
         worker, workers = _worker()
         assert workers == p.streams, (workers, p.streams)
-        first = self.start + worker  # the DataLoader asks worker 0 first, so it serves micro-batch `start`
+        first = start + worker  # the DataLoader asks worker 0 first, so it serves micro-batch `start`
         stream = first % p.streams
         samples = self._shuffled(stream)
+        videos = p.batch_size // p.repeat
         # Decode-free skip of the batches this stream made before `first`.
-        skipped = (first // p.streams) * p.batch_size
+        skipped = (first // p.streams) * videos
         next(itertools.islice(samples, skipped, skipped), None)
         self._errors.clear()
-        for k in range(first, self.stop, p.streams):
-            raws = list(itertools.islice(samples, p.batch_size))
+        for k in range(first, stop, p.streams):
+            raws = list(itertools.islice(samples, videos))
             yield self._batch(k, raws)
 
     def _slot_shards(self, stream: int, cycle: int) -> list[int]:
@@ -548,7 +503,7 @@ class _TrainEpoch(IterableDataset):
         """Raw samples of this slot's shards in pass `cycle`; `dead` collects shards that yield nothing."""
         for shard in self._slot_shards(stream, cycle):
             count = 0
-            for sample in _read_shard(self.plan.shards[shard], self._errors):
+            for sample in read_shard(self.plan.shards[shard], self._errors):
                 count += 1
                 yield sample
             if count == 0:
@@ -584,35 +539,34 @@ class _TrainEpoch(IterableDataset):
 
     def _batch(self, k: int, raws: list[dict]) -> dict:
         p = self.plan
-        bad, self._errors[:] = list(self._errors), []
-        gens = [_generator("aug", p.seed, p.rank, self.epoch, k, i) for i in range(p.batch_size)]
-        items: list[_Item | None] = [None] * p.batch_size
+        report = BatchReport()
+        report.bad, self._errors[:] = list(self._errors), []
+        report.seen = len(raws)
+        builder = _MicroBatch(p, k, self.epoch, raws, report)
         good: list[int] = []
-        for i, raw in enumerate(raws):
+        missing: list[int] = []
+        for g, raw in enumerate(raws):
             try:
-                items[i] = _train_item(raw, p.rec, gens[i])
-                good.append(i)
-            except _BadSample as e:
-                bad.append(e.record)
-        seen = len(raws)
-        missing = [i for i in range(p.batch_size) if items[i] is None]
-        # Refill from this micro-batch's own good samples, each bad slot from the next good one in turn.
-        for m, i in enumerate(missing):
+                builder.fill(g, raw)
+                good.append(g)
+            except BadSample as e:
+                report.bad.append(e.record)
+                missing.append(g)
+        # Refill from this micro-batch's own good videos, each bad group from the next good one in turn.
+        for m, g in enumerate(list(missing)):
             for t in range(len(good)):
                 try:
-                    items[i] = _train_item(
-                        raws[good[(m + t) % len(good)]], p.rec, _generator("aug", p.seed, p.rank, self.epoch, k, i)
-                    )
+                    builder.fill(g, raws[good[(m + t) % len(good)]])
+                    missing.remove(g)
                     break
-                except _BadSample:
+                except BadSample:
                     continue  # the sample decoded once; another window may hit a damaged stretch
-        missing = [i for i in missing if items[i] is None]
         if missing:
-            seen += self._refill_from_spares(k, items, missing, bad)
-        return {**_collate(items, p.rec, pad_to=p.rec.frames), "_bad": bad, "_seen": seen}
+            report.seen += self._refill_from_spares(k, builder, missing, report.bad)
+        return {**builder.finish(), "_report": report.finish()}
 
-    def _refill_from_spares(self, k: int, items: list, missing: list[int], bad: list[dict]) -> int:
-        """Fill the slots left empty from the heads of shards in a random order seeded by k; returns samples tried."""
+    def _refill_from_spares(self, k: int, builder: _MicroBatch, missing: list[int], bad: list[dict]) -> int:
+        """Fill the groups left empty from the heads of shards in a random order seeded by k; returns samples tried."""
         p = self.plan
         order = random.Random(_mix("spare", p.seed, p.rank, self.epoch, k)).sample(range(len(p.shards)), len(p.shards))
         tried = 0
@@ -620,18 +574,18 @@ class _TrainEpoch(IterableDataset):
         while True:
             tried_before = tried
             for shard in order:
-                for raw in _read_shard(p.shards[shard], errors):
+                for raw in read_shard(p.shards[shard], errors):
                     if tried == SPARE_LIMIT:
                         raise RuntimeError(
-                            f"micro-batch {k}: its {p.batch_size} samples and {SPARE_LIMIT} spares were all bad "
+                            f"micro-batch {k}: its {len(builder.keys)} videos and {SPARE_LIMIT} spares were all bad "
                             f"(last: {(bad + errors)[-1:]}); check the training shards"
                         )
                     tried += 1
-                    for i in list(missing):
+                    for g in list(missing):
                         try:
-                            items[i] = _train_item(raw, p.rec, _generator("aug", p.seed, p.rank, self.epoch, k, i))
-                            missing.remove(i)
-                        except _BadSample as e:
+                            builder.fill(g, raw)
+                            missing.remove(g)
+                        except BadSample as e:
                             bad.append(e.record)
                             break  # next spare sample
                     if not missing:
@@ -641,29 +595,97 @@ class _TrainEpoch(IterableDataset):
                 raise RuntimeError(f"micro-batch {k}: no training shard yields a sample: {errors[-1:]}")
 
 
-class TrainStream:
+class _MicroBatch:
+    """One training micro-batch being built: group g (one raw sample) fills inputs g r .. g r + r - 1, each input i
+    with the generator of (seed, rank, epoch, k, i), whichever sample ends up filling it."""
+
+    def __init__(self, plan: _TrainPlan, k: int, epoch: int, raws: list[dict], report: BatchReport):
+        self.plan, self.report = plan, report
+        groups = plan.batch_size // plan.repeat
+        self.seeds = [_mix("aug", plan.seed, plan.rank, epoch, k, i) for i in range(plan.batch_size)]
+        self.keys: list[str | None] = [None] * groups
+        self.labels: list[Any] = [None] * groups
+        self.items: list[Item | None] = [None] * groups
+        self.clips = None
+        if plan.spec.kind == "clip":
+            side = _clip_capacity(raws, plan.spec)
+            self.clips = ClipBuffer(plan.batch_size, plan.spec.frames, height=side, width=side)
+
+    def fill(self, g: int, raw: dict) -> None:
+        r = self.plan.repeat
+        gens = [torch.Generator().manual_seed(seed) for seed in self.seeds[g * r : (g + 1) * r]]  # also for a refill
+        if self.clips is not None:
+            try:
+                self.keys[g], self.labels[g] = train_clips(
+                    raw, self.plan.spec, gens, self.clips, g * r, self.report.cost
+                )
+            except BadSample:
+                self.clips.clear(slice(g * r, (g + 1) * r))  # a decode that failed part way leaves no trace
+                raise
+        else:
+            self.items[g] = train_item(raw, self.plan.spec, gens[0])
+
+    def finish(self) -> dict:
+        spec, r = self.plan.spec, self.plan.repeat
+        if self.clips is None:
+            return collate(self.items, spec, pad_to=spec.frames)
+        batch = self.clips.batch(spec.crop_size, augmented=True)
+        batch["ids"] = [key for key in self.keys for _ in range(r)]
+        batch["target"] = torch.tensor([label for label in self.labels for _ in range(r)], dtype=torch.int64)
+        return batch
+
+
+def _clip_capacity(raws: list[dict], spec: SampleSpec) -> int:
+    """The side of the largest box these videos' stored sizes (from their metadata) can need: the buffer is made
+    that large up front, so it rarely has to grow (a copy) while the micro-batch is decoded."""
+    side = spec.crop_size
+    for raw in raws:
+        try:
+            sample = schema.decode_video_sample(raw)
+        except schema.SampleError:
+            continue
+        short = min(sample.width, sample.height)
+        if spec.clip_crop == "resized_crop":
+            side = max(side, sample.width, sample.height)
+        else:
+            side = max(side, math.ceil(spec.crop_size * short / spec.short_side[0]) + 1)
+    return side
+
+
+class TrainStream(_Stream):
     """One rank's training micro-batches; see the module docstring for the determinism contract.
 
     Attributes:
         micro_batches_per_epoch: nominal epoch (data.samples_per_epoch, or the dataset size) // (B x world size).
         num_classes: the label map's size (None for a brace pattern without any _info.json to read it from).
-        stats: {"samples": seen, "bad": n, "bad_by_reason": {reason: n}, "last_bad": [{key, reason, detail}]},
-            counted over every micro-batch this process received.
+        stats: `samples.SampleStats.as_dict()` counted over every micro-batch this process received: samples
+            (raw samples read), bad ones by reason with the last keys, frames decoded and delivered, seconds.
     """
 
     def __init__(self, plan: _TrainPlan, *, micro_batches_per_epoch: int, num_workers: int, max_skip_fraction: float):
+        super().__init__(num_workers, "training data")
         self._plan = plan
+        self._pass = _TrainPass(plan)
         self.micro_batches_per_epoch = micro_batches_per_epoch
-        self.num_classes = plan.rec.num_classes
-        self.num_workers = num_workers
+        self.num_classes = plan.spec.num_classes
+        self.repeat = plan.repeat
         self.max_skip_fraction = max_skip_fraction
-        self.stats: dict[str, Any] = {"samples": 0, "bad": 0, "bad_by_reason": {}, "last_bad": []}
-        self._last_bad: collections.deque = collections.deque(maxlen=LAST_BAD_KEPT)
+
+    def _dataset(self) -> IterableDataset:
+        return self._pass
+
+    def _batch_bytes(self) -> int:
+        spec = self._plan.spec
+        if spec.kind == "clip":
+            return _clip_batch_bytes(spec, self._plan.batch_size, spec.frames, spec.crop_size)
+        if spec.kind == "features":
+            return self._plan.batch_size * spec.frames * (schema.YT8M_RGB_DIM + schema.YT8M_AUDIO_DIM) * 4
+        return self._plan.batch_size * 3 * spec.crop_size**2 * 4
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """Micro-batches start, start + 1, ..., micro_batches_per_epoch - 1 of `epoch` on this rank.
 
-        Each is {"inputs", "target", "ids"} plus "lengths" for features; see the module docstring for shapes.
+        Each is {"inputs", "target", "ids"} plus "lengths" for features and the clip entries (module docstring).
         """
         if not 0 <= start <= self.micro_batches_per_epoch:
             raise ValueError(f"start must be in [0, {self.micro_batches_per_epoch}], got {start}")
@@ -671,42 +693,16 @@ class TrainStream:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if start == self.micro_batches_per_epoch:
             return
-        dataset = _TrainEpoch(self._plan, epoch, start, self.micro_batches_per_epoch)
-        for batch in _loader(dataset, self.num_workers):
-            self._account(batch.pop("_bad"), int(batch.pop("_seen")))
-            yield batch
+        self._pass.set_position(epoch, start, self.micro_batches_per_epoch)
+        yield from self._iterate()
 
-    def _account(self, bad: list[dict], seen: int) -> None:
-        s = self.stats
-        s["samples"] += seen
-        s["bad"] += len(bad)
-        for record in bad:
-            s["bad_by_reason"][record["reason"]] = s["bad_by_reason"].get(record["reason"], 0) + 1
-            self._last_bad.append(record)
-        s["last_bad"] = list(self._last_bad)
-        if s["samples"] >= MIN_SEEN_FOR_SKIP_CHECK and s["bad"] > self.max_skip_fraction * s["samples"]:
+    def _check(self, s: SampleStats) -> None:
+        if s.samples >= MIN_SEEN_FOR_SKIP_CHECK and s.bad > self.max_skip_fraction * s.samples:
             raise RuntimeError(
-                f"{s['bad']} of {s['samples']} training samples were bad, more than data.max_skip_fraction = "
-                f"{self.max_skip_fraction}: by reason {s['bad_by_reason']}, last {s['last_bad'][-3:]}; "
+                f"{s.bad} of {s.samples} training samples were bad, more than data.max_skip_fraction = "
+                f"{self.max_skip_fraction}: by reason {s.bad_by_reason}, last {list(s.last_bad)[-3:]}; "
                 "fix or reconvert the shards"
             )
-
-
-def _recipe(data_cfg, num_classes: int | None) -> _Recipe:
-    return _Recipe(
-        kind=data_cfg.kind,
-        num_classes=num_classes,
-        decoder=data_cfg.decoder,
-        frames=data_cfg.frames,
-        frame_stride=data_cfg.frame_stride,
-        crop_size=data_cfg.crop_size,
-        short_side=tuple(data_cfg.short_side),
-        flip=data_cfg.flip,
-        color_jitter=data_cfg.color_jitter,
-        clip_crop=data_cfg.clip_crop,
-        crop_scale=tuple(data_cfg.crop_scale),
-        crop_ratio=tuple(data_cfg.crop_ratio),
-    )
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -723,6 +719,12 @@ def train_stream(
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if input_spec.get("kind") != data_cfg.kind:
         raise RecipeError(f"data.kind: {data_cfg.kind!r} but the model takes {input_spec.get('kind')!r} input")
+    repeat = data_cfg.repeat_samples
+    if micro_batch_size % repeat:
+        raise RecipeError(
+            f"data.repeat_samples: {repeat} clips per decoded video must fill micro-batches of {micro_batch_size} "
+            f"(train.micro_batch_size for this world size) exactly; choose a divisor of {micro_batch_size}"
+        )
     train = str(root.train)
     if _is_pattern(train):
         shards = _expand(train)
@@ -755,13 +757,14 @@ def train_stream(
     if num_samples is not None:
         buffer = min(buffer, max(1, math.ceil(num_samples / (world_size * streams))))
     plan = _TrainPlan(
-        rec=_recipe(data_cfg, num_classes),
+        spec=SampleSpec.from_config(data_cfg, num_classes),
         shards=tuple(shards),
         seed=seed,
         rank=rank,
         world_size=world_size,
         streams=streams,
         batch_size=micro_batch_size,
+        repeat=repeat,
         buffer_size=buffer,
     )
     return TrainStream(
@@ -779,58 +782,19 @@ def train_stream(
 
 @dataclass(frozen=True)
 class _EvalPlan:
-    rec: _Recipe
+    spec: SampleSpec
+    view: EvalView
     shards: tuple[str, ...]
     counts: tuple[int, ...]
     rank: int
     world_size: int
-    streams: int
     batch_size: int
-    mode: str  # "full" | "clips" (clips only)
-    num_clips: int
-    num_crops: int
-    max_frames: int
-    short_side: int  # clips: decode at this short side; images: resize to it (eval.short_side resolved)
-    crop_size: int  # evaluation crops (eval.crop_size resolved)
 
 
 def _share(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
     """Part `part` of `parts` near-equal contiguous pieces of [lo, hi)."""
     n = hi - lo
     return lo + n * part // parts, lo + n * (part + 1) // parts
-
-
-def _eval_items(raw: dict, plan: _EvalPlan) -> list[_Item]:
-    """The evaluation entries of one sample: one, or num_clips x num_crops views in mode "clips"."""
-    rec = plan.rec
-    if rec.kind == "clip":
-        sample = _video(raw, rec)
-        if plan.mode == "full":
-            # the frame rate the model was trained at: every frame_stride-th frame, at most max_frames of them
-            indices = list(range(0, sample.num_frames, rec.frame_stride))[: plan.max_frames]
-            frames = _frames(sample, indices, plan.short_side, rec)
-            clip = ClipEvalTransform(
-                short_side=plan.short_side, crop_size=plan.crop_size, num_crops=1, uint8_out=True
-            )(frames)[0]
-            return [_Item(sample.key, clip, sample.label)]
-        clips = uniform_clips(sample.num_frames, rec.frames, rec.frame_stride, plan.num_clips)
-        frames = _frames(sample, [i for c in clips for i in c], plan.short_side, rec)  # one decode for all clips
-        transform = ClipEvalTransform(
-            short_side=plan.short_side, crop_size=plan.crop_size, num_crops=plan.num_crops, uint8_out=True
-        )
-        items = []
-        for c in range(plan.num_clips):
-            views = transform(frames[c * rec.frames : (c + 1) * rec.frames])  # (num_crops, 3, T, S, S)
-            items += [_Item(sample.key, v, sample.label, view=c * plan.num_crops + j) for j, v in enumerate(views)]
-        return items
-    if rec.kind == "features":
-        sample = _yt8m(raw, rec)
-        n = min(sample.num_frames, plan.max_frames)
-        feats = _features(sample, slice(0, n))
-        return [_Item(sample.key, feats, _multi_hot(sample.labels, rec.num_classes), length=n)]
-    sample, pixels = _image(raw, rec)
-    transform = ImageEvalTransform(short_side=plan.short_side, crop_size=plan.crop_size)
-    return [_Item(sample.key, transform(pixels), sample.label)]
 
 
 class _EvalPass(IterableDataset):
@@ -848,12 +812,12 @@ class _EvalPass(IterableDataset):
             begin, offset = offset, offset + count
             if offset <= lo or begin >= hi:
                 continue
-            for position, raw in enumerate(_read_shard(url, bad)):
+            for position, raw in enumerate(read_shard(url, bad)):
                 index = begin + position
                 if position >= count:
                     bad.append(
                         {
-                            "key": _key(raw),
+                            "key": sample_key(raw),
                             "reason": "shard",
                             "detail": f"{url} holds more samples than the {count} _info.json lists",
                         }
@@ -869,30 +833,29 @@ class _EvalPass(IterableDataset):
         worker, workers = _worker()
         lo, hi = _share(0, sum(p.counts), p.rank, p.world_size)
         lo, hi = _share(lo, hi, worker, workers)
-        bad: list[dict] = []
-        pending: list[_Item] = []
-        seen = 0
+        report = BatchReport()
+        pending: list[Item] = []
 
         def flush() -> dict:
-            nonlocal pending, bad, seen
-            out = {**_collate(pending, p.rec), "_bad": bad, "_seen": seen}
-            pending, bad, seen = [], [], 0
+            nonlocal pending, report
+            out = {**collate(pending, p.spec, crop_size=p.view.crop_size), "_report": report.finish()}
+            pending, report = [], BatchReport()
             return out
 
-        for raw in self._samples(lo, hi, bad):
-            seen += 1
+        for raw in self._samples(lo, hi, report.bad):
+            report.seen += 1
             try:
-                items = _eval_items(raw, p)
-            except _BadSample as e:
-                bad.append(e.record)
+                items = eval_items(raw, p.spec, p.view, report.cost)
+            except BadSample as e:
+                report.bad.append(e.record)
                 continue
             for item in items:
                 # Mode "full": only videos of equal length share a batch (see the module docstring).
                 if (
                     pending
-                    and p.rec.kind == "clip"
-                    and p.mode == "full"
-                    and (item.inputs.shape != pending[0].inputs.shape)
+                    and p.spec.kind == "clip"
+                    and p.view.mode == "full"
+                    and (item.inputs.shape[0] != pending[0].inputs.shape[0])
                 ):
                     yield flush()
                 pending.append(item)
@@ -900,11 +863,11 @@ class _EvalPass(IterableDataset):
                     yield flush()
         if pending:
             yield flush()
-        elif bad or seen:
-            yield {"_bad": bad, "_seen": seen}  # bad samples at the end still reach the stats
+        elif report.bad or report.seen:
+            yield {"_report": report.finish()}  # bad samples at the end still reach the stats
 
 
-class EvalStream:
+class EvalStream(_Stream):
     """Evaluation batches of this rank; over all ranks, every sample of the evaluation set exactly once.
 
     Attributes:
@@ -914,28 +877,30 @@ class EvalStream:
     """
 
     def __init__(self, plan: _EvalPlan, *, num_workers: int):
+        super().__init__(num_workers, "evaluation data")
         self._plan = plan
-        self.num_workers = num_workers
-        self.num_classes = plan.rec.num_classes
+        self.num_classes = plan.spec.num_classes
         self.num_samples = sum(plan.counts)
-        self.aggregate = "mean" if plan.rec.kind == "clip" and plan.mode == "clips" else "first"
-        self.stats: dict[str, Any] = {}
+        self.aggregate = "mean" if plan.spec.kind == "clip" and plan.view.mode == "clips" else "first"
+
+    def _dataset(self) -> IterableDataset:
+        return _EvalPass(self._plan)
+
+    def _batch_bytes(self) -> int:
+        spec, view, b = self._plan.spec, self._plan.view, self._plan.batch_size
+        if spec.kind == "clip":
+            frames = view.max_frames if view.mode == "full" else spec.frames
+            side = math.ceil(view.crop_size * spec.short_side[1] / view.short_side)  # stored up to the top scale
+            return _clip_batch_bytes(spec, b, frames, side)
+        if spec.kind == "features":
+            return b * view.max_frames * (schema.YT8M_RGB_DIM + schema.YT8M_AUDIO_DIM) * 4
+        return b * 3 * view.crop_size**2 * 4
 
     def batches(self) -> Iterator[dict]:
-        """Batches of {"inputs", "target", "ids"} (+ "lengths" for features, "view_ids" in clip mode "clips")."""
-        self.stats = {"samples": 0, "bad": 0, "bad_by_reason": {}, "last_bad": []}
-        last: collections.deque = collections.deque(maxlen=LAST_BAD_KEPT)
-        for batch in _loader(_EvalPass(self._plan), self.num_workers):
-            bad = batch.pop("_bad")
-            self.stats["samples"] += int(batch.pop("_seen"))
-            self.stats["bad"] += len(bad)
-            for record in bad:
-                reasons = self.stats["bad_by_reason"]
-                reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
-                last.append(record)
-            self.stats["last_bad"] = list(last)
-            if "inputs" in batch:
-                yield batch
+        """Batches of {"inputs", "target", "ids"} (+ "lengths" for features, "view_ids" in clip mode "clips", the
+        clip entries of the module docstring)."""
+        self._stats = SampleStats()
+        yield from self._iterate()
 
 
 def eval_stream(
@@ -951,18 +916,19 @@ def eval_stream(
         max_frames = min(max_frames, input_spec.get("max_frames", max_frames))
     short_side, crop_size = eval_cfg.view_size(data_cfg)
     plan = _EvalPlan(
-        rec=_recipe(data_cfg, info.num_classes),
+        spec=SampleSpec.from_config(data_cfg, info.num_classes),
+        view=EvalView(
+            mode=eval_cfg.mode,
+            num_clips=eval_cfg.num_clips,
+            num_crops=eval_cfg.num_crops,
+            max_frames=max_frames,
+            short_side=short_side,
+            crop_size=crop_size,
+        ),
         shards=tuple(os.path.join(str(root.val), s.name) for s in info.shards),
         counts=tuple(s.count for s in info.shards),
         rank=rank,
         world_size=world_size,
-        streams=max(1, data_cfg.num_workers),
         batch_size=eval_cfg.batch_size,
-        mode=eval_cfg.mode,
-        num_clips=eval_cfg.num_clips,
-        num_crops=eval_cfg.num_crops,
-        max_frames=max_frames,
-        short_side=short_side,
-        crop_size=crop_size,
     )
     return EvalStream(plan, num_workers=data_cfg.num_workers)

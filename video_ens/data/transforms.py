@@ -1,14 +1,21 @@
-"""Clip and image augmentation in plain torch: uint8 frames in, normalised float tensors out.
+"""Clip and image augmentation in plain torch.
 
-Clips arrive from `decode.decode_frames` as uint8 (T, H, W, 3) and leave as float (3, T, H, W); images arrive as
-(H, W, 3) and leave as (3, H, W). torchvision is not used: it is not installed here and PyPI's build fails against
-this torch. Resizing is `F.interpolate(mode="bilinear", antialias=True)` on float, which matches torchvision's
-antialiased resize.
+Clips are augmented in two halves. The loader's workers decode frames at their stored size and cut one box per
+clip (`ClipTrainTransform.draw` picks it, with the flip and colour factors, as a `ClipAugment`); the training device
+then resizes every box of a micro-batch to the crop size, flips, jitters and normalises them in one batched step
+(`finish_clips`, reached through `to_model_input`). Scaling whole frames on the CPU cost more than decoding them
+(environment.md: one ffmpeg thread converts a 602x256 clip at ~1900 frames/s, at ~930 with a bilinear scale to 288),
+and the box is at most a crop's worth of pixels. `apply_clip` is the same augmentation of one clip on the CPU: the
+reference the batched step is tested against, and what `ClipTrainTransform.__call__` runs.
+
+Images arrive as (H, W, 3) uint8 and leave the workers as normalised float (3, H, W). torchvision is not used: it
+is not installed here and PyPI's build fails against this torch. Resizing is `F.interpolate(mode="bilinear",
+antialias=True)` on float, which matches torchvision's antialiased resize.
 
 Every random choice draws from a generator passed in by the caller (a `torch.Generator`, or a numpy `Generator`),
 never from global state, so an augmentation is reproducible from a seed; the loader derives that seed from rank,
-worker, epoch and sample. A clip's frames always share one crop, one flip and one colour change: the model must see
-motion, not per-frame jitter.
+epoch, micro-batch and slot. A clip's frames always share one crop, one flip and one colour change: the model must
+see motion, not per-frame jitter.
 
 Frame sampling (which indices to decode) lives here too, since it is decided before decoding:
 `sample_window` for training and `uniform_clips` for K-clip evaluation.
@@ -85,6 +92,18 @@ def sample_window(num_frames: int, clip_len: int, stride: int, rng: Any, *, pad:
     return _window(start, num_frames, clip_len, stride, pad)
 
 
+def shifted_window(window: list[int], lowest: int, num_frames: int, stride: int, rng: Any) -> list[int]:
+    """Another training window like `window` (same length and stride) for a repeated sample of the same decode: its
+    start drawn uniformly from [lowest, window[0]], where `lowest` is the first frame the decoder has to decode for
+    `window` anyway (the keyframe before it), so the shifted window costs no further decoding. A window that loops
+    (the video is shorter than its span) is returned as it is."""
+    clip_len = len(window)
+    if num_frames < _span(clip_len, stride):
+        return list(window)
+    start = _randint(rng, min(lowest, window[0]), window[0])
+    return _window(start, num_frames, clip_len, stride, "loop")
+
+
 def uniform_clips(num_frames: int, clip_len: int, stride: int, num_clips: int, *, pad: str = "loop") -> list[list[int]]:
     """Indices of `num_clips` evaluation clips spread evenly: the first starts at frame 0, the last ends at the end.
 
@@ -120,11 +139,18 @@ def to_float(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of float (N, 3, H, W), antialiased so downscaling does not alias."""
+def resize(x: torch.Tensor, height: int, width: int, *, plain_enlarge: bool = False) -> torch.Tensor:
+    """Bilinear resize of float (N, 3, H, W), antialiased so downscaling does not alias.
+
+    plain_enlarge: when the picture only grows, use the plain bilinear kernel. Enlarging needs no antialiasing (the
+    filter's support is then the plain bilinear one: the same weights up to float rounding, ~5e-7 here), and the
+    plain kernel is ~3x faster on a CPU for channels-last input (a 64 x 200 x 200 box to 224: 31 ms against 93 ms).
+    The device step of clips uses it; image transforms keep the antialiased kernel, and their numbers.
+    """
     if x.shape[-2:] == (height, width):
         return x
-    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    antialias = not plain_enlarge or height < x.shape[-2] or width < x.shape[-1]
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=antialias, align_corners=False)
 
 
 def resize_short_side(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -231,46 +257,58 @@ class ColourJitter:
     def __call__(self, x: torch.Tensor, rng: Any) -> torch.Tensor:
         return adjust_colour(x, *self.draw(rng))
 
-    def apply_(self, x: torch.Tensor, rng: Any) -> torch.Tensor:
-        """`__call__` in place on x, which the caller owns (the same numbers, no full-size temporaries)."""
-        return adjust_colour_(x, *self.draw(rng))
-
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True)  # (N, 1, H, W)
+    """Luma of float (..., 3, H, W): (..., 1, H, W)."""
+    weights = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * weights).sum(dim=-3, keepdim=True)
 
 
 def adjust_colour(x: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
     """Scale brightness, contrast (around the clip's mean grey) and saturation of float (N, 3, H, W) in [0, 1]."""
-    return adjust_colour_(x.clone(), brightness, contrast, saturation)
-
-
-def _grey_planes(x: torch.Tensor) -> torch.Tensor:
-    """`_grey` of a channel-first (3, ...) tensor, whose channels are whole planes: plane arithmetic."""
-    return x[0] * _LUMA[0] + x[1] * _LUMA[1] + x[2] * _LUMA[2]
-
-
-def adjust_colour_(
-    x: torch.Tensor, brightness: float, contrast: float, saturation: float, *, grey=_grey
-) -> torch.Tensor:
-    """`adjust_colour` in place. The clip pipelines use it: a 64 x 224 x 224 float clip is 38.5 MB, above glibc's
-    mmap threshold, so each out-of-place step was a fresh mapping for the kernel to fault in and zero (more system
-    than user time; benchmarks/bench_loader.py --mode pipeline). Same operations in the same order: same numbers.
-    `grey`: `_grey` for (N, 3, H, W), `_grey_planes` for channel-first (3, T, H, W)."""
+    x = x.clone()
     if brightness != 1.0:
         x.mul_(brightness).clamp_(0.0, 1.0)
     if contrast != 1.0:
-        mean = grey(x).mean()
+        mean = _grey(x).mean()
         x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
     if saturation != 1.0:
-        g = grey(x)
+        g = _grey(x)
         x.sub_(g).mul_(saturation).add_(g).clamp_(0.0, 1.0)
     return x
 
 
+def adjust_colour_batch_(
+    x: torch.Tensor, factors: torch.Tensor, steps: tuple[bool, bool, bool] = (True, True, True)
+) -> torch.Tensor:
+    """`adjust_colour` of every clip of float (B, 3, T, H, W) in place, clip b with factors[b] = (brightness,
+    contrast, saturation); contrast pulls towards each clip's own mean grey. `steps` switches off the steps no clip
+    of the batch uses (all its factors 1), which then leave x bit for bit as it was; a step that runs changes a
+    clip whose factor is 1 by float rounding at most. Channel-first, each channel of a clip is one plane, so the grey
+    image is three plane operations."""
+    view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    brightness, contrast, saturation = (factors[:, i].to(x.dtype).view(view) for i in range(3))
+    if steps[0]:
+        x.mul_(brightness).clamp_(0.0, 1.0)
+    if steps[1]:
+        mean = _grey_planes(x).mean(dim=tuple(range(1, x.dim() - 1)), keepdim=True).unsqueeze(1)  # (B, 1, 1, 1, 1)
+        x.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
+    if steps[2]:
+        grey = _grey_planes(x).unsqueeze(1)  # (B, 1, T, H, W)
+        x.sub_(grey).mul_(saturation).add_(grey).clamp_(0.0, 1.0)
+    return x
+
+
+def _grey_planes(x: torch.Tensor) -> torch.Tensor:
+    """Luma of channel-first float (B, 3, ...): (B, ...), accumulated in one buffer (each out-of-place temporary of
+    a 64 x 224 batch is a fresh ~100 MB mapping to fault in on a CPU)."""
+    grey = torch.mul(x[:, 0], _LUMA[0])
+    grey.add_(x[:, 1], alpha=_LUMA[1])
+    return grey.add_(x[:, 2], alpha=_LUMA[2])
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(x - mean) / std per channel, for float (N, 3, H, W) in [0, 1]."""
+    """(x - mean) / std per channel, for float (..., 3, H, W) in [0, 1]."""
     return normalize_(x.clone(), mean, std)
 
 
@@ -284,42 +322,110 @@ def normalize_(
     return x.sub_(mean_t).div_(std_t)
 
 
-def _to_bytes(x: torch.Tensor) -> torch.Tensor:
-    """Float in [0, 1] -> uint8, rounded to the nearest level (in place on x, which the caller owns)."""
-    return x.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
-
-
-def to_model_input(x: torch.Tensor, mean=VIDEO_MEAN, std=VIDEO_STD) -> torch.Tensor:
-    """Finish a batch on its device: uint8 clips (B, 3, T, H, W) or views (B, V, 3, T, H, W), as the loader hands
-    them over, become float32 normalised with `mean` / `std`, with the same arithmetic as the transforms' own
-    normalisation (x / 255, minus the mean, over the std, per channel). Anything else is returned as it is."""
-    if x.dtype != torch.uint8:
-        return x
-    if x.dim() not in (5, 6) or x.shape[-4] != 3:
-        raise ValueError(f"expected uint8 clips (B, 3, T, H, W) or (B, V, 3, T, H, W), got {tuple(x.shape)}")
-    return normalize_(x.to(torch.float32).div_(255.0), mean, std, channel_dim=-4)
-
-
 def _clip_layout(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3).contiguous()  # (T, 3, H, W) -> (3, T, H, W)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Pipelines
+# Clips: parameters drawn in the loader, pixels worked on the device
+
+
+@dataclass(frozen=True)
+class ClipAugment:
+    """One clip view's augmentation: the box cut from the frames at their stored size (top, left, height, width in
+    stored pixels), which is resized to the output size; then a left-right flip and colour factors (brightness,
+    contrast, saturation; 1.0 leaves a property as it is)."""
+
+    box: Box
+    flip: bool = False
+    colour: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def _scaled_size(height: int, width: int, short: int) -> tuple[int, int]:
+    """(height, width) with the shorter side scaled to `short`, the aspect kept (rounded half up)."""
+    if height <= width:
+        return short, max(1, math.floor(width * short / height + 0.5))
+    return max(1, math.floor(height * short / width + 0.5)), short
+
+
+def _stored_box(box: Box, factor: float, height: int, width: int) -> Box:
+    """A square box given in a picture scaled by 1 / factor, in the pixels of the height x width original: its side
+    and position scaled by `factor` and rounded, kept inside the picture. factor 1 returns the box as it is."""
+    top, left, size, _ = box
+    side = min(max(1, round(size * factor)), height, width)
+    return min(round(top * factor), height - side), min(round(left * factor), width - side), side, side
+
+
+def apply_clip(frames: torch.Tensor, augment: ClipAugment, size: int, mean=VIDEO_MEAN, std=VIDEO_STD) -> torch.Tensor:
+    """One clip's augmentation on the CPU, step by step: uint8 (T, H, W, 3) -> float (3, T, size, size). The
+    reference of `finish_clips`, which does the same for a whole batch on the device."""
+    top, left, height, width = augment.box
+    x = to_float(frames[:, top : top + height, left : left + width])  # only the box: (T, 3, h, w)
+    x = resize(x, size, size)
+    if augment.flip:
+        x = hflip(x)
+    return _clip_layout(normalize(adjust_colour(x, *augment.colour), mean, std))
+
+
+def finish_clips(
+    frames: torch.Tensor,
+    extent: torch.Tensor,
+    *,
+    size: int,
+    flip: torch.Tensor | None = None,
+    colour: torch.Tensor | None = None,
+    mean=VIDEO_MEAN,
+    std=VIDEO_STD,
+) -> torch.Tensor:
+    """The device half of clip augmentation, for a batch as the loader hands it over.
+
+    frames: uint8 (B, T, Hb, Wb, 3) on the device, clip b's box in frames[b, :, :h, :w] with (h, w) = extent[b]
+        (the rest of each slot pads it to the batch's largest box). extent: int (B, 2), on the CPU.
+    flip: bool (B,) or None; colour: float (B, 3) factors or None (no change); both on the CPU (the loader's).
+    Returns float32 (B, 3, T, size, size), normalised with `mean` / `std`: for each clip the numbers of
+    `apply_clip` (up to float rounding of the batched arithmetic).
+    """
+    if frames.dtype != torch.uint8 or frames.dim() != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 clips (B, T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    batch, steps = frames.shape[:2]
+    out = torch.empty((batch, 3, steps, size, size), dtype=torch.float32, device=frames.device)  # (B, 3, T, S, S)
+    flips = flip.tolist() if flip is not None else [False] * batch
+    for b, (h, w) in enumerate(extent.tolist()):
+        box = frames[b, :, :h, :w].permute(0, 3, 1, 2).to(torch.float32)  # (T, 3, h, w), 0-255, channels-last
+        box = resize(box, size, size, plain_enlarge=True)
+        out[b].copy_((box.flip(-1) if flips[b] else box).transpose(0, 1))
+    out.div_(255.0)
+    if colour is not None:
+        steps_used = tuple((colour != 1.0).any(dim=0).tolist())  # on the CPU: no device sync
+        if any(steps_used):
+            adjust_colour_batch_(out, colour.to(out.device, non_blocking=True), steps_used)
+    return normalize_(out, mean, std, channel_dim=-4)
+
+
+def to_model_input(batch: dict, device: torch.device | str | None = None) -> torch.Tensor:
+    """A loader batch's model input on `device`: clips (batches with "extent") go through `finish_clips` there;
+    features and images, which leave the workers finished, are only moved."""
+    x = batch["inputs"]
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    if "extent" not in batch:
+        return x
+    return finish_clips(
+        x, batch["extent"], size=int(batch["crop_size"]), flip=batch.get("flip"), colour=batch.get("colour")
+    )
 
 
 @dataclass(frozen=True)
 class ClipTrainTransform:
-    """Training augmentation of a clip: uint8 (T, H, W, 3) -> float (3, T, crop_size, crop_size).
+    """Training augmentation of a clip: `draw` picks it from the frames' stored size; `apply_clip` (one clip, CPU:
+    `__call__`) or `finish_clips` (a batch, on the device) applies it.
 
     crop: "scale_jitter" scales the short side to a random size in `short_side_range` and takes a random square of
-        `crop_size` (PySlowFast's Kinetics recipe); "resized_crop" takes an Inception-style box (`scale`: area
-        fraction range, `ratio`: aspect w/h range) and resizes it to `crop_size` (cheaper: only the box is
-        converted to float and resized). The loader selects it with data.clip_crop.
+        `crop_size` (PySlowFast's Kinetics recipe); in stored pixels that is a square of side crop_size x stored
+        short side / drawn short side, resized to crop_size. "resized_crop" takes an Inception-style box (`scale`:
+        area fraction range, `ratio`: aspect w/h range) of the stored frames, resized to crop_size. The loader
+        selects it with data.clip_crop.
     flip: mirror left-right with probability 0.5. colour: jitter strengths, 0 to switch off.
-    uint8_out: return uint8 (3, T, crop, crop) without normalising (the loader's hand-over: a quarter of the bytes
-        through the DataLoader's shared memory; `to_model_input` finishes the batch on its device). Pixels touched by
-        colour jitter or a resize are rounded back to bytes; an untouched crop is returned as it was decoded.
     """
 
     crop_size: int = 224
@@ -331,7 +437,6 @@ class ClipTrainTransform:
     colour: ColourJitter = ColourJitter()
     mean: tuple[float, float, float] = VIDEO_MEAN
     std: tuple[float, float, float] = VIDEO_STD
-    uint8_out: bool = False
 
     def __post_init__(self) -> None:
         if self.crop not in ("scale_jitter", "resized_crop"):
@@ -344,37 +449,32 @@ class ClipTrainTransform:
         ):
             raise ValueError(f"need 0 < scale min <= max <= 1 and 0 < ratio min <= max, got {self.scale}, {self.ratio}")
 
-    def __call__(self, frames: torch.Tensor, rng: Any) -> torch.Tensor:
-        # float (T, 3, crop_size, crop_size), or the uint8 (T, crop, crop, 3) crop when it needs no resize
-        x = _train_geometry(frames, self, rng)
+    def draw(self, height: int, width: int, rng: Any) -> ClipAugment:
+        """The augmentation of one clip stored at height x width. Draws, in this order: the box (scale jitter: the
+        short side, then top and left at that scale), the flip, the colour factors."""
+        if self.crop == "resized_crop":
+            box = random_resized_crop_box(height, width, rng, self.scale, self.ratio)
+        else:
+            short = _randint(rng, *self.short_side_range)
+            scaled = random_crop_box(*_scaled_size(height, width, short), self.crop_size, rng)
+            box = _stored_box(scaled, min(height, width) / short, height, width)
         flip = self.flip and _uniform(rng, 0.0, 1.0) < 0.5
-        if x.dtype == torch.uint8:
-            # Flip the bytes and convert only the crop, straight into the (3, T, H, W) layout the model takes, where
-            # each channel is one plane: the grey and normalisation steps are then plane arithmetic. The same
-            # numbers as the general path below (tests/unit/test_transforms.py checks it bit for bit).
-            planes = (x.flip(-2) if flip else x).permute(3, 0, 1, 2)  # uint8 (3, T, crop, crop) view
-            factors = self.colour.draw(rng)
-            if self.uint8_out and factors == (1.0, 1.0, 1.0):
-                return planes.contiguous()
-            x = planes.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-            adjust_colour_(x, *factors, grey=_grey_planes)
-            if self.uint8_out:
-                return _to_bytes(x)
-            return normalize_(x, self.mean, self.std, channel_dim=-4)
-        if flip:
-            x = hflip(x)
-        x = self.colour.apply_(x, rng)  # x is ours: in place from here on
-        if self.uint8_out:
-            return _to_bytes(_clip_layout(x))
-        return _clip_layout(normalize_(x, self.mean, self.std))
+        return ClipAugment(box, flip, self.colour.draw(rng))
+
+    def __call__(self, frames: torch.Tensor, rng: Any) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> float (3, T, crop_size, crop_size), on the CPU."""
+        _check_uint8(frames)
+        return apply_clip(frames, self.draw(*frames.shape[1:3], rng), self.crop_size, self.mean, self.std)
 
 
 @dataclass(frozen=True)
 class ClipEvalTransform:
-    """Evaluation views of a clip: uint8 (T, H, W, 3) -> float (V, 3, T, crop_size, crop_size), V = num_crops.
+    """Evaluation views of a clip: the short side scaled to `short_side`, then the centre crop (num_crops=1) or
+    three crops along the long side (num_crops=3, the "x 3 crops" of 10x3 testing), each crop_size square.
 
-    Scales the short side to `short_side`, then takes the centre crop (num_crops=1) or three crops along the long
-    side (num_crops=3, the "x 3 crops" of 10x3 testing).
+    `boxes` gives the views in stored pixels (the loader cuts them, `finish_clips` resizes them); where short_side
+    is the stored short side they are the crops themselves, bit for bit. `__call__` is the CPU reference:
+    uint8 (T, H, W, 3) -> float (V, 3, T, crop_size, crop_size), V = num_crops.
     """
 
     short_side: int = 256
@@ -382,7 +482,6 @@ class ClipEvalTransform:
     num_crops: int = 1
     mean: tuple[float, float, float] = VIDEO_MEAN
     std: tuple[float, float, float] = VIDEO_STD
-    uint8_out: bool = False  # as ClipTrainTransform's: uint8 views, normalised later by `to_model_input`
 
     def __post_init__(self) -> None:
         if self.num_crops not in (1, 3):
@@ -390,21 +489,24 @@ class ClipEvalTransform:
         if self.crop_size > self.short_side:
             raise ValueError(f"crop_size {self.crop_size} must not exceed short_side {self.short_side}")
 
-    def _boxes(self, height: int, width: int) -> list[Box]:
+    def boxes(self, height: int, width: int) -> list[Box]:
+        """The views' boxes in the pixels of frames stored at height x width."""
+        scaled = _scaled_size(height, width, self.short_side)
         if self.num_crops == 1:
-            return [center_crop_box(height, width, self.crop_size)]
-        return three_crop_boxes(height, width, self.crop_size)
+            boxes = [center_crop_box(*scaled, self.crop_size)]
+        else:
+            boxes = three_crop_boxes(*scaled, self.crop_size)
+        factor = min(height, width) / self.short_side
+        return [_stored_box(box, factor, height, width) for box in boxes]
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         _check_uint8(frames)
-        if self.uint8_out and min(frames.shape[1:3]) == self.short_side:  # decoded at this size: crop the bytes
-            boxes = self._boxes(*frames.shape[1:3])
-            return torch.stack([frames[:, t : t + h, left : left + w].permute(3, 0, 1, 2) for t, left, h, w in boxes])
-        x = resize_short_side(to_float(frames), self.short_side)  # a fresh tensor
-        if self.uint8_out:
-            return torch.stack([_to_bytes(_clip_layout(crop(x, box))) for box in self._boxes(*x.shape[-2:])])
-        x = normalize_(x, self.mean, self.std)
-        return torch.stack([_clip_layout(crop(x, box)) for box in self._boxes(*x.shape[-2:])])
+        views = [ClipAugment(box) for box in self.boxes(*frames.shape[1:3])]
+        return torch.stack([apply_clip(frames, v, self.crop_size, self.mean, self.std) for v in views])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images: augmented in the workers
 
 
 @dataclass(frozen=True)
@@ -448,20 +550,3 @@ class ImageEvalTransform:
         x = resize_short_side(to_float(image), self.short_side)
         x = crop(x, center_crop_box(*x.shape[-2:], self.crop_size))
         return normalize(x, self.mean, self.std)[0]
-
-
-def _train_geometry(frames: torch.Tensor, spec: ClipTrainTransform, rng: Any) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (T, 3, crop_size, crop_size), or the uint8 (T, crop, crop, 3) crop when the frames
-    are already at the drawn scale. A resized-crop box is cut from the uint8 frames, so only the box is converted to
-    float (the same numbers as converting first: the conversion is per pixel)."""
-    _check_uint8(frames)
-    if spec.crop == "resized_crop":
-        top, left, height, width = random_resized_crop_box(*frames.shape[-3:-1], rng, spec.scale, spec.ratio)
-        x = to_float(frames[..., top : top + height, left : left + width, :])
-        return resize(x, spec.crop_size, spec.crop_size)
-    short = _randint(rng, *spec.short_side_range)
-    if min(frames.shape[1:3]) == short:  # already at this scale (the loader decodes at it): crop the bytes
-        top, left, height, width = random_crop_box(*frames.shape[1:3], spec.crop_size, rng)
-        return frames[:, top : top + height, left : left + width]
-    x = resize_short_side(to_float(frames), short)
-    return crop(x, random_crop_box(*x.shape[-2:], spec.crop_size, rng))

@@ -1,0 +1,558 @@
+"""One raw shard sample into model inputs, per kind: the work a DataLoader worker does for every sample.
+
+    spec = SampleSpec.from_config(recipe.data, num_classes)
+    buffer = ClipBuffer(slots=8, frames=64, shared=True)          # one training micro-batch of clips
+    key, label = train_clips(raw, spec, gens, buffer, first_slot=0, cost=cost)   # k = len(gens) views of one decode
+    items = eval_items(raw, spec, view)                          # evaluation entries of one sample
+    item = train_item(raw, spec, gen)                            # features and images
+    batch = collate(items, spec)
+
+Clips leave the workers as uint8 boxes cut from frames at their stored size, with the parameters of the rest of
+their augmentation (`transforms.ClipAugment`); `transforms.to_model_input` finishes them on the training device.
+A training micro-batch of clips is decoded straight into one `ClipBuffer` (shared memory in a worker), so the crop
+copied out of each decoded frame is the only copy a clip's pixels make before the device: the DataLoader hands the
+buffer over by reference, not by pickling its bytes. Features and images leave finished, as float32.
+
+Every problem with one sample raises `BadSample` (reason, key, detail), which the streams count and skip;
+`SampleStats` is that accounting, with the decoding work done (`DecodeCost`).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from video_ens.data import schema
+from video_ens.data.decode import DecodeError, open_video
+from video_ens.data.transforms import (
+    ClipAugment,
+    ClipEvalTransform,
+    ClipTrainTransform,
+    ColourJitter,
+    ImageEvalTransform,
+    ImageTrainTransform,
+    sample_window,
+    shifted_window,
+    uniform_clips,
+)
+
+__all__ = [
+    "BadSample",
+    "BatchReport",
+    "ClipBuffer",
+    "DecodeCost",
+    "EvalView",
+    "Item",
+    "SampleSpec",
+    "SampleStats",
+    "collate",
+    "eval_items",
+    "read_shard",
+    "sample_key",
+    "train_clips",
+    "train_item",
+]
+
+# Bad sample records kept in SampleStats' "last_bad".
+LAST_BAD_KEPT = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What decoding needs
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """The data recipe as plain values (pickled into workers when they are spawned)."""
+
+    kind: str
+    num_classes: int | None
+    decoder: str
+    frames: int
+    frame_stride: int
+    crop_size: int
+    short_side: tuple[int, int]
+    flip: bool
+    color_jitter: float
+    clip_crop: str  # "scale_jitter" | "resized_crop" (clips, training)
+    crop_scale: tuple[float, float]  # resized crop: area fraction range (images; clips with "resized_crop")
+    crop_ratio: tuple[float, float]  # resized crop: aspect ratio range
+
+    @classmethod
+    def from_config(cls, data_cfg, num_classes: int | None) -> SampleSpec:
+        return cls(
+            kind=data_cfg.kind,
+            num_classes=num_classes,
+            decoder=data_cfg.decoder,
+            frames=data_cfg.frames,
+            frame_stride=data_cfg.frame_stride,
+            crop_size=data_cfg.crop_size,
+            short_side=tuple(data_cfg.short_side),
+            flip=data_cfg.flip,
+            color_jitter=data_cfg.color_jitter,
+            clip_crop=data_cfg.clip_crop,
+            crop_scale=tuple(data_cfg.crop_scale),
+            crop_ratio=tuple(data_cfg.crop_ratio),
+        )
+
+    def colour(self) -> ColourJitter:
+        s = self.color_jitter
+        return ColourJitter(s, s, s)
+
+    def clip_transform(self) -> ClipTrainTransform:
+        return ClipTrainTransform(
+            crop_size=self.crop_size,
+            crop=self.clip_crop,
+            short_side_range=self.short_side,
+            scale=self.crop_scale,
+            ratio=self.crop_ratio,
+            flip=self.flip,
+            colour=self.colour(),
+        )
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """How evaluation looks at a sample: mode "full" (the first max_frames frames, one centre crop) or "clips"
+    (num_clips uniform clips x num_crops crops); clips scaled to short_side and cropped to crop_size."""
+
+    mode: str
+    num_clips: int
+    num_crops: int
+    max_frames: int
+    short_side: int
+    crop_size: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw samples and bad samples
+
+
+class BadSample(Exception):
+    """One sample that cannot be used; `record` = {"key", "reason", "detail"} for the stream's accounting."""
+
+    def __init__(self, reason: str, key: str, detail: str):
+        super().__init__(f"{reason}: {key}: {detail}")
+        self.record = {"key": key, "reason": reason, "detail": detail[:300]}
+
+
+def sample_key(raw: dict) -> str:
+    return str(raw.get("__key__", "<no key>"))
+
+
+def read_shard(url: str, errors: list[dict]):
+    """Raw samples of one tar, in order: {"__key__", "__url__", field: bytes}. Read errors land in `errors`."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        errors.append({"key": url, "reason": "shard", "detail": f"{type(exn).__name__}: {exn}"[:300]})
+        return True  # go on with the next member, or the next shard
+
+    yield from wds.tarfile_samples([{"url": url}], handler=handler)
+
+
+@dataclass
+class DecodeCost:
+    """Decoding work of one batch (or summed over many): seconds inside the decoder (demuxing, decoding and
+    converting to RGB) and copying crops out of the decoded frames, and frames decoded against frames delivered
+    (a window decoded from the keyframe before it costs the frames in between)."""
+
+    decode_s: float = 0.0
+    crop_s: float = 0.0
+    frames_decoded: int = 0
+    frames_delivered: int = 0
+
+    def add(self, other: DecodeCost) -> None:
+        self.decode_s += other.decode_s
+        self.crop_s += other.crop_s
+        self.frames_decoded += other.frames_decoded
+        self.frames_delivered += other.frames_delivered
+
+
+class SampleStats:
+    """What a stream's batches carried: samples seen, bad ones by reason with the last few keys, decoding work.
+
+    `as_dict()` is the streams' `stats`: {"samples", "bad", "bad_by_reason", "last_bad": [{key, reason, detail}],
+    "frames_decoded", "frames_delivered", "seconds": {"decode", "crop", "batch", "batch_cpu", "wait"}}. "batch" is
+    the wall time the workers spent building batches (decoding included), "batch_cpu" their CPU time, "wait" the
+    time the consumer waited for batches.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.bad = 0
+        self.bad_by_reason: dict[str, int] = {}
+        self.last_bad: collections.deque = collections.deque(maxlen=LAST_BAD_KEPT)
+        self.cost = DecodeCost()
+        self.batch_s = 0.0
+        self.batch_cpu_s = 0.0
+        self.wait_s = 0.0
+
+    def add(self, report: dict) -> None:
+        """Fold in one batch's report (the "_report" a worker attaches, see `BatchReport`)."""
+        self.samples += report["seen"]
+        self.bad += len(report["bad"])
+        for record in report["bad"]:
+            self.bad_by_reason[record["reason"]] = self.bad_by_reason.get(record["reason"], 0) + 1
+            self.last_bad.append(record)
+        self.cost.add(report["cost"])
+        self.batch_s += report["batch_s"]
+        self.batch_cpu_s += report["batch_cpu_s"]
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.cost
+        return {
+            "samples": self.samples,
+            "bad": self.bad,
+            "bad_by_reason": dict(self.bad_by_reason),
+            "last_bad": list(self.last_bad),
+            "frames_decoded": c.frames_decoded,
+            "frames_delivered": c.frames_delivered,
+            "seconds": {"decode": c.decode_s, "crop": c.crop_s, "batch": self.batch_s,
+                        "batch_cpu": self.batch_cpu_s, "wait": self.wait_s},
+        }
+
+
+class BatchReport:
+    """A worker's record of building one batch: samples seen, bad ones, decoding work, wall and CPU time. The
+    streams attach `finish()` to the batch as "_report" and fold it into their SampleStats."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.bad: list[dict] = []
+        self.cost = DecodeCost()
+        self._wall, self._cpu = time.perf_counter(), _thread_cpu()
+
+    def finish(self) -> dict:
+        return {"seen": self.seen, "bad": self.bad, "cost": self.cost,
+                "batch_s": time.perf_counter() - self._wall, "batch_cpu_s": _thread_cpu() - self._cpu}
+
+
+def _thread_cpu() -> float:
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clips
+
+
+class ClipBuffer:
+    """uint8 frames (slots, T, H, W, 3) that clip boxes are decoded into, one slot per clip view, each box at the
+    top left of its slot and (H, W) the largest box; with the per-slot extent, flip and colour `finish_clips` needs.
+    The padding around each box is zero, so a batch is the same bytes whatever memory it was built in.
+
+    shared=True allocates in shared memory (a DataLoader worker: the batch then crosses to the main process as a
+    handle, not as a pickled copy of its bytes). `ensure(h, w)` grows the slots (a copy) for a box that does not fit.
+    """
+
+    def __init__(self, slots: int, frames: int, *, height: int = 1, width: int = 1, shared: bool | None = None):
+        self.shared = get_worker_info() is not None if shared is None else shared
+        self.slots, self.frames = slots, frames
+        self.extent = torch.zeros((slots, 2), dtype=torch.int64)
+        self.flip = torch.zeros(slots, dtype=torch.bool)
+        self.colour = torch.ones((slots, 3), dtype=torch.float32)
+        self._allocate(height, width)
+
+    def _allocate(self, height: int, width: int) -> None:
+        shape = (self.slots, self.frames, height, width, 3)
+        if self.shared:
+            # Straight into shared memory: share_memory_() on an ordinary tensor would copy it there once more.
+            # Fresh shared memory reads as zeros, so the padding needs no writing (a 64 x 225 x 225 slot of which
+            # a 200-pixel box is used has ~2 MB of padding; zeroing it cost ~0.9 ms per clip).
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            tensor = torch.empty(shape, dtype=torch.uint8)
+        self.tensor = tensor
+        self._zeroed = self.shared
+        # Crops are copied through numpy: a torch slice copy runs through intra-op threads (decode.py: on a busy
+        # 2-core machine, 300 of them took seconds against milliseconds in numpy).
+        self.array = tensor.numpy()
+
+    def ensure(self, height: int, width: int) -> None:
+        _, _, h, w, _ = self.tensor.shape
+        if height <= h and width <= w:
+            return
+        old = self.array
+        self._allocate(max(height, h), max(width, w))
+        self.array[:, :, :h, :w] = old
+        if not self._zeroed:  # the new margin is padding for the slots placed so far
+            self.array[:, :, h:] = 0
+            self.array[:, :, :h, w:] = 0
+
+    def clear(self, slots: slice) -> None:
+        """Zero `slots` (after a decode that failed part way: whatever fills them next starts from zeros)."""
+        self.array[slots] = 0
+
+    def place(self, slot: int, augment: ClipAugment) -> None:
+        """Record the view in `slot`, whose box has been written, and make sure its padding is zero."""
+        _, _, height, width = augment.box
+        if not self._zeroed:
+            self.array[slot, :, height:] = 0
+            self.array[slot, :, :height, width:] = 0
+        self.extent[slot] = torch.tensor([height, width])
+        self.flip[slot] = augment.flip
+        self.colour[slot] = torch.tensor(augment.colour, dtype=torch.float32)
+
+    def batch(self, crop_size: int, *, augmented: bool) -> dict[str, Any]:
+        """The loader batch's clip entries (see `transforms.to_model_input`)."""
+        out: dict[str, Any] = {"inputs": self.tensor, "extent": self.extent, "crop_size": crop_size}
+        if augmented:
+            out.update(flip=self.flip, colour=self.colour)
+        return out
+
+
+def _video(raw: dict, spec: SampleSpec) -> schema.VideoSample:
+    try:
+        sample = schema.decode_video_sample(raw)
+    except schema.SampleError as e:
+        raise BadSample("format", sample_key(raw), str(e)) from None
+    _label(sample.label, sample.key, spec.num_classes)
+    return sample
+
+
+def _label(value: int, key: str, num_classes: int | None) -> int:
+    if num_classes is not None and value >= num_classes:
+        raise BadSample("label", key, f"label {value} outside the label map of {num_classes} classes")
+    return value
+
+
+def _decode_views(
+    sample: schema.VideoSample,
+    reader,
+    views: list[tuple[list[int], tuple[int, int, int, int]]],
+    out: np.ndarray,
+    cost: DecodeCost,
+) -> None:
+    """Decode each frame the views need once and copy every view's box of it into out[view, t] (views: frame
+    indices and box in stored pixels; out: (views, T, H, W, 3) with H, W >= every box). The crop copy is the only
+    copy of the pixels: the decoder's RGB frame is read in place."""
+    places: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)  # frame index -> [(view, t)]
+    for v, (indices, _) in enumerate(views):
+        for t, index in enumerate(indices):
+            places[index].append((v, t))
+    wanted = sorted(places)
+    crop_s = 0.0
+
+    def sink(position: int, rgb: np.ndarray) -> None:
+        nonlocal crop_s
+        start = time.perf_counter()
+        for v, t in places[wanted[position]]:
+            top, left, height, width = views[v][1]
+            out[v, t, :height, :width] = rgb[top : top + height, left : left + width]
+        crop_s += time.perf_counter() - start
+
+    start = time.perf_counter()
+    before = reader.frames_decoded
+    try:
+        reader.read(wanted, sink)
+    except DecodeError as e:
+        raise BadSample("decode", sample.key, str(e)) from None
+    finally:
+        cost.decode_s += time.perf_counter() - start - crop_s
+        cost.crop_s += crop_s
+        cost.frames_decoded += reader.frames_decoded - before
+    cost.frames_delivered += sum(len(indices) for indices, _ in views)
+
+
+def _open(sample: schema.VideoSample, spec: SampleSpec):
+    try:
+        return open_video(sample.video, backend=spec.decoder)
+    except DecodeError as e:
+        raise BadSample("decode", sample.key, str(e)) from None
+
+
+def train_clips(
+    raw: dict, spec: SampleSpec, gens: list[torch.Generator], buffer: ClipBuffer, first_slot: int, cost: DecodeCost
+) -> tuple[str, int]:
+    """k = len(gens) training views of one video into slots first_slot .. first_slot + k - 1 of `buffer`, from one
+    decode; returns (key, label). Raises BadSample.
+
+    View j draws everything from gens[j]: view 0 its window (uniform over the video), each further view a window
+    shifted back by up to the frames the decoder passes through anyway before view 0's window (its keyframe
+    interval), then each view its box, flip and colour (`ClipTrainTransform.draw`). So the k views differ in crop,
+    scale, flip, colour and, within the decoded span, time; k = 1 is the ordinary single clip.
+    """
+    sample = _video(raw, spec)
+    start = time.perf_counter()
+    with _open(sample, spec) as reader:
+        cost.decode_s += time.perf_counter() - start  # opening (stream probing) is decoder work too
+        first = sample_window(sample.num_frames, spec.frames, spec.frame_stride, gens[0])
+        windows = [first]
+        if len(gens) > 1:
+            start = time.perf_counter()
+            try:
+                lowest = reader.decode_start(first[0])
+            except DecodeError as e:
+                raise BadSample("decode", sample.key, str(e)) from None
+            cost.decode_s += time.perf_counter() - start
+            windows += [shifted_window(first, lowest, sample.num_frames, spec.frame_stride, g) for g in gens[1:]]
+        transform = spec.clip_transform()
+        augments = [transform.draw(reader.height, reader.width, gen) for gen in gens]
+        buffer.ensure(max(a.box[2] for a in augments), max(a.box[3] for a in augments))
+        slots = slice(first_slot, first_slot + len(gens))
+        _decode_views(sample, reader, [(w, a.box) for w, a in zip(windows, augments, strict=True)],
+                      buffer.array[slots], cost)
+    for j, augment in enumerate(augments):
+        buffer.place(first_slot + j, augment)
+    return sample.key, sample.label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features and images
+
+
+@dataclass
+class Item:
+    """One model input before collation."""
+
+    key: str
+    inputs: torch.Tensor  # uint8 (T, h, w, 3) clip box, float (T, D) features, float (3, S, S) image
+    target: Any  # int label, or (C,) float multi-hot
+    length: int | None = None  # valid frames (features)
+    view: int | None = None  # clip x crop index (eval mode "clips")
+    extent: tuple[int, int] | None = None  # clips: (h, w) of the box
+
+
+def _yt8m(raw: dict, spec: SampleSpec) -> schema.YT8MSample:
+    try:
+        sample = schema.decode_yt8m_sample(raw, num_classes=spec.num_classes or schema.YT8M_NUM_CLASSES)
+    except schema.SampleError as e:
+        reason = "label" if e.field == "json.labels" else "format"
+        raise BadSample(reason, sample_key(raw), str(e)) from None
+    if sample.num_frames == 0:
+        raise BadSample("format", sample_key(raw), "no frames")
+    return sample
+
+
+def _features(sample: schema.YT8MSample, rows: np.ndarray | slice) -> torch.Tensor:
+    """Dequantized rgb then audio of the chosen frames: float32 (n, 1152)."""
+    feats = np.concatenate([schema.dequantize(sample.rgb[rows]), schema.dequantize(sample.audio[rows])], axis=1)
+    if not np.isfinite(feats).all():
+        raise BadSample("nonfinite", sample.key, "features hold NaN or inf")
+    return torch.from_numpy(feats)
+
+
+def _multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    target = torch.zeros(num_classes, dtype=torch.float32)
+    target[torch.from_numpy(labels)] = 1.0
+    return target
+
+
+def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tensor]:
+    """The image sample and its pixels, uint8 (H, W, 3) RGB."""
+    from PIL import Image
+
+    try:
+        sample = schema.decode_image_sample(raw)
+    except schema.SampleError as e:
+        raise BadSample("format", sample_key(raw), str(e)) from None
+    _label(sample.label, sample.key, spec.num_classes)
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            pixels = np.array(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample("decode", sample.key, f"{type(e).__name__}: {e}") from None
+    return sample, torch.from_numpy(pixels)
+
+
+def train_item(raw: dict, spec: SampleSpec, gen: torch.Generator) -> Item:
+    """One augmented training sample of features or an image; every random draw comes from `gen`, in a fixed order."""
+    if spec.kind == "features":
+        sample = _yt8m(raw, spec)
+        n = sample.num_frames
+        if n <= spec.frames:
+            rows = np.arange(n)
+        else:
+            rows = torch.randperm(n, generator=gen)[: spec.frames].sort().values.numpy()
+        feats = _features(sample, rows)
+        return Item(sample.key, feats, _multi_hot(sample.labels, spec.num_classes), length=len(rows))
+    if spec.kind != "image":
+        raise ValueError(f"train_item takes features or images; clips go through train_clips, got {spec.kind!r}")
+    sample, pixels = _image(raw, spec)
+    transform = ImageTrainTransform(
+        crop_size=spec.crop_size, scale=spec.crop_scale, ratio=spec.crop_ratio, flip=spec.flip, colour=spec.colour()
+    )
+    return Item(sample.key, transform(pixels, gen), sample.label)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | None = None) -> list[Item]:
+    """The evaluation entries of one sample: one, or num_clips x num_crops views of a clip in mode "clips".
+
+    Clips: mode "full" takes every frame_stride-th frame (the frame rate the model was trained at), at most
+    max_frames of them, with the centre crop; mode "clips" decodes the frames of all clips once.
+    """
+    cost = cost if cost is not None else DecodeCost()
+    if spec.kind == "clip":
+        sample = _video(raw, spec)
+        if view.mode == "full":
+            clips = [list(range(0, sample.num_frames, spec.frame_stride))[: view.max_frames]]
+            transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size, num_crops=1)
+        else:
+            clips = uniform_clips(sample.num_frames, spec.frames, spec.frame_stride, view.num_clips)
+            transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size,
+                                          num_crops=view.num_crops)
+        start = time.perf_counter()
+        with _open(sample, spec) as reader:
+            cost.decode_s += time.perf_counter() - start
+            boxes = transform.boxes(reader.height, reader.width)
+            views = [(indices, box) for indices in clips for box in boxes]
+            height, width = max(b[2] for b in boxes), max(b[3] for b in boxes)
+            out = np.empty((len(views), len(clips[0]), height, width, 3), dtype=np.uint8)
+            _decode_views(sample, reader, views, out, cost)
+        multi = view.mode == "clips"
+        return [
+            Item(sample.key, torch.from_numpy(out[v, :, : box[2], : box[3]]), sample.label,
+                 view=v if multi else None, extent=(box[2], box[3]))
+            for v, (_, box) in enumerate(views)
+        ]
+    if spec.kind == "features":
+        sample = _yt8m(raw, spec)
+        n = min(sample.num_frames, view.max_frames)
+        feats = _features(sample, slice(0, n))
+        return [Item(sample.key, feats, _multi_hot(sample.labels, spec.num_classes), length=n)]
+    sample, pixels = _image(raw, spec)
+    transform = ImageEvalTransform(short_side=view.short_side, crop_size=view.crop_size)
+    return [Item(sample.key, transform(pixels), sample.label)]
+
+
+def collate(items: list[Item], spec: SampleSpec, *, pad_to: int | None = None, crop_size: int | None = None) -> dict:
+    """A batch of items: features zero-padded to `pad_to` frames (default: the longest) with "lengths"; clip boxes
+    placed into one ClipBuffer (with their extents; "crop_size" the size they are resized to on the device)."""
+    batch: dict[str, Any] = {"ids": [it.key for it in items]}
+    if spec.kind == "features":
+        lengths = torch.tensor([it.length for it in items], dtype=torch.int64)
+        frames = pad_to if pad_to is not None else int(lengths.max())
+        inputs = torch.zeros((len(items), frames, items[0].inputs.shape[-1]), dtype=torch.float32)  # (B, T, D)
+        for b, it in enumerate(items):
+            inputs[b, : it.length] = it.inputs
+        batch.update(inputs=inputs, lengths=lengths, target=torch.stack([it.target for it in items]))
+    elif spec.kind == "clip":
+        buffer = ClipBuffer(len(items), items[0].inputs.shape[0], height=max(it.extent[0] for it in items),
+                            width=max(it.extent[1] for it in items))
+        for b, it in enumerate(items):
+            h, w = it.extent
+            buffer.array[b, :, :h, :w] = it.inputs.numpy()
+            buffer.place(b, ClipAugment((0, 0, h, w)))
+        batch.update(buffer.batch(crop_size or spec.crop_size, augmented=False))
+        batch["target"] = torch.tensor([it.target for it in items], dtype=torch.int64)
+    else:
+        batch["inputs"] = torch.stack([it.inputs for it in items])  # (B, 3, S, S)
+        batch["target"] = torch.tensor([it.target for it in items], dtype=torch.int64)
+    if items[0].view is not None:
+        batch["view_ids"] = torch.tensor([it.view for it in items], dtype=torch.int64)
+    return batch
+
