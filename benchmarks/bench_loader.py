@@ -26,55 +26,54 @@ Pipeline mode (--mode pipeline): the training input pipeline end to end, as trai
 
     python benchmarks/bench_loader.py --mode pipeline                      # 64 frames, crop 224, short side 256-320
     python benchmarks/bench_loader.py --mode pipeline --preset small       # 32 frames, crop 112, short side 128-160
-    python benchmarks/bench_loader.py --mode pipeline --shards DIR --workers 0 2 4 --clips 256 --rounds 3
+    python benchmarks/bench_loader.py --mode pipeline --shards DIR --workers 0 1 2 --repeat 1 2 4 --rounds 3
+    python benchmarks/bench_loader.py --mode pipeline --videos DIR --reencode 256 16   # converted the README's way
 
-Shards: --shards DIR (a converted clip dataset, tools/convert_kinetics.py), or by default the same synthetic videos
-(or --videos DIR) converted by tools/convert_kinetics.py into a temp dir, each listed --dataset-size / videos times
-(the samples are then identical bytes: decoding never caches across samples, each opens its own decoder).
-`loader.train_stream(...).batches(epoch)` then runs with the recipe's data settings from the command line (frames,
-stride, crop, short-side range, flip, colour jitter, decoder backend = data.decoder) for every --workers count
-(data.num_workers; 0 = in the main process), micro-batches of --batch-size as train.micro_batch_size, a fresh fork
-of the workers per run, exactly as a training epoch. The main process only counts the batches (no model), so the
-rate is what the loader can feed at most. Worker counts are interleaved over --rounds rounds, as in decode mode.
+Shards: --shards DIR (any converted clip dataset, tools/convert_kinetics.py), or the synthetic videos (or --videos
+DIR) converted by tools/convert_kinetics.py into a temp dir (--reencode SHORT_SIDE KEYINT as the README converts),
+listed --dataset-size / videos times (identical bytes then, but decoding never caches across samples: each opens its
+own decoder). `loader.train_stream(...).batches(epoch)` then runs with the recipe's data settings from the command
+line (frames, stride, crop, short-side range, flip, colour jitter, decoder = data.decoder, data.repeat_samples =
+--repeat) for every --workers count (data.num_workers; 0 = in the main process), micro-batches of --batch-size, a
+fresh stream (and fork of its workers) per run. The main process only counts the batches: the rate is what the
+workers hand to the device step, at most. The device step (`transforms.to_model_input`: resize, flip, colour,
+normalise) is timed apart on this CPU on one real batch (device_ms); on a GPU it is not the CPU's work.
+Configurations are interleaved over --rounds rounds.
 
-Columns per (backend, workers):
+Columns per (backend, workers, repeat):
   clips_per_s            steady rate of the whole pipeline: the first batch of every worker (fork, imports, a
                          first full micro-batch) is left out; first_batch_s is that start-up latency
   clips_per_s_per_worker clips_per_s / max(workers, 1) (workers = 0: the main process is the one worker)
-  worker_ms_per_clip     1000 / clips_per_s_per_worker: wall time one worker spends per clip, seen from outside
-  decode_ms, augment_ms, collate_ms, handoff_ms
-                         the same time measured inside the workers, per clip (wall): decode_frames itself (the
-                         windows and short sides the pipeline drew), the rest of the per-sample work (crop, float,
-                         flip, colour jitter, normalise, layout), the rest of building a micro-batch (tar reading,
-                         shuffle buffer, torch.stack), and the time between handing a batch over and starting the
-                         next (pickling it into shared memory for the main process, and any wait for a request)
-  worker_cpu_ms          CPU time per clip of the thread that builds batches (without handoff): below the wall
-                         time = the core was shared (other processes, or more workers than cores)
-  worker_sys_ms          ... of which kernel time (page faults of fresh large allocations: a 64x224x224 float clip
-                         is 38.5 MB, above glibc's largest mmap threshold, so every temporary is a new mapping)
-  feeder_cpu_ms          CPU time per clip of the worker's other threads: the multiprocessing queue's feeder thread,
-                         which pickles each batch into shared memory (a copy) while the worker builds the next
-  ipc_copy_ms            a direct measurement of moving one micro-batch of this shape into shared memory
-                         (Tensor.share_memory_(), the copy a worker makes to hand a batch over), per clip
-  decode_only_clips_per_s 1000 / decode_ms: what a decode-only benchmark would report for these windows
-  main_cpu_ms            CPU time of the main process per clip (receiving batches)
-A reference row ffmpeg-cli-net gives the ffmpeg command line's single-thread rate for every frame of the videos
-at the low end of the short-side range (see above), with its clips_per_s = frames_per_s / frames.
+  frames_per_s           frames delivered per second per process (clips_per_s_per_worker x frames)
+  vs_ffmpeg              frames_per_s / the ffmpeg CLI's one-thread rate decoding every frame of the same stored
+                         clips to RGB (target >= 0.8; the frames before a window in its keyframe interval make ~0.9
+                         the limit at keyint 16)
+  decode_ms, crop_ms, other_ms, handoff_ms
+                         per clip, measured inside the workers (the stream's stats): the decoder (opening, demuxing,
+                         decoding, RGB conversion), copying boxes out of the decoded frames, the rest of building a
+                         micro-batch (tar reading, shuffle buffer, buffers), and the rest of a worker's wall time per
+                         clip (handing the batch over, waiting for the next request)
+  worker_cpu_ms          CPU time per clip of the thread that builds batches
+  decoded_per_delivered  frames out of the decoder per frame placed in a batch (a window decoded from the keyframe
+                         before it costs the frames in between; repeated views share one decode)
+  device_ms              the device step on this CPU, per clip (main process, one thread)
+  keyint, stored_kbit_s, stored_bytes_per_frame
+                         the stored clips' keyframe interval (when --reencode made them) and size
+A reference row ffmpeg-cli-net gives the ffmpeg command line's single-thread rate decoding every frame of the
+stored videos to RGB at their stored size (per video the best of 3 runs minus a one-frame run, the process start;
+the videos' per-frame times weighted by their samples, as the pipeline draws clips from them).
 The results go to benchmarks/results/loader_pipeline_<hostname>_<date>.csv.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime
 import math
-import multiprocessing
 import os
 import platform
 import random
-import resource
 import shutil
 import socket
 import subprocess
@@ -158,12 +157,17 @@ def decode_pass(backend: str, requests: list[tuple[bytes, list[int]]], short_sid
     return frames, time.perf_counter() - start
 
 
-def ffmpeg_pass(ffmpeg: str, paths: list[Path], sizes: list[tuple[int, int]], max_frames: int | None = None) -> float:
-    """Seconds for the ffmpeg CLI to decode, scale and convert every frame (or the first max_frames) on one thread."""
+def ffmpeg_pass(
+    ffmpeg: str, paths: list[Path], sizes: list[tuple[int, int]] | None = None, max_frames: int | None = None
+) -> float:
+    """Seconds for the ffmpeg CLI to decode, scale (to `sizes`, else not at all) and convert to RGB every frame (or
+    the first max_frames) on one thread."""
     start = time.perf_counter()
-    for path, (width, height) in zip(paths, sizes, strict=True):
+    for i, path in enumerate(paths):
         command = [ffmpeg, "-nostdin", "-loglevel", "error", "-threads", "1", "-i", str(path), "-filter_threads", "1"]
-        command += ["-vf", f"scale={width}:{height}:flags=bilinear", "-f", "rawvideo", "-pix_fmt", "rgb24", "-y"]
+        if sizes is not None:
+            command += ["-vf", f"scale={sizes[i][0]}:{sizes[i][1]}:flags=bilinear"]
+        command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-y"]
         command += ["-frames:v", str(max_frames)] if max_frames else []
         subprocess.run([*command, "/dev/null"], check=True)
     return time.perf_counter() - start
@@ -271,91 +275,6 @@ PRESETS = {  # recipe-like data settings: frames, crop_size, short_side range
     "small": (32, 112, (128, 160)),
 }
 
-PROBE_FIELDS = (
-    "decode_s",  # decode_frames, wall
-    "item_s",  # one training sample (decode and augmentation), wall
-    "produce_s",  # one micro-batch (samples, tar reading, shuffle, stack), wall
-    "produce_cpu_s",  # the same, CPU time of the thread that builds it (user + system)
-    "produce_sys_s",  # ... of which system (kernel) time
-    "handoff_s",  # from handing a micro-batch to the DataLoader until asked for the next, wall
-    "process_cpu_s",  # CPU time of the whole worker process over its life (all threads)
-    "thread_cpu_s",  # ... of the thread that builds batches
-    "clips",
-    "batches",
-)
-
-
-def thread_times() -> tuple[float, float]:
-    """(user + system, system) CPU seconds of the calling thread (of the process where there is no RUSAGE_THREAD)."""
-    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
-    return usage.ru_utime + usage.ru_stime, usage.ru_stime
-
-
-class Probes:
-    """Time sums that forked DataLoader workers add to: shared memory made before the fork, so the workers inherit it."""
-
-    def __init__(self) -> None:
-        self.values = multiprocessing.get_context("fork").Array("d", len(PROBE_FIELDS))
-
-    def add(self, **amounts: float) -> None:
-        with self.values.get_lock():
-            for name, amount in amounts.items():
-                self.values[PROBE_FIELDS.index(name)] += amount
-
-    def take(self) -> dict[str, float]:
-        """The sums since the last take, and zero them."""
-        with self.values.get_lock():
-            sums = dict(zip(PROBE_FIELDS, self.values[:], strict=True))
-            for i in range(len(PROBE_FIELDS)):
-                self.values[i] = 0.0
-        return sums
-
-
-@contextlib.contextmanager
-def probed(loader, probes: Probes):
-    """Time decode_frames, each training sample and each micro-batch inside the loader (workers fork with these)."""
-    decode, item, iterate = loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__
-
-    def timed_decode(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return decode(*args, **kwargs)
-        finally:
-            probes.add(decode_s=time.perf_counter() - start)
-
-    def timed_item(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return item(*args, **kwargs)
-        finally:
-            probes.add(item_s=time.perf_counter() - start, clips=1)
-
-    def timed_iter(self):
-        batches = iterate(self)
-        life_process, life_thread = time.process_time(), thread_times()[0]
-        while True:
-            start, (cpu, sys_cpu) = time.perf_counter(), thread_times()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                # The queue's feeder thread may still be pickling the last batch: its share is slightly undercounted.
-                probes.add(
-                    process_cpu_s=time.process_time() - life_process, thread_cpu_s=thread_times()[0] - life_thread
-                )
-                return
-            made, (cpu_end, sys_end) = time.perf_counter(), thread_times()
-            probes.add(produce_s=made - start, produce_cpu_s=cpu_end - cpu, produce_sys_s=sys_end - sys_cpu, batches=1)
-            # In a worker the DataLoader puts it on a multiprocessing queue, whose feeder thread pickles it into
-            # shared memory (a copy of the whole batch) while this thread goes on with the next.
-            yield batch
-            probes.add(handoff_s=time.perf_counter() - made)
-
-    loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__ = timed_decode, timed_item, timed_iter
-    try:
-        yield
-    finally:
-        loader.decode_frames, loader._train_item, loader._TrainEpoch.__iter__ = decode, item, iterate
-
 
 def convert_videos(paths: list[Path], videos: Path, out: Path, size: int, shard_size: int, reencode) -> Path:
     """A clip dataset of `size` samples (the videos listed in turn) through tools/convert_kinetics.py."""
@@ -385,43 +304,65 @@ def convert_videos(paths: list[Path], videos: Path, out: Path, size: int, shard_
     return out
 
 
-def extract_videos(dataset: Path, folder: Path, count: int) -> list[Path]:
-    """The first `count` clips of a converted dataset as files (for the ffmpeg command line)."""
-    from video_ens.data import loader, schema
+def extract_videos(dataset: Path, folder: Path, count: int, scan: int = 512) -> list[tuple[Path, int]]:
+    """Up to `count` distinct source videos of a converted dataset as files (for the ffmpeg command line), each with
+    the number of its samples among the first `scan` (a dataset may list a video several times; re-encoded copies
+    are not byte-identical, so videos are told apart by their video_id)."""
+    from video_ens.data import samples, schema
 
-    paths: list[Path] = []
+    found: dict[str, list] = {}
+    seen = 0
     for shard in schema.read_info(dataset).shards:
-        for raw in loader._read_shard(str(dataset / shard.name), []):
-            if len(paths) == count:
-                return paths
+        for raw in samples.read_shard(str(dataset / shard.name), []):
+            if seen == scan:
+                return [(path, n) for path, n in found.values()]
+            seen += 1
             try:
                 sample = schema.decode_video_sample(raw)
             except schema.SampleError:
                 continue
-            path = folder / f"{len(paths)}.{sample.container}"
-            path.write_bytes(sample.video)
-            paths.append(path)
-    return paths
+            if sample.video_id in found:
+                found[sample.video_id][1] += 1
+            elif len(found) < count:
+                path = folder / f"{len(found)}.{sample.container}"
+                path.write_bytes(sample.video)
+                found[sample.video_id] = [path, 1]
+    return [(path, n) for path, n in found.values()]
 
 
-def pipeline_pass(loader, data_cfg, probes: Probes, *, batch_size: int, clips: int, epoch: int) -> dict:
-    """One epoch of `clips` training samples through train_stream; arrival times and the probes' sums."""
+def ffmpeg_reference(ffmpeg: str, videos: list[tuple[Path, int]], repeats: int = 3) -> float:
+    """Frames per second of the ffmpeg CLI decoding every frame to RGB on one thread, as the pipeline's mix sees it:
+    per video the best of `repeats` runs, less a one-frame run (the process start, ~50 ms), per frame; the videos'
+    per-frame times weighted by their samples (every sample gives clips of the same length)."""
+    per_frame, weights = [], []
+    for path, weight in videos:
+        frames = probe(path).num_frames
+        if frames < 2:
+            continue
+        best = min(ffmpeg_pass(ffmpeg, [path]) - ffmpeg_pass(ffmpeg, [path], max_frames=1) for _ in range(repeats))
+        per_frame.append(best / (frames - 1))
+        weights.append(weight)
+    return float(sum(weights) / np.dot(weights, per_frame))
+
+
+def pipeline_pass(loader, data_cfg, *, batch_size: int, clips: int, epoch: int) -> dict:
+    """One epoch of `clips` training clips through train_stream: arrival times and the stream's stats."""
     root = loader.resolve_paths(data_cfg)
     spec = {"kind": "clip", "frames": data_cfg.frames, "size": data_cfg.crop_size}
     stream = loader.train_stream(
         data_cfg, input_spec=spec, micro_batch_size=batch_size, rank=0, world_size=1, seed=0, root=root
     )
-    probes.take()
-    arrivals, count = [], 0
+    arrivals, count, last = [], 0, None
     cpu, start = time.process_time(), time.perf_counter()
     for batch in stream.batches(epoch):
         arrivals.append(time.perf_counter())
-        count += batch["inputs"].shape[0]
-        shape = tuple(batch["inputs"].shape)
-        del batch
+        count += len(batch["ids"])
+        last = batch
     main_cpu = time.process_time() - cpu
-    if stream.stats["bad"]:
-        print(f"warning: {stream.stats['bad']} bad samples: {stream.stats['last_bad'][-2:]}", file=sys.stderr)
+    stats = stream.stats
+    stream.close()
+    if stats["bad"]:
+        print(f"warning: {stats['bad']} bad samples: {stats['last_bad'][-2:]}", file=sys.stderr)
     warm = max(1, data_cfg.num_workers)  # batches that carried a worker's start-up
     steady = (count - warm * batch_size, arrivals[-1] - arrivals[warm - 1]) if len(arrivals) > warm else None
     return {
@@ -430,20 +371,20 @@ def pipeline_pass(loader, data_cfg, probes: Probes, *, batch_size: int, clips: i
         "first_batch_s": arrivals[0] - start,
         "steady": steady,
         "main_cpu_s": main_cpu,
-        "shape": shape,
-        "probes": probes.take(),
+        "stats": stats,
+        "batch": last,
     }
 
 
-def ipc_copy_seconds(shape: tuple[int, ...], repeats: int = 3) -> float:
-    """Best time to move a float32 batch of `shape` into shared memory, as a worker's queue put does."""
+def device_step_seconds(batch: dict, repeats: int = 3) -> float:
+    """Best time of the device step (transforms.to_model_input) on this CPU for one batch."""
+    from video_ens.data.transforms import to_model_input
+
     best = math.inf
     for _ in range(repeats):
-        batch = torch.rand(shape)
         start = time.perf_counter()
-        batch.share_memory_()
+        to_model_input(batch)
         best = min(best, time.perf_counter() - start)
-        del batch
     return best
 
 
@@ -467,7 +408,6 @@ def run_pipeline(args, parser) -> Path:
         if args.shards is not None:
             dataset = args.shards
             source = f"shards {args.shards}"
-            references = extract_videos(dataset, scratch, args.num_videos)
         else:
             if args.videos is not None:
                 videos, paths = args.videos, find_videos(args.videos)
@@ -482,9 +422,14 @@ def run_pipeline(args, parser) -> Path:
             dataset = convert_videos(
                 paths, videos, scratch / "dataset", args.dataset_size, args.shard_size, args.reencode
             )
-            references = paths
             size = f" re-encoded short side {args.reencode[0]} keyint {args.reencode[1]}" if args.reencode else ""
             source += f" as {max(args.dataset_size, len(paths))} samples{size}"
+        # The ffmpeg reference decodes the stored clips themselves, at their stored size.
+        references = extract_videos(dataset, scratch, args.num_videos if args.shards else 10**9)  # (path, samples)
+        from video_ens.data import schema
+
+        converter = schema.read_info(dataset).converter or {}
+        stored = {"keyint": (converter.get("args") or {}).get("keyint") or ""}
         print(f"{source}: ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
         settings = dict(
@@ -499,75 +444,75 @@ def run_pipeline(args, parser) -> Path:
             flip=not args.no_flip,
             color_jitter=args.color_jitter,
         )
-        configs = [(b, w) for b in backends for w in args.workers]
-        runs: dict[tuple[str, int], list[dict]] = {}
-        probes = Probes()
+        configs = [(b, w, r) for b in backends for w in args.workers for r in args.repeat]
+        runs: dict[tuple[str, int, int], list[dict]] = {}
         ffmpeg = shutil.which("ffmpeg")
         ffmpeg_samples = []
-        with probed(loader, probes):
-            for r in range(args.rounds):
-                shift = r % len(configs)  # rotate who goes first, as in decode mode
-                for backend, workers in configs[shift:] + configs[:shift]:
-                    cfg = DataConfig(**settings, num_workers=workers, decoder=backend)
-                    run = pipeline_pass(loader, cfg, probes, batch_size=batch_size, clips=clips, epoch=r)
-                    runs.setdefault((backend, workers), []).append(run)
-                    rate = run["steady"][0] / run["steady"][1] if run["steady"] else run["clips"] / run["seconds"]
-                    print(f"round {r} {backend} workers={workers}: {rate:.2f} clips/s", file=sys.stderr)
-                if ffmpeg and references:  # the practical per-core limit, at the low end of the short-side range
-                    sizes = [resized_size(*probe_size(p), short_side[0]) for p in references]
-                    seconds = ffmpeg_pass(ffmpeg, references, sizes) - ffmpeg_pass(ffmpeg, references, sizes, 1)
-                    ffmpeg_samples.append(sum(probe(p).num_frames - 1 for p in references) / seconds)
-        shape = next(iter(runs.values()))[0]["shape"] if runs else None
-        ipc_copy = ipc_copy_seconds(shape) / shape[0] if shape else None
+        for rnd in range(args.rounds):
+            shift = rnd % len(configs)  # rotate who goes first, as in decode mode
+            for backend, workers, repeat in configs[shift:] + configs[:shift]:
+                cfg = DataConfig(**settings, num_workers=workers, decoder=backend, repeat_samples=repeat)
+                run = pipeline_pass(loader, cfg, batch_size=batch_size, clips=clips, epoch=rnd)
+                runs.setdefault((backend, workers, repeat), []).append(run)
+                rate = run["steady"][0] / run["steady"][1] if run["steady"] else run["clips"] / run["seconds"]
+                print(f"round {rnd} {backend} workers={workers} repeat={repeat}: {rate:.2f} clips/s", file=sys.stderr)
+            if ffmpeg and references:  # the practical per-core limit: every stored frame to RGB on one thread
+                ffmpeg_samples.append(ffmpeg_reference(ffmpeg, references))
+        paths = [p for p, _ in references]
+        stored_frames = sum(probe(p).num_frames for p in paths)
+        stored_seconds = sum(probe(p).num_frames / (probe(p).fps or 25.0) for p in paths)
+        stored["stored_kbit_s"] = 8 * sum(p.stat().st_size for p in paths) / 1000 / stored_seconds
+        stored["stored_bytes_per_frame"] = sum(p.stat().st_size for p in paths) / stored_frames
 
     common = {"source": source, "short_side": f"{short_side[0]}-{short_side[1]}", "rounds": args.rounds}
     common |= machine_columns(load_before)
     ffmpeg_rate = float(np.median(ffmpeg_samples)) if ffmpeg_samples else None
     rows = []
-    for (backend, workers), samples in runs.items():
+    for (backend, workers, repeat), samples in runs.items():
         rates = sorted(s["steady"][0] / s["steady"][1] if s["steady"] else s["clips"] / s["seconds"] for s in samples)
         clips_per_s = float(np.median(rates))
         done = sum(s["clips"] for s in samples)
-        sums = {k: sum(s["probes"][k] for s in samples) for k in PROBE_FIELDS}
-        per_clip = {k: 1000 * v / max(sums["clips"], 1) for k, v in sums.items()}
+        per_clip = {k: 1000 * sum(s["stats"]["seconds"][k] for s in samples) / done for k in samples[0]["stats"]["seconds"]}
+        decoded = sum(s["stats"]["frames_decoded"] for s in samples)
+        delivered = sum(s["stats"]["frames_delivered"] for s in samples)
         per_worker = clips_per_s / max(workers, 1)
+        device = device_step_seconds(samples[-1]["batch"]) / batch_size
         rows.append(
             {
                 "backend": backend,
                 "workers": workers,
+                "repeat": repeat,
                 "clips_per_s": clips_per_s,
                 "clips_per_s_best": rates[-1],
                 "clips_per_s_per_worker": per_worker,
                 "worker_ms_per_clip": 1000 / per_worker,
-                "frames_per_s": clips_per_s * frames,
+                "frames_per_s": per_worker * frames,
                 "vs_ffmpeg": per_worker * frames / ffmpeg_rate if ffmpeg_rate else "",
-                "decode_ms": per_clip["decode_s"],
-                "augment_ms": per_clip["item_s"] - per_clip["decode_s"],
-                "collate_ms": per_clip["produce_s"] - per_clip["item_s"],
-                "handoff_ms": per_clip["handoff_s"],
-                "worker_cpu_ms": per_clip["produce_cpu_s"],
-                "worker_sys_ms": per_clip["produce_sys_s"],
-                "feeder_cpu_ms": per_clip["process_cpu_s"] - per_clip["thread_cpu_s"] if workers else 0.0,
-                "ipc_copy_ms": 1000 * ipc_copy if workers and ipc_copy is not None else 0.0,
-                "decode_only_clips_per_s": 1000 / per_clip["decode_s"] if sums["decode_s"] else "",
+                "decode_ms": per_clip["decode"],
+                "crop_ms": per_clip["crop"],
+                "other_ms": per_clip["batch"] - per_clip["decode"] - per_clip["crop"],
+                "handoff_ms": 1000 / per_worker - per_clip["batch"],
+                "worker_cpu_ms": per_clip["batch_cpu"],
+                "decoded_per_delivered": decoded / delivered if delivered else "",
+                "device_ms": 1000 * device,
                 "main_cpu_ms": 1000 * sum(s["main_cpu_s"] for s in samples) / done,
                 "first_batch_s": float(np.median([s["first_batch_s"] for s in samples])),
                 "clips": done,
-                "note": "" if sums["clips"] else "no probe sums (workers not forked?)",
             }
         )
     if ffmpeg_rate:
         rows.append(
             {
                 "backend": "ffmpeg-cli-net",
-                "workers": "",
                 "clips_per_s": ffmpeg_rate / frames,
                 "clips_per_s_best": max(ffmpeg_samples) / frames,
                 "clips_per_s_per_worker": ffmpeg_rate / frames,
                 "worker_ms_per_clip": 1000 * frames / ffmpeg_rate,
                 "frames_per_s": ffmpeg_rate,
                 "vs_ffmpeg": 1.0,
-                "note": f"ffmpeg CLI, one thread, every frame at short side {short_side[0]}, minus process start",
+                "decoded_per_delivered": 1.0,
+                "note": f"ffmpeg CLI, one thread, every frame of the {len(references)} stored videos to RGB at their "
+                "stored size, minus process start, weighted by their samples",
             }
         )
     for backend in wanted:
@@ -581,24 +526,16 @@ def run_pipeline(args, parser) -> Path:
         "flip": not args.no_flip,
         "color_jitter": args.color_jitter,
         "batch_size": batch_size,
-        # glibc's allocator settings change the cost of large temporaries (see worker_sys_ms)
-        "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")),
+        "keyint": stored["keyint"],
+        "stored_kbit_s": stored["stored_kbit_s"],
+        "stored_bytes_per_frame": stored["stored_bytes_per_frame"],
     }
     host = socket.gethostname()
     out = args.out or RESULTS / f"loader_pipeline_{host}_{common['date']}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["backend", "workers", "clips_per_s", "clips_per_s_best", "clips_per_s_per_worker", "worker_ms_per_clip"]
-    fields += ["frames_per_s", "vs_ffmpeg", "decode_ms", "augment_ms", "collate_ms", "handoff_ms", "worker_cpu_ms"]
-    fields += [
-        "worker_sys_ms",
-        "feeder_cpu_ms",
-        "ipc_copy_ms",
-        "decode_only_clips_per_s",
-        "main_cpu_ms",
-        "first_batch_s",
-        "clips",
-        "note",
-    ]
+    fields = ["backend", "workers", "repeat", "clips_per_s", "clips_per_s_best", "clips_per_s_per_worker"]
+    fields += ["worker_ms_per_clip", "frames_per_s", "vs_ffmpeg", "decode_ms", "crop_ms", "other_ms", "handoff_ms"]
+    fields += ["worker_cpu_ms", "decoded_per_delivered", "device_ms", "main_cpu_ms", "first_batch_s", "clips", "note"]
     fields += list(setting) + list(common)
     append = args.append and out.exists()
     with out.open("a" if append else "w", newline="") as handle:
@@ -607,28 +544,31 @@ def run_pipeline(args, parser) -> Path:
             writer.writeheader()
         for row in rows:
             formatted = {
-                k: (f"{v:.3f}" if k in ("vs_ffmpeg", "first_batch_s") else f"{v:.2f}") if isinstance(v, float) else v
+                k: (f"{v:.3f}" if k in ("vs_ffmpeg", "first_batch_s", "decoded_per_delivered") else f"{v:.2f}")
+                if isinstance(v, float)
+                else v
                 for k, v in row.items()
             }
-            writer.writerow({k: "" for k in fields} | setting | common | formatted)
+            settings_row = {k: (f"{v:.1f}" if isinstance(v, float) else v) for k, v in setting.items()}
+            writer.writerow({k: "" for k in fields} | settings_row | common | formatted)
     print(
         f"{frames} frames x {crop_size}, short side {short_side[0]}-{short_side[1]}, batch {batch_size}:",
         file=sys.stderr,
     )
     print(
-        "backend        workers clips/s /worker ms/clip | decode augment collate handoff (ms/clip) | first batch",
+        "backend        workers repeat clips/s /worker frames/s vs_ffmpeg | decode crop other handoff (ms/clip)"
+        " | decoded/delivered device_ms",
         file=sys.stderr,
     )
     for row in rows:
         if "clips_per_s" not in row:
             continue
-        line = (
-            f"{row['backend']:14s} {row['workers']!s:>7} {row['clips_per_s']:7.2f} {row['clips_per_s_per_worker']:7.2f}"
-        )
-        line += f" {row['worker_ms_per_clip']:7.1f}"
+        line = f"{row['backend']:14s} {row.get('workers', '')!s:>7} {row.get('repeat', '')!s:>6}"
+        line += f" {row['clips_per_s']:7.2f} {row['clips_per_s_per_worker']:7.2f} {row['frames_per_s']:8.0f}"
+        line += f" {row['vs_ffmpeg']:9.3f}"
         if "decode_ms" in row:
-            line += f" | {row['decode_ms']:6.1f} {row['augment_ms']:7.1f} {row['collate_ms']:7.1f}"
-            line += f" {row['handoff_ms']:7.1f}            | {row['first_batch_s']:.2f} s"
+            line += f" | {row['decode_ms']:6.1f} {row['crop_ms']:4.1f} {row['other_ms']:5.1f} {row['handoff_ms']:7.1f}"
+            line += f" | {row['decoded_per_delivered']:.3f} {row['device_ms']:.1f}"
         print(line, file=sys.stderr)
     print(out)
     return out
@@ -644,7 +584,9 @@ def main(argv: list[str] | None = None) -> Path:
         "--mode", choices=modes, default="decode", help="decode (default) or pipeline (see the module docstring)"
     )
     parser.add_argument("--videos", type=Path, help="folder of videos (default: generate synthetic 340x256 clips)")
-    parser.add_argument("--num-videos", type=int, default=3, help="synthetic clips to generate")
+    parser.add_argument(
+        "--num-videos", type=int, default=3, help="synthetic clips to make; with --shards: stored videos the ffmpeg row decodes"
+    )
     parser.add_argument("--short-side", type=int, default=256, help="decode mode: the decoded short side")
     parser.add_argument(
         "--backends", nargs="+", choices=BACKENDS, help="decoder backends (default: decode mode all, pipeline pyav)"
@@ -677,6 +619,7 @@ def main(argv: list[str] | None = None) -> Path:
     pipe.add_argument("--no-flip", action="store_true", help="data.flip = false")
     pipe.add_argument("--color-jitter", type=float, default=0.4, help="data.color_jitter")
     pipe.add_argument("--batch-size", type=int, default=8, help="micro-batch size (train.micro_batch_size)")
+    pipe.add_argument("--repeat", type=int, nargs="+", default=[1], help="data.repeat_samples values to run")
     pipe.add_argument("--clips", type=int, default=64, help="clips per worker count per round (rounded to batches)")
     pipe.add_argument("--append", action="store_true", help="append rows to an existing CSV (e.g. a second preset)")
     args = parser.parse_args(argv)
