@@ -21,7 +21,9 @@ def git_sha(*paths: str) -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         if sha.returncode != 0:
             return "unknown"
-        status = ["git", "status", "--porcelain", "--", *(paths or ("video_ens", "benchmarks"))]
+        # benchmarks/results is what the benchmarks write, not code: a run that appends to a CSV there is still clean
+        where = paths or ("video_ens", "benchmarks", ":(exclude)benchmarks/results")
+        status = ["git", "status", "--porcelain", "--", *where]
         dirty = subprocess.run(status, cwd=ROOT, capture_output=True)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except OSError:

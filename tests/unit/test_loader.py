@@ -473,6 +473,16 @@ def _sample(key: str, folder) -> schema.VideoSample:
     raise KeyError(key)
 
 
+def _first_view_frames(batch: dict, cfg: DataConfig, mode: str, folder) -> torch.Tensor:
+    """The decoded frames behind the batch's first view (max_frames 20 in mode "full", the first of 2 clips else)."""
+    sample = _sample(batch["ids"][0], folder)
+    if mode == "full":
+        indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
+    else:
+        indices = uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
+    return decode_frames(sample.video, indices)
+
+
 @pytest.mark.parametrize("mode", ["full", "clips"])
 def test_clip_eval_runs_at_the_configured_short_side(data, monkeypatch, mode):
     cfg = _cfg(data, short_side=(20, 24))  # crop 16: the old evaluation decoded at 16
@@ -488,12 +498,7 @@ def test_clip_eval_runs_at_the_configured_short_side(data, monkeypatch, mode):
     # the views are those of the CPU reference at that scale (ClipEvalTransform of the decoded frames)
     ecfg = EvalConfig(mode=mode, num_clips=2, batch_size=4, max_frames=20, short_side=22, crop_size=18)
     batch = next(iter(_eval(cfg, ecfg, 0, 1).batches()))
-    sample = _sample(batch["ids"][0], data / "clips")
-    if mode == "full":
-        indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
-    else:
-        indices = uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
-    frames = decode_frames(sample.video, indices)
+    frames = _first_view_frames(batch, cfg, mode, data / "clips")
     views = ClipEvalTransform(short_side=22, crop_size=18, num_crops=1 if mode == "full" else 3)(frames)
     assert batch["inputs"].dtype == torch.uint8
     assert torch.allclose(to_model_input(batch)[0], views[0], atol=1e-5)
@@ -506,12 +511,7 @@ def test_clip_eval_at_the_stored_scale_hands_over_the_decoded_bytes(data, mode):
     cfg = _cfg(data, short_side=(40, 48), crop_size=16)
     ecfg = EvalConfig(mode=mode, num_clips=2, num_crops=3, batch_size=4, max_frames=20, short_side=40, crop_size=32)
     batch = next(iter(_eval(cfg, ecfg, 0, 1).batches()))
-    sample = _sample(batch["ids"][0], data / "clips")
-    if mode == "full":
-        indices = list(range(0, sample.num_frames, cfg.frame_stride))[:20]
-    else:
-        indices = uniform_clips(sample.num_frames, cfg.frames, cfg.frame_stride, 2)[0]
-    frames = decode_frames(sample.video, indices)  # (T, 40, 48, 3)
+    frames = _first_view_frames(batch, cfg, mode, data / "clips")  # (T, 40, 48, 3)
     left = 8 if mode == "full" else 0  # the centre crop, or the first of three along the long side
     assert batch["extent"][0].tolist() == [32, 32]
     assert torch.equal(batch["inputs"][0, :, :32, :32], frames[:, 4:36, left : left + 32])
