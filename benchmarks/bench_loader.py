@@ -330,19 +330,22 @@ def extract_videos(dataset: Path, folder: Path, count: int, scan: int = 512) -> 
     return [(path, n) for path, n in found.values()]
 
 
-def ffmpeg_reference(ffmpeg: str, videos: list[tuple[Path, int]], repeats: int = 3) -> float:
+def ffmpeg_reference(ffmpeg: str, videos: list[tuple[Path, int]], repeats: int = 3) -> float | None:
     """Frames per second of the ffmpeg CLI decoding every frame to RGB on one thread, as the pipeline's mix sees it:
     per video the best of `repeats` runs, less a one-frame run (the process start, ~50 ms), per frame; the videos'
-    per-frame times weighted by their samples (every sample gives clips of the same length)."""
+    per-frame times weighted by their samples (every sample gives clips of the same length). None when a video
+    decodes faster than the start-up time varies (a net time <= 0): then there is no meaningful reference."""
     per_frame, weights = [], []
     for path, weight in videos:
         frames = probe(path).num_frames
         if frames < 2:
             continue
         best = min(ffmpeg_pass(ffmpeg, [path]) - ffmpeg_pass(ffmpeg, [path], max_frames=1) for _ in range(repeats))
+        if best <= 0:
+            return None
         per_frame.append(best / (frames - 1))
         weights.append(weight)
-    return float(sum(weights) / np.dot(weights, per_frame))
+    return float(sum(weights) / np.dot(weights, per_frame)) if weights else None
 
 
 def pipeline_pass(loader, data_cfg, *, batch_size: int, clips: int, epoch: int) -> dict:
@@ -457,7 +460,9 @@ def run_pipeline(args, parser) -> Path:
                 rate = run["steady"][0] / run["steady"][1] if run["steady"] else run["clips"] / run["seconds"]
                 print(f"round {rnd} {backend} workers={workers} repeat={repeat}: {rate:.2f} clips/s", file=sys.stderr)
             if ffmpeg and references:  # the practical per-core limit: every stored frame to RGB on one thread
-                ffmpeg_samples.append(ffmpeg_reference(ffmpeg, references))
+                reference = ffmpeg_reference(ffmpeg, references)
+                if reference is not None:
+                    ffmpeg_samples.append(reference)
         paths = [p for p, _ in references]
         stored_frames = sum(probe(p).num_frames for p in paths)
         stored_seconds = sum(probe(p).num_frames / (probe(p).fps or 25.0) for p in paths)
@@ -515,6 +520,9 @@ def run_pipeline(args, parser) -> Path:
                 "stored size, minus process start, weighted by their samples",
             }
         )
+    elif ffmpeg:
+        rows.append({"backend": "ffmpeg-cli-net", "note": "no reference: the stored videos decode faster than the "
+                     "ffmpeg command line's start-up time varies"})
     for backend in wanted:
         if backend not in backends:
             rows.append({"backend": backend, "note": "not importable"})
@@ -565,7 +573,7 @@ def run_pipeline(args, parser) -> Path:
             continue
         line = f"{row['backend']:14s} {row.get('workers', '')!s:>7} {row.get('repeat', '')!s:>6}"
         line += f" {row['clips_per_s']:7.2f} {row['clips_per_s_per_worker']:7.2f} {row['frames_per_s']:8.0f}"
-        line += f" {row['vs_ffmpeg']:9.3f}"
+        line += f" {row['vs_ffmpeg']:9.3f}" if row["vs_ffmpeg"] != "" else " " * 10
         if "decode_ms" in row:
             line += f" | {row['decode_ms']:6.1f} {row['crop_ms']:4.1f} {row['other_ms']:5.1f} {row['handoff_ms']:7.1f}"
             line += f" | {row['decoded_per_delivered']:.3f} {row['device_ms']:.1f}"
