@@ -376,7 +376,7 @@ def _size(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
-def _clip_batch_bytes(spec: SampleSpec, inputs: int, frames: int, side: int) -> int:
+def _clip_batch_bytes(inputs: int, frames: int, side: int) -> int:
     return inputs * frames * side * side * 3
 
 
@@ -677,7 +677,7 @@ class TrainStream(_Stream):
     def _batch_bytes(self) -> int:
         spec = self._plan.spec
         if spec.kind == "clip":
-            return _clip_batch_bytes(spec, self._plan.batch_size, spec.frames, spec.crop_size)
+            return _clip_batch_bytes(self._plan.batch_size, spec.frames, spec.crop_size)
         if spec.kind == "features":
             return self._plan.batch_size * spec.frames * (schema.YT8M_RGB_DIM + schema.YT8M_AUDIO_DIM) * 4
         return self._plan.batch_size * 3 * spec.crop_size**2 * 4
@@ -891,7 +891,7 @@ class EvalStream(_Stream):
         if spec.kind == "clip":
             frames = view.max_frames if view.mode == "full" else spec.frames
             side = math.ceil(view.crop_size * spec.short_side[1] / view.short_side)  # stored up to the top scale
-            return _clip_batch_bytes(spec, b, frames, side)
+            return _clip_batch_bytes(b, frames, side)
         if spec.kind == "features":
             return b * view.max_frames * (schema.YT8M_RGB_DIM + schema.YT8M_AUDIO_DIM) * 4
         return b * 3 * view.crop_size**2 * 4

@@ -364,11 +364,15 @@ def _decode_views(
     cost.frames_delivered += sum(len(indices) for indices, _ in views)
 
 
-def _open(sample: schema.VideoSample, spec: SampleSpec):
+def _open(sample: schema.VideoSample, spec: SampleSpec, cost: DecodeCost):
+    """The sample's reader; opening (stream probing) counts as decoder time in `cost`."""
+    start = time.perf_counter()
     try:
         return open_video(sample.video, backend=spec.decoder)
     except DecodeError as e:
         raise BadSample("decode", sample.key, str(e)) from None
+    finally:
+        cost.decode_s += time.perf_counter() - start
 
 
 def train_clips(
@@ -383,9 +387,7 @@ def train_clips(
     scale, flip, colour and, within the decoded span, time; k = 1 is the ordinary single clip.
     """
     sample = _video(raw, spec)
-    start = time.perf_counter()
-    with _open(sample, spec) as reader:
-        cost.decode_s += time.perf_counter() - start  # opening (stream probing) is decoder work too
+    with _open(sample, spec, cost) as reader:
         first = sample_window(sample.num_frames, spec.frames, spec.frame_stride, gens[0])
         windows = [first]
         if len(gens) > 1:
@@ -505,9 +507,7 @@ def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | N
             clips = uniform_clips(sample.num_frames, spec.frames, spec.frame_stride, view.num_clips)
             transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size,
                                           num_crops=view.num_crops)
-        start = time.perf_counter()
-        with _open(sample, spec) as reader:
-            cost.decode_s += time.perf_counter() - start
+        with _open(sample, spec, cost) as reader:
             boxes = transform.boxes(reader.height, reader.width)
             views = [(indices, box) for indices in clips for box in boxes]
             height, width = max(b[2] for b in boxes), max(b[3] for b in boxes)
