@@ -21,9 +21,15 @@ av = pytest.importorskip("av")
 pytest.importorskip("webdataset")
 
 from video_ens.config import DataConfig, EvalConfig, RecipeError  # noqa: E402
-from video_ens.data import loader, samples, schema  # noqa: E402
+from video_ens.data import decode, loader, samples, schema  # noqa: E402
 from video_ens.data.decode import decode_frames  # noqa: E402
-from video_ens.data.transforms import ClipEvalTransform, sample_window, to_model_input, uniform_clips  # noqa: E402
+from video_ens.data.transforms import (  # noqa: E402
+    ClipEvalTransform,
+    sample_window,
+    shifted_window,
+    to_model_input,
+    uniform_clips,
+)
 from video_ens.data.writer import DatasetWriter  # noqa: E402
 
 CLIP_SPEC = {"kind": "clip", "frames": 8, "size": 16}
@@ -699,6 +705,28 @@ def test_repeated_views_share_one_decode(data):
         costs[k] = cost
     assert costs[3].frames_decoded == costs[1].frames_decoded  # the same decoding for three views
     assert costs[3].frames_delivered == 3 * costs[1].frames_delivered == 24
+
+
+def test_repeated_views_are_the_decoded_bytes_of_their_boxes(data):
+    """k views of one decode each hold their own box and window of the decoded frames bit for bit (the decoder
+    converts only the union of the boxes; each view is cut from it at its own offset)."""
+    cfg = _cfg(data, short_side=(40, 56), crop_size=16, flip=False, color_jitter=0.0, frames=8, frame_stride=1)
+    spec = samples.SampleSpec.from_config(cfg, CLIP_CLASSES)
+    raw = _clip_samples(24)[3]
+    sample = _sample(raw["__key__"], data / "clips")
+    gens = [_slot_generator(2, j) for j in range(3)]
+    buffer = samples.ClipBuffer(3, 8, shared=False)
+    samples.train_clips(raw, spec, [_slot_generator(2, j) for j in range(3)], buffer, 0, samples.DecodeCost())
+    first = sample_window(sample.num_frames, 8, 1, gens[0])
+    with decode.VideoReader(sample.video) as reader:
+        lowest = reader.decode_start(first[0])
+    windows = [first] + [shifted_window(first, lowest, sample.num_frames, 1, g) for g in gens[1:]]
+    boxes = [spec.clip_transform().draw(40, 48, g).box for g in gens]
+    assert len(set(boxes)) == 3
+    for j, (window, (top, left, h, w)) in enumerate(zip(windows, boxes, strict=True)):
+        expected = decode_frames(sample.video, window)[:, top : top + h, left : left + w]
+        assert torch.equal(buffer.tensor[j, :, :h, :w], expected)
+        assert not buffer.tensor[j, :, h:].any() and not buffer.tensor[j, :, :h, w:].any()
 
 
 def test_repeated_sampling_opens_each_video_once(data, monkeypatch):
