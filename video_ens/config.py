@@ -343,9 +343,25 @@ class DataConfig:
     training clips (own crop, scale, flip, colour, and a window shifted within the decoded span) in the same
     micro-batch, which must be a multiple of it. Epochs count clips, so an epoch decodes 1/repeat_samples as many
     videos; the loader's rate in clips/s rises by up to this factor."""
+    max_member_bytes: int = 256 << 20
+    """Budget of one file inside a shard (a sample's video, image, features or metadata): a larger one is skipped
+    unread and counted as bad ("budget"). 256 MiB holds minutes of 1080p H.264; a 10 s Kinetics clip stored at short
+    side 256 is ~0.5 MB."""
+    max_frame_pixels: int = 4096 * 2304
+    """Budget of one decoded frame or image, in pixels (as stored, and after any scaling the decoder is asked for):
+    4K (3840 x 2160 and 4096 x 2160) fits. A sample whose header claims more is skipped before anything is
+    allocated."""
+    max_clip_pixels: int = 1 << 28
+    """Budget of the pixels one sample may place in memory at once (frames x box, over all its views): 2^28 pixels are
+    768 MiB of RGB. A 10 x 3-view evaluation of 64 x 224 x 224 clips needs 96 M."""
+    max_video_frames: int = 1_000_000
+    """Budget of the frame count a sample claims (videos and feature sequences): more is skipped as bad. A million
+    frames are over nine hours at 30 frames/s."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        for name in ("max_member_bytes", "max_frame_pixels", "max_clip_pixels", "max_video_frames"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.frames >= 1, "frames", "must be >= 1")
         _check(self.frame_stride >= 1, "frame_stride", "must be >= 1")
         _check(self.crop_size >= 8, "crop_size", "must be >= 8")

@@ -72,6 +72,31 @@ REORDER_SLACK = 64
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one decode may allocate, checked from the stream's header before decoding: pixels of one frame (as coded,
+    and after scaling to a short side) and pixels of the frames one call returns. The defaults are the recipe's
+    (`data.max_frame_pixels`, `data.max_clip_pixels`): 4K frames, 2^28 pixels (768 MiB of RGB)."""
+
+    frame_pixels: int = 4096 * 2304
+    clip_pixels: int = 1 << 28
+
+    def check_frame(self, name: str, width: int, height: int, what: str = "frames") -> None:
+        if width * height > self.frame_pixels:
+            raise DecodeError(
+                f"{name}: {what} of {width}x{height} ({width * height:,} pixels) are over the budget of "
+                f"{self.frame_pixels:,} pixels a frame (data.max_frame_pixels)"
+            )
+
+    def check_clip(self, name: str, frames: int, width: int, height: int) -> None:
+        self.check_frame(name, width, height)
+        if frames * width * height > self.clip_pixels:
+            raise DecodeError(
+                f"{name}: {frames} frames of {width}x{height} ({frames * width * height:,} pixels) are over the "
+                f"budget of {self.clip_pixels:,} pixels a clip (data.max_clip_pixels)"
+            )
+
+
 class DecodeError(ValueError):
     """A video could not deliver the requested frames. The message names the source and the reason."""
 
@@ -114,7 +139,12 @@ def resized_size(width: int, height: int, short_side: int | None) -> tuple[int, 
 
 
 def decode_frames(
-    src: Source, indices: Sequence[int], *, short_side: int | None = None, backend: str = "pyav"
+    src: Source,
+    indices: Sequence[int],
+    *,
+    short_side: int | None = None,
+    backend: str = "pyav",
+    budget: Budget = Budget(),
 ) -> torch.Tensor:
     """Frames `indices` of `src` as a (T, H, W, 3) uint8 RGB tensor, in the order given (T = len(indices)).
 
@@ -123,18 +153,20 @@ def decode_frames(
     short_side: scale so the shorter side has this many pixels (aspect kept), inside the decoder: scaling there is
         3-9x cheaper than decoding at full size and calling F.interpolate afterwards (environment.md).
     backend: "pyav", "decord" or "torchcodec".
+    budget: the most pixels a frame and the returned frames may have; checked from the header before decoding.
 
-    Raises DecodeError when the video cannot deliver the frames, ValueError for a bad request (negative index,
-    empty `indices`, unknown backend).
+    Raises DecodeError when the video cannot deliver the frames or is over the budget, ValueError for a bad request
+    (negative index, empty `indices`, unknown backend).
     """
     wanted = _check_request(indices, backend)
     name = describe_source(src)
     if backend == "pyav":
-        frames = _decode_pyav(src, wanted, short_side, name)
-    elif backend == "decord":
-        frames = _decode_decord(src, wanted, short_side, name)
+        frames = _decode_pyav(src, wanted, short_side, name, budget)
     else:
-        frames = _decode_torchcodec(src, wanted, short_side, name)
+        with BatchReader(src, backend=backend, budget=budget) as reader:  # the size from the header, checked
+            budget.check_clip(name, len(wanted), *resized_size(reader.width, reader.height, short_side))
+        decode = _decode_decord if backend == "decord" else _decode_torchcodec
+        frames = decode(src, wanted, short_side, name)
     # frames holds each distinct index once, ascending; expand to the caller's order and repeats.
     requested = [int(i) for i in indices]
     if requested != wanted:
@@ -143,13 +175,13 @@ def decode_frames(
     return torch.from_numpy(frames)
 
 
-def open_video(src: Source, *, backend: str = "pyav") -> VideoReader | BatchReader:
+def open_video(src: Source, *, backend: str = "pyav", budget: Budget = Budget()) -> VideoReader | BatchReader:
     """A reader of `src` for `backend` with VideoReader's interface (width, height, decode_start, read,
-    frames_decoded, close). Raises DecodeError when the video does not open."""
+    frames_decoded, close). Raises DecodeError when the video does not open or its frames are over the budget."""
     _check_request([0], backend)
     if backend == "pyav":
-        return VideoReader(src)
-    return BatchReader(src, backend=backend)
+        return VideoReader(src, budget=budget)
+    return BatchReader(src, backend=backend, budget=budget)
 
 
 class BatchReader:
@@ -157,10 +189,12 @@ class BatchReader:
     no frame comes for free before a window (decode_start(first) is first), and frames_decoded counts the frames
     delivered (their own reference decoding is not visible)."""
 
-    def __init__(self, src: Source, *, backend: str):
+    def __init__(self, src: Source, *, backend: str, budget: Budget = Budget()):
         self.src, self.backend, self.name = src, backend, describe_source(src)
         with _AvVideo(src, self.name) as video:  # the size, and a DecodeError for a file that does not open
             self.width, self.height = video.width, video.height
+        budget.check_frame(self.name, self.width, self.height, "coded frames")
+        self.budget = budget
         self.frames_decoded = 0
 
     def decode_start(self, first: int) -> int:
@@ -168,6 +202,7 @@ class BatchReader:
 
     def read(self, wanted: Sequence[int], sink: FrameSink, *, short_side: int | None = None) -> None:
         wanted = list(wanted)
+        self.budget.check_clip(self.name, len(wanted), *resized_size(self.width, self.height, short_side))
         decode = _decode_decord if self.backend == "decord" else _decode_torchcodec
         frames = decode(self.src, wanted, short_side, self.name)
         self.frames_decoded += len(wanted)
@@ -285,6 +320,8 @@ class _AvVideo:
             context.thread_count = 1
             self.width = context.width
             self.height = context.height
+            if self.width <= 0 or self.height <= 0:
+                raise DecodeError(f"{name}: the video stream's header gives no picture size ({self.width}x{self.height})")
             self.reformatter = VideoReformatter()
             self.decoded = 0  # frames out of the decoder (VideoReader.frames_decoded)
         except DecodeError:
@@ -345,9 +382,14 @@ class _AvVideo:
         return _PacketTable(len(pts_list), index_of, sorted(key_pts), key_pts, discarded)
 
 
-def _decode_pyav(src: Source, wanted: list[int], short_side: int | None, name: str) -> np.ndarray:
-    with VideoReader(src, name=name) as reader:
+def _decode_pyav(
+    src: Source, wanted: list[int], short_side: int | None, name: str, budget: Budget | None = None
+) -> np.ndarray:
+    """budget None: checked by the caller (another backend handing a file over)."""
+    with VideoReader(src, name=name, budget=budget or Budget(frame_pixels=2**62, clip_pixels=2**62)) as reader:
         width, height = resized_size(reader.width, reader.height, short_side)
+        if budget is not None:
+            budget.check_clip(name, len(wanted), width, height)
         # Filled per frame in numpy, not torch: a torch slice copy runs through intra-op threads, and with two
         # threads on a busy 2-core machine 300 such copies took 1.8-3.6 s against 8 ms in numpy.
         out = np.empty((len(wanted), height, width, 3), dtype=np.uint8)
@@ -378,14 +420,20 @@ class VideoReader:
     `short_side`), so a stream whose picture size changes midway still yields frames of one size.
     """
 
-    def __init__(self, src: Source, *, name: str | None = None):
+    def __init__(self, src: Source, *, name: str | None = None, budget: Budget = Budget()):
         self.src = src
         self.name = name or describe_source(src)
-        self._video: _AvVideo | None = _AvVideo(src, self.name)
-        self.width, self.height = self._video.width, self._video.height
+        self.budget = budget
         self._table: _PacketTable | None = None
         self._fresh = True  # the container has not been read from: a decode can count frames from the start
         self._decoded_before = 0  # frames decoded by containers this reader has already closed
+        self._video: _AvVideo | None = _AvVideo(src, self.name)
+        self.width, self.height = self._video.width, self._video.height
+        try:
+            budget.check_frame(self.name, self.width, self.height, "coded frames")
+        except DecodeError:
+            self.close()
+            raise
 
     @property
     def frames_decoded(self) -> int:
@@ -419,6 +467,7 @@ class VideoReader:
         """
         wanted = list(wanted)
         width, height = resized_size(self.width, self.height, short_side)
+        self.budget.check_frame(self.name, width, height, f"frames scaled to short side {short_side}")
         gaps = [b - a for a, b in zip([0] + wanted[:-1], wanted, strict=True)]
         if max(gaps) <= SEQUENTIAL_MAX_GAP:
             # A window near the start, or frames spread densely: decode straight through, numbering by count.

@@ -503,7 +503,7 @@ class _TrainPass(IterableDataset):
         """Raw samples of this slot's shards in pass `cycle`; `dead` collects shards that yield nothing."""
         for shard in self._slot_shards(stream, cycle):
             count = 0
-            for sample in read_shard(self.plan.shards[shard], self._errors):
+            for sample in read_shard(self.plan.shards[shard], self._errors, self.plan.spec.max_member_bytes):
                 count += 1
                 yield sample
             if count == 0:
@@ -574,7 +574,7 @@ class _TrainPass(IterableDataset):
         while True:
             tried_before = tried
             for shard in order:
-                for raw in read_shard(p.shards[shard], errors):
+                for raw in read_shard(p.shards[shard], errors, p.spec.max_member_bytes):
                     if tried == SPARE_LIMIT:
                         raise RuntimeError(
                             f"micro-batch {k}: its {len(builder.keys)} videos and {SPARE_LIMIT} spares were all bad "
@@ -608,8 +608,8 @@ class _MicroBatch:
         self.items: list[Item | None] = [None] * groups
         self.clips = None
         if plan.spec.kind == "clip":
-            side = _clip_capacity(raws, plan.spec)
-            self.clips = ClipBuffer(plan.batch_size, plan.spec.frames, height=side, width=side)
+            height, width = _clip_capacity(raws, plan.spec, plan.batch_size)
+            self.clips = ClipBuffer(plan.batch_size, plan.spec.frames, height=height, width=width)
 
     def fill(self, g: int, raw: dict) -> None:
         r = self.plan.repeat
@@ -635,21 +635,27 @@ class _MicroBatch:
         return batch
 
 
-def _clip_capacity(raws: list[dict], spec: SampleSpec) -> int:
-    """The side of the largest box these videos' stored sizes (from their metadata) can need: the buffer is made
-    that large up front, so it rarely has to grow (a copy) while the micro-batch is decoded."""
-    side = spec.crop_size
+def _clip_capacity(raws: list[dict], spec: SampleSpec, slots: int) -> tuple[int, int]:
+    """(height, width) of the largest box these videos' stored sizes (from their metadata) can need: the buffer is
+    made that large up front, so it rarely has to grow (a copy) while the micro-batch is decoded. Metadata is a
+    claim: a video over the pixel budgets is left out here (train_clips refuses it from its stream header)."""
+    height = width = spec.crop_size
     for raw in raws:
         try:
             sample = schema.decode_video_sample(raw)
         except schema.SampleError:
             continue
-        short = min(sample.width, sample.height)
+        if sample.width * sample.height > spec.max_frame_pixels:
+            continue
         if spec.clip_crop == "resized_crop":
-            side = max(side, sample.width, sample.height)
+            h, w = sample.height, sample.width
         else:
-            side = max(side, math.ceil(spec.crop_size * short / spec.short_side[0]) + 1)
-    return side
+            short = min(sample.width, sample.height)
+            h = w = math.ceil(spec.crop_size * short / spec.short_side[0]) + 1
+        if slots * spec.frames * max(height, h) * max(width, w) > spec.max_clip_pixels:
+            continue
+        height, width = max(height, h), max(width, w)
+    return height, width
 
 
 class TrainStream(_Stream):
@@ -812,7 +818,7 @@ class _EvalPass(IterableDataset):
             begin, offset = offset, offset + count
             if offset <= lo or begin >= hi:
                 continue
-            for position, raw in enumerate(read_shard(url, bad)):
+            for position, raw in enumerate(read_shard(url, bad, self.plan.spec.max_member_bytes)):
                 index = begin + position
                 if position >= count:
                     bad.append(

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from video_ens.data import schema
-from video_ens.data.decode import DecodeError, open_video
+from video_ens.data.decode import Budget, DecodeError, open_video
 from video_ens.data.transforms import (
     ClipAugment,
     ClipEvalTransform,
@@ -85,6 +85,12 @@ class SampleSpec:
     clip_crop: str  # "scale_jitter" | "resized_crop" (clips, training)
     crop_scale: tuple[float, float]  # resized crop: area fraction range (images; clips with "resized_crop")
     crop_ratio: tuple[float, float]  # resized crop: aspect ratio range
+    # Budgets of one sample (config.DataConfig): shard member bytes, pixels of a frame, pixels one sample holds at
+    # once, frames claimed. Checked from headers before anything is allocated; over budget = a bad sample ("budget").
+    max_member_bytes: int = 256 << 20
+    max_frame_pixels: int = 4096 * 2304
+    max_clip_pixels: int = 1 << 28
+    max_video_frames: int = 1_000_000
 
     @classmethod
     def from_config(cls, data_cfg, num_classes: int | None) -> SampleSpec:
@@ -101,7 +107,14 @@ class SampleSpec:
             clip_crop=data_cfg.clip_crop,
             crop_scale=tuple(data_cfg.crop_scale),
             crop_ratio=tuple(data_cfg.crop_ratio),
+            max_member_bytes=data_cfg.max_member_bytes,
+            max_frame_pixels=data_cfg.max_frame_pixels,
+            max_clip_pixels=data_cfg.max_clip_pixels,
+            max_video_frames=data_cfg.max_video_frames,
         )
+
+    def budget(self) -> Budget:
+        return Budget(frame_pixels=self.max_frame_pixels, clip_pixels=self.max_clip_pixels)
 
     def colour(self) -> ColourJitter:
         s = self.color_jitter
@@ -148,15 +161,53 @@ def sample_key(raw: dict) -> str:
     return str(raw.get("__key__", "<no key>"))
 
 
-def read_shard(url: str, errors: list[dict]):
-    """Raw samples of one tar, in order: {"__key__", "__url__", field: bytes}. Read errors land in `errors`."""
-    import webdataset as wds
+# The field a sample gets instead of a shard member over max_member_bytes: why, for the decoders to report.
+OVER_BUDGET = "__over_budget__"
+
+
+def read_shard(url: str, errors: list[dict], max_member_bytes: int = 256 << 20):
+    """Raw samples of one tar, in order: {"__key__", "__url__", field: bytes}. Read errors land in `errors`.
+
+    A member larger than max_member_bytes is not read (its size is in its tar header): its sample carries
+    OVER_BUDGET instead, so it is counted once, as a bad sample with its key, where its position in the shard still
+    counts (evaluation splits shards across ranks by position).
+    """
+    from webdataset.tariterators import group_by_keys, url_opener
 
     def handler(exn: Exception) -> bool:
         errors.append({"key": url, "reason": "shard", "detail": f"{type(exn).__name__}: {exn}"[:300]})
         return True  # go on with the next member, or the next shard
 
-    yield from wds.tarfile_samples([{"url": url}], handler=handler)
+    def members():
+        for source in url_opener([{"url": url}], handler=handler):
+            try:
+                yield from _tar_members(source["stream"], url, max_member_bytes)
+            except Exception as exn:  # a damaged tar (truncated, bad header): what was read so far stays used
+                handler(exn)
+
+    yield from group_by_keys(members(), handler=handler)
+
+
+def _tar_members(stream, url: str, max_member_bytes: int):
+    import re
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            # Regular files, without webdataset's "__name__" meta members (as its own expander reads a tar).
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            if info.size > max_member_bytes:
+                key, _ = base_plus_ext(info.name)
+                if key is None:
+                    continue  # no extension: not part of any sample (webdataset drops it too)
+                detail = f"{info.name}: {info.size} bytes, over the budget of {max_member_bytes} (data.max_member_bytes)"
+                yield {"fname": f"{key}.{OVER_BUDGET}", "data": detail.encode(), "__url__": url}
+            else:
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # stream mode keeps every header otherwise
 
 
 @dataclass
@@ -311,13 +362,30 @@ class ClipBuffer:
         return out
 
 
+def _within_budget(raw: dict) -> None:
+    if OVER_BUDGET in raw:
+        raise BadSample("budget", sample_key(raw), raw[OVER_BUDGET].decode(errors="replace"))
+
+
 def _video(raw: dict, spec: SampleSpec) -> schema.VideoSample:
+    _within_budget(raw)
     try:
         sample = schema.decode_video_sample(raw)
     except schema.SampleError as e:
         raise BadSample("format", sample_key(raw), str(e)) from None
     _label(sample.label, sample.key, spec.num_classes)
+    if sample.num_frames > spec.max_video_frames:
+        raise BadSample("budget", sample.key, f"claims {sample.num_frames} frames, over the budget of "
+                                              f"{spec.max_video_frames} (data.max_video_frames)")
     return sample
+
+
+def _check_clip_pixels(key: str, clips: int, frames: int, height: int, width: int, spec: SampleSpec) -> None:
+    """Before allocating (or growing a micro-batch buffer to) clips x frames boxes of height x width."""
+    pixels = clips * frames * height * width
+    if pixels > spec.max_clip_pixels:
+        raise BadSample("budget", key, f"{clips} x {frames} frames of {width}x{height} are {pixels:,} pixels, over "
+                                       f"the budget of {spec.max_clip_pixels:,} (data.max_clip_pixels)")
 
 
 def _label(value: int, key: str, num_classes: int | None) -> int:
@@ -368,7 +436,7 @@ def _open(sample: schema.VideoSample, spec: SampleSpec, cost: DecodeCost):
     """The sample's reader; opening (stream probing) counts as decoder time in `cost`."""
     start = time.perf_counter()
     try:
-        return open_video(sample.video, backend=spec.decoder)
+        return open_video(sample.video, backend=spec.decoder, budget=spec.budget())
     except DecodeError as e:
         raise BadSample("decode", sample.key, str(e)) from None
     finally:
@@ -400,7 +468,9 @@ def train_clips(
             windows += [shifted_window(first, lowest, sample.num_frames, spec.frame_stride, g) for g in gens[1:]]
         transform = spec.clip_transform()
         augments = [transform.draw(reader.height, reader.width, gen) for gen in gens]
-        buffer.ensure(max(a.box[2] for a in augments), max(a.box[3] for a in augments))
+        height, width = max(a.box[2] for a in augments), max(a.box[3] for a in augments)
+        _check_clip_pixels(sample.key, buffer.slots, spec.frames, height, width, spec)
+        buffer.ensure(height, width)
         slots = slice(first_slot, first_slot + len(gens))
         _decode_views(sample, reader, [(w, a.box) for w, a in zip(windows, augments, strict=True)],
                       buffer.array[slots], cost)
@@ -426,6 +496,7 @@ class Item:
 
 
 def _yt8m(raw: dict, spec: SampleSpec) -> schema.YT8MSample:
+    _within_budget(raw)
     try:
         sample = schema.decode_yt8m_sample(raw, num_classes=spec.num_classes or schema.YT8M_NUM_CLASSES)
     except schema.SampleError as e:
@@ -433,6 +504,9 @@ def _yt8m(raw: dict, spec: SampleSpec) -> schema.YT8MSample:
         raise BadSample(reason, sample_key(raw), str(e)) from None
     if sample.num_frames == 0:
         raise BadSample("format", sample_key(raw), "no frames")
+    if sample.num_frames > spec.max_video_frames:
+        raise BadSample("budget", sample.key, f"{sample.num_frames} frames, over the budget of "
+                                              f"{spec.max_video_frames} (data.max_video_frames)")
     return sample
 
 
@@ -454,6 +528,7 @@ def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tenso
     """The image sample and its pixels, uint8 (H, W, 3) RGB."""
     from PIL import Image
 
+    _within_budget(raw)
     try:
         sample = schema.decode_image_sample(raw)
     except schema.SampleError as e:
@@ -461,9 +536,19 @@ def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tenso
     _label(sample.label, sample.key, spec.num_classes)
     try:
         with Image.open(io.BytesIO(sample.image)) as im:
+            width, height = im.size  # from the header: nothing is decoded yet
+            if width * height > spec.max_frame_pixels:
+                raise BadSample("budget", sample.key, f"{width}x{height} image, over the budget of "
+                                                      f"{spec.max_frame_pixels:,} pixels (data.max_frame_pixels)")
             pixels = np.array(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except BadSample:
+        raise
+    except Exception as e:
+        # Anything Pillow raises on the sample's bytes is the sample's fault: besides OSError and ValueError, damaged
+        # PNGs raise SyntaxError, and truncated or hostile files struct.error, IndexError, MemoryError and more.
         raise BadSample("decode", sample.key, f"{type(e).__name__}: {e}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+        raise BadSample("decode", sample.key, f"decoded to an array of shape {pixels.shape}")
     return sample, torch.from_numpy(pixels)
 
 
@@ -501,7 +586,7 @@ def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | N
     if spec.kind == "clip":
         sample = _video(raw, spec)
         if view.mode == "full":
-            clips = [list(range(0, sample.num_frames, spec.frame_stride))[: view.max_frames]]
+            clips = [list(range(0, sample.num_frames, spec.frame_stride)[: view.max_frames])]  # range slices lazily
             transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size, num_crops=1)
         else:
             clips = uniform_clips(sample.num_frames, spec.frames, spec.frame_stride, view.num_clips)
@@ -511,6 +596,7 @@ def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | N
             boxes = transform.boxes(reader.height, reader.width)
             views = [(indices, box) for indices in clips for box in boxes]
             height, width = max(b[2] for b in boxes), max(b[3] for b in boxes)
+            _check_clip_pixels(sample.key, len(views), len(clips[0]), height, width, spec)
             out = np.empty((len(views), len(clips[0]), height, width, 3), dtype=np.uint8)
             _decode_views(sample, reader, views, out, cost)
         multi = view.mode == "clips"

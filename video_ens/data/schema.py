@@ -264,7 +264,7 @@ def _json_field(sample: Mapping[str, Any], key: str, required: Mapping[str, type
     raw = _get(sample, key, "json")
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested deep
         raise SampleError(key, "json", f"not valid UTF-8 JSON: {e}") from None
     if not isinstance(meta, dict):
         raise SampleError(key, "json", f"expected a JSON object, got {type(meta).__name__}")
@@ -278,14 +278,32 @@ def _json_field(sample: Mapping[str, Any], key: str, required: Mapping[str, type
 
 
 def _npy_field(sample: Mapping[str, Any], key: str, name: str, dim: int) -> np.ndarray:
+    """The (T, dim) uint8 array of a .npy member, as a read-only view of its bytes.
+
+    The header is read and checked first, then the data must be exactly the bytes it promises: np.load allocates
+    what the header claims before reading, so a 100-byte file claiming (2^40, 1024) raised MemoryError."""
     raw = _get(sample, key, name)
+    stream = io.BytesIO(raw)
     try:
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError as e:  # includes "Object arrays cannot be loaded when allow_pickle=False"
-        raise SampleError(key, name, f"not a plain .npy array: {e}") from None
-    if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != dim:
-        raise SampleError(key, name, f"expected uint8 (T, {dim}), got {arr.dtype} {arr.shape}")
-    return arr
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"format version {version}")  # 3.0 only holds structured dtypes
+    except Exception as e:  # numpy's header parser on the sample's bytes: ValueError, SyntaxError, ... all mean bad
+        raise SampleError(key, name, f"not a plain .npy array: {type(e).__name__}: {e}") from None
+    if dtype.hasobject:
+        raise SampleError(key, name, "not a plain .npy array: it holds pickled objects, which are never loaded")
+    if dtype != np.uint8 or len(shape) != 2 or shape[1] != dim:
+        raise SampleError(key, name, f"expected uint8 (T, {dim}), got {dtype} {shape}")
+    offset = stream.tell()
+    if len(raw) - offset != shape[0] * dim:
+        raise SampleError(key, name, f"header promises {shape[0]} x {dim} bytes of data, the file holds "
+                                     f"{len(raw) - offset}")
+    data = np.frombuffer(raw, dtype=np.uint8, count=shape[0] * dim, offset=offset)
+    return data.reshape(shape[::-1]).T if fortran else data.reshape(shape)
 
 
 def decode_video_sample(sample: Mapping[str, Any]) -> VideoSample:
