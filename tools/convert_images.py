@@ -10,7 +10,9 @@ folder or its _info.json: convert val with train's labels so the indices agree).
 unchanged, under the field of their real format (found from the content, not the file name: ImageNet has PNG and
 CMYK files named .JPEG). With Pillow installed every image is fully decoded to prove it is readable; without it,
 only the format signature is checked. Files that are not readable images are skipped and listed in _info.json; a
-conversion that writes no image at all publishes nothing and fails (exit status 2), listing the reasons.
+conversion that writes no image at all publishes nothing and fails (exit status 2), listing the reasons. A shard
+that cannot be written (disk full, quota, file-size limit) ends the conversion, naming the shard, and publishes
+nothing (exit status 1).
 Samples are shuffled with --seed (class-sorted shards defeat a streaming loader's shuffle buffer).
 """
 
@@ -160,14 +162,15 @@ def convert(
                 skipped.append((rel, f"class folder {cls!r} not in the label map"))
             else:
                 tasks.append(_Task(len(tasks), os.path.join(root, rel), rel, label_index[cls]))
+        # closed on an error too, so that the error is not printed behind a progress bar
         bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="img", dynamic_ncols=True)
-        for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64):
-            if sample is None:
-                skipped.append((tasks[index].relpath, reason))
-            else:
-                w.write(sample)
-            bar.update(1)
-        bar.close()
+        with bar:
+            for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64):
+                if sample is None:
+                    skipped.append((tasks[index].relpath, reason))
+                else:
+                    w.write(sample)
+                bar.update(1)
         for source, reason in skipped:
             w.skip(source, reason)
         if w.num_written == 0:  # an empty dataset would only fail later, in a loader with nothing to read
@@ -200,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"convert_images: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a shard that could not be written (disk full): the error names the file
+        print(f"convert_images: error: {e}\n  nothing was published", file=sys.stderr)
+        return 1
     print(f"{a.out}: {info.summary()}\n  took {time.perf_counter() - start:.1f} s")
     return 0
 

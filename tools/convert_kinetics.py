@@ -30,7 +30,8 @@ takes 56 and 450 ms.
 Missing, unreadable and zero-frame clips are skipped and listed in _info.json, never fatal; so is a clip whose
 decoder crashes its worker process (with --workers > 1: the clips that were in flight are then redone one at a time
 in a fresh process to find it; with --workers 1 the crash ends the conversion). A conversion that writes no clip at
-all publishes nothing and fails (exit status 2), listing the reasons.
+all publishes nothing and fails (exit status 2), listing the reasons. A shard that cannot be written (disk full,
+quota, file-size limit) ends the conversion, naming the shard, and publishes nothing (exit status 1).
 
 --short-side S --keyint N re-encodes each clip with libx264 (video only, yuv420p, single-threaded, short side S, a
 keyframe every N frames): dense keyframes make seeking to a sampled window cheap (MMAction2's resize_videos.py
@@ -487,17 +488,17 @@ def convert(
             )
         sources = [c.source for c in clips if c.problem is None]
         shortened = []
-        bar = _progress(total=len(tasks), enabled=progress, desc=f"{os.path.basename(out)}")
         results = _map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed)
-        for index, sample, reason, note in results:
-            if sample is None:
-                skipped.append((sources[index], reason))
-            else:
-                w.write(sample)
-                if note is not None:
-                    shortened.append({"source": sources[index], **note})
-            bar.update(1)
-        bar.close()
+        # closed on an error too, so that the error is not printed behind a progress bar
+        with _progress(total=len(tasks), enabled=progress, desc=f"{os.path.basename(out)}") as bar:
+            for index, sample, reason, note in results:
+                if sample is None:
+                    skipped.append((sources[index], reason))
+                else:
+                    w.write(sample)
+                    if note is not None:
+                        shortened.append({"source": sources[index], **note})
+                bar.update(1)
         for source, reason in skipped:
             w.skip(source, reason)
         if w.num_written == 0:  # an empty dataset would only fail later, in a loader with nothing to read
@@ -549,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"convert_kinetics: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a shard that could not be written (disk full): the error names the file
+        print(f"convert_kinetics: error: {e}\n  nothing was published", file=sys.stderr)
+        return 1
     print(f"{a.out}: {info.summary()}")
     if info.extra.get("shortened"):
         print(f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)")

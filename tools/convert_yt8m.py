@@ -20,7 +20,9 @@ labels outside [0, --num-classes)) are listed as "<file> record <k>". k is the r
 counting from 0, damaged records included.
 
 A conversion that writes no video at all (or, with a holdout, leaves either dataset empty) publishes nothing and
-fails with the reasons it skipped records: exit status 2 from the command line, ValueError from convert().
+fails with the reasons it skipped records: exit status 2 from the command line, ValueError from convert(). An input
+file that cannot be read is skipped ("unreadable"); a shard that cannot be written (disk full, quota, file-size
+limit) ends the conversion, naming the shard, and publishes nothing: exit status 1, OSError from convert().
 
 Holdout: among --holdout-inputs, a video goes to --holdout-out when the first 8 bytes of SHA-256(video id), read
 as a fraction of 2**64, are below --holdout-fraction; the split is therefore deterministic, independent of file
@@ -153,6 +155,18 @@ class _FileResult:
     records: int
 
 
+def _readable_records(path: str, errors: list[TFRecordError], unreadable: list[str]):
+    """iter_records(path), ending at an OSError of reading the file, whose reason is appended to `unreadable`.
+
+    Only reading is guarded: the caller writes shards in its loop body, outside this generator, so an OSError of
+    writing (a full disk) is not mistaken for an unreadable input.
+    """
+    try:
+        yield from iter_records(path, errors=errors)
+    except OSError as e:
+        unreadable.append(f"unreadable: {e}")
+
+
 def _convert_file(task: _FileTask) -> _FileResult:
     """Read one TFRecord file and write its videos into shard series of its own (runs in a worker)."""
     stem = f"part{task.file_index:06d}"
@@ -160,10 +174,11 @@ def _convert_file(task: _FileTask) -> _FileResult:
     holdout = ShardSeries(task.holdout_dir, stem, shard_size=task.shard_size) if task.holdout_dir else None
     skipped: list[tuple[int, str, str]] = []  # (record, source, reason); record -1 for the whole file
     errors: list[TFRecordError] = []
+    unreadable: list[str] = []
     name = os.path.basename(task.path)
     yielded = 0
     try:
-        for payload in iter_records(task.path, errors=errors):
+        for payload in _readable_records(task.path, errors, unreadable):
             # The record's position in the file: the errors so far are the damaged records before this one.
             record = yielded + len(errors)
             yielded += 1
@@ -183,14 +198,22 @@ def _convert_file(task: _FileTask) -> _FileResult:
                 holdout.write(sample)
             else:
                 main.write(sample)
-    except OSError as e:
-        skipped.append((-1, name, f"unreadable: {e}"))
+        main_shards = main.close()
+        holdout_shards = holdout.close() if holdout is not None else []
+    except BaseException:
+        # A failed write (or an interrupt): close this file's shards quietly; the main process deletes the partial
+        # dataset they are in.
+        main.abort()
+        if holdout is not None:
+            holdout.abort()
+        raise
+    skipped += [(-1, name, reason) for reason in unreadable]
     skipped += [(e.record, f"{name} record {e.record} @ byte {e.offset}", _corrupt_reason(e)) for e in errors]
     skipped.sort(key=lambda item: item[0])  # file order: damaged records were only added once reading ended
     return _FileResult(
         task.file_index,
-        main.close(),
-        holdout.close() if holdout is not None else [],
+        main_shards,
+        holdout_shards,
         [(source, reason) for _, source, reason in skipped],
         yielded + len(errors),
     )
@@ -288,7 +311,8 @@ def convert(
             )
             for i, path in enumerate(files)
         ]
-        bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="file")
+        # closed on an error too, so that the error is not printed behind a progress bar
+        bar = stack.enter_context(tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="file"))
         skipped: list[tuple[str, str]] = []
         for result in map_ordered(_convert_file, tasks, workers=workers):
             main_w.add_shards(result.main_shards)
@@ -342,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"convert_yt8m: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a shard that could not be written (disk full): the error names the file
+        print(f"convert_yt8m: error: {e}\n  nothing was published", file=sys.stderr)
+        return 1
     print(f"{a.out}: {infos['main'].summary()}")
     if "holdout" in infos:
         print(f"{a.holdout_out}: {infos['holdout'].summary()}")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from . import dist
+from . import dist, durable
 from .config import Recipe
 
 _TAG = re.compile(r"^step_(\d{9})$")
@@ -145,7 +145,8 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, *, 
     _barrier()
     final = root / tag
     if dist.is_main():
-        (partial / "complete.json").write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
+        # fsynced with its folder before the rename: a committed checkpoint never lacks its marker after a crash
+        durable.write_atomic(partial / "complete.json", json.dumps({"step": step, "world_size": dist.world_size()}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)  # the commit point: a directory rename is atomic on POSIX file systems

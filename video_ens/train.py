@@ -104,12 +104,15 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
 
     data_root = loader.resolve_paths(recipe.data)  # DataPaths(train, val); demo data was made by launch.sh
+    # Samples a data worker died on, kept over restarts (video_ens/data/crashes.py); a dry run writes nothing.
+    quarantine = None if dry_run else run_dir / "quarantine.jsonl"
     train_data = loader.train_stream(
         recipe.data, input_spec=model.input_spec, micro_batch_size=micro, rank=dist.rank(), world_size=world,
-        seed=recipe.train.seed, root=data_root,
+        seed=recipe.train.seed, root=data_root, quarantine=quarantine,
     )
     eval_data = loader.eval_stream(
         recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
+        quarantine=quarantine,
     )
     try:
         check_num_classes(recipe, train_data.num_classes, data_root.train)
@@ -248,17 +251,20 @@ def _si(n: float) -> str:
 
 
 def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from . import durable
 
     out = {"ensemble": result.get("ensemble", {}), "branches": result.get("branches", []),
            "num_samples": result.get("num_samples", 0), "recipe": recipe_to_dict(recipe)}
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(run_dir / "eval.json")
-    tmp = run_dir / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp), metadata={"model": recipe.model.name})
-    tmp.replace(run_dir / "model.safetensors")
-    LOG.info(f"wrote {run_dir / 'eval.json'} and {run_dir / 'model.safetensors'}")
+    # The weights first, so that an eval.json is never published before the weights it describes; each file is
+    # fsynced before its rename and the folder after it, and a full disk leaves the previous file, naming the path.
+    # Serialised in memory (one more copy of the weights, 4 bytes per fp32 parameter) rather than with save_file,
+    # whose errors name no path.
+    blob = save({k: v.contiguous() for k, v in weights.items()}, metadata={"model": recipe.model.name})
+    durable.write_atomic(run_dir / "model.safetensors", blob)
+    durable.write_atomic(run_dir / "eval.json", json.dumps(out, indent=2) + "\n")
+    LOG.info(f"wrote {run_dir / 'model.safetensors'} and {run_dir / 'eval.json'}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Converter round trips: small raw inputs -> tools/convert_*.py -> tar members read back with tarfile + schema."""
 
+import builtins
 import csv
+import errno
 import importlib
 import io
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -568,3 +572,92 @@ def test_image_check_without_pillow(monkeypatch):
     assert convert_images.check_image(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     with pytest.raises(ValueError, match="not an image"):
         convert_images.check_image(b"hello")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk full: a failed write ends the conversion, naming the file; it is never a skipped input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_tool_with_file_size_limit(tool: str, args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """Run tools/<tool>.py where writes past `limit` bytes fail with EFBIG (RLIMIT_FSIZE; Python ignores SIGXFSZ,
+    so the write raises instead of the process dying), as on a disk that fills up mid-shard. Inputs are only read."""
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, str(TOOLS / f"{tool}.py"), *args]
+    return subprocess.run(cmd, preexec_fn=set_limit, capture_output=True, text=True, timeout=120)
+
+
+def _assert_failed_naming_the_shard(proc, tool, shard_pattern):
+    err = proc.stderr
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert f"{tool}: error:" in err and "File too large" in err and "Traceback" not in err, err
+    assert re.search(shard_pattern, err), err
+    assert "unreadable" not in err and "nothing was published" in err, err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_yt8m_disk_full_fails_naming_the_shard_and_publishes_nothing(tmp_path, workers):
+    for f in range(2):
+        # 40 frames: ~47 KB a video, so a shard of two outgrows the 64 KB limit while it is written
+        _write_records(tmp_path / f"in{f}.tfrecord", [_video_record(f"v{f}{i}", [1], 40, i)[0] for i in range(3)])
+    args = ["--inputs", str(tmp_path / "in*.tfrecord"), "--out", str(tmp_path / "out"), "--workers", str(workers)]
+    proc = _run_tool_with_file_size_limit("convert_yt8m", [*args, "--shard-size", "2"], limit=64 * 1024)
+    _assert_failed_naming_the_shard(proc, "convert_yt8m", r"/\.out\.partial-[^/]+/_parts/part000000-000000\.tar")
+    assert sorted(os.listdir(tmp_path)) == ["in0.tfrecord", "in1.tfrecord"]  # no dataset, no partial folder
+
+
+def test_yt8m_no_space_for_a_new_shard_is_not_an_unreadable_input(tmp_path, monkeypatch, capsys):
+    """Issue 13's finding: ENOSPC creating a shard file was listed as "skipped: ... unreadable", with exit 0."""
+    for f in range(2):
+        _write_records(tmp_path / f"in{f}.tfrecord", [_video_record(f"v{f}{i}", [1], 2, i)[0] for i in range(3)])
+    real_open = builtins.open
+
+    def open_without_space(file, mode="r", *args, **kwargs):
+        if str(file).endswith("-000001.tar") and "w" in mode:  # the second shard of a file's series
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_without_space)
+    args = ["--inputs", str(tmp_path / "in*.tfrecord"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert convert_yt8m.main([*args, "--shard-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "part000000-000001.tar" in err, err
+    assert "unreadable" not in err and "nothing was published" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in0.tfrecord", "in1.tfrecord"]
+
+
+def test_yt8m_an_unreadable_input_is_still_a_skip(tmp_path, monkeypatch):
+    """Reading errors stay skips: only writing a shard ends the conversion."""
+    _write_records(tmp_path / "in0.tfrecord", [_video_record("v0", [1], 2, 0)[0]])
+    _write_records(tmp_path / "in1.tfrecord", [_video_record("v1", [1], 2, 1)[0]])
+    real_open = builtins.open
+
+    def open_failing_in1(file, mode="r", *args, **kwargs):
+        if str(file).endswith("in1.tfrecord"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_failing_in1)
+    info = convert_yt8m.convert(inputs=[str(tmp_path / "in*.tfrecord")], out=str(tmp_path / "out"), progress=False)
+    assert info["main"].num_samples == 1
+    assert _reasons(info["main"])["in1.tfrecord"].startswith("unreadable: [Errno 5] Input/output error")
+
+
+@pytest.mark.parametrize("tool", ["convert_images", "convert_kinetics"])
+def test_disk_full_fails_naming_the_shard_and_publishes_nothing(tool, kinetics_inputs, tmp_path):
+    if tool == "convert_images":
+        for i in range(3):
+            (tmp_path / "tree" / "cat").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "tree" / "cat" / f"{i}.png").write_bytes(_image_bytes("PNG", i))
+        args = ["--root", str(tmp_path / "tree")]
+    else:
+        args = ["--annotations", str(kinetics_inputs / "train.csv"), "--videos", str(kinetics_inputs / "videos")]
+    args += ["--out", str(tmp_path / "out"), "--workers", "1"]
+    before = sorted(os.listdir(tmp_path))
+    # A shard is written in 10 KB tar records, the first when it is closed: 4 KB fails there.
+    proc = _run_tool_with_file_size_limit(tool, args, limit=4096)
+    _assert_failed_naming_the_shard(proc, tool, r"/\.out\.partial-[^/]+/_seq0000-000000\.tar")
+    assert sorted(os.listdir(tmp_path)) == before

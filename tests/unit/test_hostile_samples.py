@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 av = pytest.importorskip("av")
@@ -396,3 +397,81 @@ def test_fuzz_every_decoder_only_skips(tmp_path):
     assert result["n_escaped"] == 0, result["escaped"]
     assert result["memory"] == 0, "a skip was a MemoryError of ours"
     assert result["peak_rss"] < 768 << 20, result["peak_rss"]
+
+
+# ------------------------------------------------------------------------------------ a sample that kills its worker
+
+
+@pytest.fixture
+def crashing_decoder(monkeypatch):
+    """open_video that dies of a real SIGSEGV (a NULL read) on videos starting with b"CRASH"; the DataLoader forks its
+    workers, so they inherit the patch. Returns the sample's marker bytes."""
+    import ctypes
+
+    from video_ens.data import samples as samples_module
+
+    real = samples_module.open_video
+
+    def open_video(src, **kwargs):
+        if bytes(src[:5]) == b"CRASH":
+            ctypes.string_at(0)  # segfaults the worker
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(samples_module, "open_video", open_video)
+    return b"CRASH"
+
+
+def _crash_dataset(folder: Path, marker: bytes, count: int = 12, crash_at: int = 5) -> list[dict]:
+    rows = [_video_sample(i, _clip(seed=i)) for i in range(count)]
+    rows[crash_at]["mp4"] = marker + rows[crash_at]["mp4"]
+    _write(folder, "video", rows)
+    return rows
+
+
+def test_a_sample_that_kills_its_worker_is_quarantined_and_the_batch_rebuilt(tmp_path, crashing_decoder):
+    """A segfault in a worker ended the rank ("DataLoader worker ... killed by signal"), and a restart walked into
+    the same sample. Now the stream quarantines the sample the dead worker was decoding (in a file), starts new
+    workers at the micro-batch being built, and a restarted job never decodes it again. The consumer sleeps as a
+    training step would: torch's SIGCHLD handler raised inside it before."""
+    import time
+
+    rows = _crash_dataset(tmp_path / "d", crashing_decoder)
+    crash_key = rows[5]["__key__"]
+    quarantine = tmp_path / "run" / "quarantine.jsonl"
+    cfg = _cfg(tmp_path / "d", "clip", num_workers=2, samples_per_epoch=12)
+
+    def stream():
+        return loader.train_stream(cfg, input_spec=_input_spec("clip"), micro_batch_size=2, rank=0, world_size=1,
+                                   seed=0, root=loader.resolve_paths(cfg), quarantine=quarantine)  # fmt: skip
+
+    first = stream()
+    batches = []
+    for batch in first.batches(0):
+        batches.append(batch)
+        time.sleep(0.2)
+    assert len(batches) == 6 and first.worker_crashes == 1
+    assert crash_key not in [key for b in batches for key in b["ids"]]
+    assert first.stats["bad_by_reason"] == {"crashed": 1}
+    lines = [json.loads(line) for line in quarantine.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"d-000000.tar/{crash_key}"] and "SIGSEGV" in lines[0]["detail"]
+    first.close()
+    # A restarted job reads the quarantine: no crash, and exactly the same micro-batches.
+    again = stream()
+    replay = list(again.batches(0))
+    assert again.worker_crashes == 0 and again.stats["bad_by_reason"] == {"crashed": 1}
+    for a, b in zip(batches, replay, strict=True):
+        assert a["ids"] == b["ids"] and torch.equal(a["inputs"], b["inputs"])
+    again.close()
+
+
+def test_evaluation_survives_a_sample_that_kills_its_worker(tmp_path, crashing_decoder):
+    rows = _crash_dataset(tmp_path / "d", crashing_decoder, count=9, crash_at=7)
+    cfg = _cfg(tmp_path / "d", "clip", num_workers=2)
+    stream = loader.eval_stream(cfg, EvalConfig(mode="full", batch_size=2, max_frames=8),
+                                input_spec=_input_spec("clip"), rank=0, world_size=1,
+                                root=loader.resolve_paths(cfg), quarantine=tmp_path / "q.jsonl")  # fmt: skip
+    ids = [key for batch in stream.batches() for key in batch["ids"]]
+    assert sorted(ids) == sorted(r["__key__"] for i, r in enumerate(rows) if i != 7)  # every other sample once
+    assert stream.worker_crashes == 1 and stream.stats["bad_by_reason"] == {"crashed": 1}
+    assert stream.stats["samples"] == 9
+    stream.close()

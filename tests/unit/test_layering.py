@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[2] / "video_ens"
 
 # Lower layers first. A module may import from lower layers only (so models and data never import each other).
 LAYERS = [
-    {"config", "dist"},
+    {"config", "dist", "durable"},
     {"kernels"},
     {"models", "data"},
     {"objective", "metrics", "optim"},

@@ -126,6 +126,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from video_ens import dist
 from video_ens.config import RecipeError
 from video_ens.data import schema
+from video_ens.data.crashes import InFlight, Quarantine, contain_sigchld, dead_workers, describe_exit, sample_id
 from video_ens.data.samples import (
     BadSample,
     BatchReport,
@@ -170,6 +171,10 @@ SPARE_LIMIT = 64
 # busy while the trainer holds one batch and another waits in the queue; more only hold more shared memory (a 64 x
 # 224 clip micro-batch of 8 is ~77 MB).
 PREFETCH_PER_WORKER = 2
+
+# Workers a stream replaces after they died decoding a sample (each time the sample is quarantined): more means
+# something other than one sample kills them (memory pressure, a broken decoder install), and the stream stops.
+MAX_WORKER_CRASHES = 8
 
 # data.kind -> the schema kind of the dataset folder that feeds it.
 SCHEMA_KIND = {"clip": "video", "features": "yt8m", "image": "image"}
@@ -384,13 +389,16 @@ class _Stream:
     """What both streams share: the DataLoader (made, and its workers forked, on first use), its hand-over of
     batches with their reports, and `close`."""
 
-    def __init__(self, num_workers: int, what: str):
+    def __init__(self, num_workers: int, what: str, quarantine: Quarantine):
         self.num_workers = num_workers
         self._what = what
         self._stats = SampleStats()
         self._dataloader: DataLoader | None = None
         self._iterator = None
         self._passes = 0  # pass counter: a generator of an earlier pass must not go on reading the new one
+        self.quarantine = quarantine
+        self.inflight = InFlight(num_workers)
+        self.worker_crashes = 0
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -402,14 +410,19 @@ class _Stream:
     def _batch_bytes(self) -> int:
         raise NotImplementedError
 
-    def _iterate(self) -> Iterator[dict]:
-        """The batches of one pass (every batch's "_report" folded into the stats), and how long each was waited for."""
+    def _iterate(self, skip: int = 0) -> Iterator[dict]:
+        """The batches of one pass (every batch's "_report" folded into the stats), and how long each was waited for;
+        the first `skip` items the workers hand over are dropped unseen (a pass restarted after a worker crash).
+        Raises _WorkersDied when a worker died: its sample is then quarantined."""
         if self._dataloader is None:
             check_shared_memory(self._batch_bytes(), self.num_workers, self._what)
             self._dataloader = _loader(self._dataset(), self.num_workers)
         self._iterator = iter(self._dataloader)  # persistent workers: restarts them at the new position
+        if self.num_workers:
+            contain_sigchld()
         self._passes += 1
         this_pass = self._passes
+        self.received = 0
         while True:
             if this_pass != self._passes:
                 raise RuntimeError(f"{self._what}: a later batches() call restarted the workers; this one is over")
@@ -418,11 +431,43 @@ class _Stream:
                 batch = next(self._iterator)
             except StopIteration:
                 return
+            except RuntimeError as exc:
+                self._worker_died(exc)
+                raise
+            self.received += 1
+            if self.received <= skip:
+                continue
             self._stats.wait_s += time.perf_counter() - start
             self._stats.add(batch.pop("_report"))
             self._check(self._stats)
             if "inputs" in batch:
                 yield batch
+
+    def _worker_died(self, exc: RuntimeError) -> None:
+        """Raise _WorkersDied (with the samples quarantined) if `exc` is the iterator reporting dead workers; else
+        return, and the caller re-raises `exc`."""
+        dead = dead_workers(self._iterator)
+        if not dead:
+            return
+        self.worker_crashes += 1
+        idents = []
+        for worker, code in dead:
+            ident = self.inflight.get(worker)
+            what = f"{self._what}: DataLoader worker {worker} {describe_exit(code)}"
+            if ident:
+                idents.append(ident)
+                self.quarantine.add(ident, what)
+                what += f" while decoding {ident}: quarantined ({self.quarantine.path or 'for this process'})"
+            else:
+                what += " outside any sample"
+            dist.get_logger("video_ens.data").warning(f"{what}; starting new workers")
+        if self.worker_crashes > MAX_WORKER_CRASHES:
+            raise RuntimeError(
+                f"{self._what}: data workers died {self.worker_crashes} times (last: {exc}); more than one sample "
+                "is killing them: look for memory pressure (dmesg: oom-kill) or a broken decoder install"
+            ) from exc
+        self.close()
+        raise _WorkersDied(idents) from exc
 
     def _check(self, stats: SampleStats) -> None:
         pass
@@ -439,6 +484,27 @@ class _Stream:
             self.close()
         except Exception:
             pass  # interpreter shutdown: the workers go with the process
+
+
+class _WorkersDied(Exception):
+    """DataLoader workers died; their samples are quarantined and the stream restarts its workers."""
+
+
+class _Guard:
+    """In a worker: refuses quarantined samples and marks the one being decoded (see crashes.py)."""
+
+    def __init__(self, quarantine: Quarantine, inflight: InFlight):
+        self.quarantine, self.inflight = quarantine, inflight
+
+    def admit(self, raw: dict) -> None:
+        ident = sample_id(raw)
+        if ident in self.quarantine:
+            raise BadSample("crashed", sample_key(raw), f"a data worker died decoding {ident} before (quarantine: "
+                                                        f"{self.quarantine.path or 'this process'})")
+        self.inflight.set(_worker()[0], ident)
+
+    def done(self) -> None:
+        self.inflight.clear(_worker()[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,9 +531,10 @@ class _TrainPass(IterableDataset):
     (epoch, start, stop) live in a small shared array that the stream sets before each pass, so persistent workers
     (forked once) read the position of the pass they are asked for."""
 
-    def __init__(self, plan: _TrainPlan):
+    def __init__(self, plan: _TrainPlan, guard: _Guard):
         super().__init__()
         self.plan = plan
+        self.guard = guard
         self.position = multiprocessing.RawArray("q", 3)  # in shared memory: forked workers see the stream's writes
         self._errors: list[dict] = []
 
@@ -547,7 +614,7 @@ class _TrainPass(IterableDataset):
         missing: list[int] = []
         for g, raw in enumerate(raws):
             try:
-                builder.fill(g, raw)
+                self._fill(builder, g, raw)
                 good.append(g)
             except BadSample as e:
                 report.bad.append(e.record)
@@ -556,7 +623,7 @@ class _TrainPass(IterableDataset):
         for m, g in enumerate(list(missing)):
             for t in range(len(good)):
                 try:
-                    builder.fill(g, raws[good[(m + t) % len(good)]])
+                    self._fill(builder, g, raws[good[(m + t) % len(good)]])
                     missing.remove(g)
                     break
                 except BadSample:
@@ -564,6 +631,13 @@ class _TrainPass(IterableDataset):
         if missing:
             report.seen += self._refill_from_spares(k, builder, missing, report.bad)
         return {**builder.finish(), "_report": report.finish()}
+
+    def _fill(self, builder: _MicroBatch, g: int, raw: dict) -> None:
+        self.guard.admit(raw)
+        try:
+            builder.fill(g, raw)
+        finally:
+            self.guard.done()
 
     def _refill_from_spares(self, k: int, builder: _MicroBatch, missing: list[int], bad: list[dict]) -> int:
         """Fill the groups left empty from the heads of shards in a random order seeded by k; returns samples tried."""
@@ -583,7 +657,7 @@ class _TrainPass(IterableDataset):
                     tried += 1
                     for g in list(missing):
                         try:
-                            builder.fill(g, raw)
+                            self._fill(builder, g, raw)
                             missing.remove(g)
                         except BadSample as e:
                             bad.append(e.record)
@@ -668,10 +742,18 @@ class TrainStream(_Stream):
             (raw samples read), bad ones by reason with the last keys, frames decoded and delivered, seconds.
     """
 
-    def __init__(self, plan: _TrainPlan, *, micro_batches_per_epoch: int, num_workers: int, max_skip_fraction: float):
-        super().__init__(num_workers, "training data")
+    def __init__(
+        self,
+        plan: _TrainPlan,
+        *,
+        micro_batches_per_epoch: int,
+        num_workers: int,
+        max_skip_fraction: float,
+        quarantine: Quarantine,
+    ):
+        super().__init__(num_workers, "training data", quarantine)
         self._plan = plan
-        self._pass = _TrainPass(plan)
+        self._pass = _TrainPass(plan, _Guard(self.quarantine, self.inflight))
         self.micro_batches_per_epoch = micro_batches_per_epoch
         self.num_classes = plan.spec.num_classes
         self.repeat = plan.repeat
@@ -697,10 +779,16 @@ class TrainStream(_Stream):
             raise ValueError(f"start must be in [0, {self.micro_batches_per_epoch}], got {start}")
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if start == self.micro_batches_per_epoch:
-            return
-        self._pass.set_position(epoch, start, self.micro_batches_per_epoch)
-        yield from self._iterate()
+        k = start
+        while k < self.micro_batches_per_epoch:
+            self._pass.set_position(epoch, k, self.micro_batches_per_epoch)
+            try:
+                for batch in self._iterate():
+                    k += 1
+                    yield batch
+                return
+            except _WorkersDied:
+                continue  # new workers rebuild micro-batch k, the quarantined sample counted as bad
 
     def _check(self, s: SampleStats) -> None:
         if s.samples >= MIN_SEEN_FOR_SKIP_CHECK and s.bad > self.max_skip_fraction * s.samples:
@@ -717,9 +805,18 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def train_stream(
-    data_cfg, *, input_spec: dict, micro_batch_size: int, rank: int, world_size: int, seed: int, root: DataPaths
+    data_cfg,
+    *,
+    input_spec: dict,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    root: DataPaths,
+    quarantine: str | os.PathLike | None = None,
 ) -> TrainStream:
-    """The training stream of this rank (see the module docstring)."""
+    """The training stream of this rank (see the module docstring). `quarantine`: the file that lists samples a
+    data worker died on (crashes.py), read at start and appended to; None keeps the list in this process only."""
     _check_rank(rank, world_size)
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -778,6 +875,7 @@ def train_stream(
         micro_batches_per_epoch=per_epoch,
         num_workers=data_cfg.num_workers,
         max_skip_fraction=data_cfg.max_skip_fraction,
+        quarantine=Quarantine(quarantine),
     )
 
 
@@ -806,9 +904,10 @@ def _share(lo: int, hi: int, part: int, parts: int) -> tuple[int, int]:
 class _EvalPass(IterableDataset):
     """This rank's share of the evaluation set, split again between the DataLoader workers."""
 
-    def __init__(self, plan: _EvalPlan):
+    def __init__(self, plan: _EvalPlan, guard: _Guard):
         super().__init__()
         self.plan = plan
+        self.guard = guard
 
     def _samples(self, lo: int, hi: int, bad: list[dict]) -> Iterator[dict]:
         """Raw samples with global index in [lo, hi), by the offsets _info.json gives each shard."""
@@ -851,10 +950,13 @@ class _EvalPass(IterableDataset):
         for raw in self._samples(lo, hi, report.bad):
             report.seen += 1
             try:
+                self.guard.admit(raw)
                 items = eval_items(raw, p.spec, p.view, report.cost)
             except BadSample as e:
                 report.bad.append(e.record)
                 continue
+            finally:
+                self.guard.done()
             for item in items:
                 # Mode "full": only videos of equal length share a batch (see the module docstring).
                 if (
@@ -882,15 +984,15 @@ class EvalStream(_Stream):
         stats: samples and bad samples of the last `batches()` pass, as TrainStream.stats.
     """
 
-    def __init__(self, plan: _EvalPlan, *, num_workers: int):
-        super().__init__(num_workers, "evaluation data")
+    def __init__(self, plan: _EvalPlan, *, num_workers: int, quarantine: Quarantine):
+        super().__init__(num_workers, "evaluation data", quarantine)
         self._plan = plan
         self.num_classes = plan.spec.num_classes
         self.num_samples = sum(plan.counts)
         self.aggregate = "mean" if plan.spec.kind == "clip" and plan.view.mode == "clips" else "first"
 
     def _dataset(self) -> IterableDataset:
-        return _EvalPass(self._plan)
+        return _EvalPass(self._plan, _Guard(self.quarantine, self.inflight))
 
     def _batch_bytes(self) -> int:
         spec, view, b = self._plan.spec, self._plan.view, self._plan.batch_size
@@ -906,13 +1008,28 @@ class EvalStream(_Stream):
         """Batches of {"inputs", "target", "ids"} (+ "lengths" for features, "view_ids" in clip mode "clips", the
         clip entries of the module docstring)."""
         self._stats = SampleStats()
-        yield from self._iterate()
+        delivered = 0  # items of this pass handed over: a restart after a worker crash drops as many unseen
+        while True:
+            try:
+                yield from self._iterate(skip=delivered)
+                return
+            except _WorkersDied:
+                # Each worker's items come in a fixed order, and the dead worker had not handed over the one holding
+                # the quarantined sample: the same first items come again, then the rest without it.
+                delivered = max(delivered, self.received)
 
 
 def eval_stream(
-    data_cfg, eval_cfg, *, input_spec: dict, rank: int, world_size: int, root: DataPaths
+    data_cfg,
+    eval_cfg,
+    *,
+    input_spec: dict,
+    rank: int,
+    world_size: int,
+    root: DataPaths,
+    quarantine: str | os.PathLike | None = None,
 ) -> EvalStream | None:
-    """This rank's evaluation stream, or None when data.val_shards is empty."""
+    """This rank's evaluation stream, or None when data.val_shards is empty; `quarantine` as for train_stream."""
     _check_rank(rank, world_size)
     if root.val is None:
         return None
@@ -937,4 +1054,4 @@ def eval_stream(
         world_size=world_size,
         batch_size=eval_cfg.batch_size,
     )
-    return EvalStream(plan, num_workers=data_cfg.num_workers)
+    return EvalStream(plan, num_workers=data_cfg.num_workers, quarantine=Quarantine(quarantine))

@@ -9,6 +9,12 @@ no `_info.json`) is never replaced.
 
 Shards are plain tars written by `webdataset.ShardWriter` with a fixed member mtime, so the same samples give the
 same bytes. Samples arrive already encoded (`schema.encode_*_sample`): the writer adds no encoding of its own.
+
+Durability (video_ens/durable.py): each shard is fsynced when it is closed, `_info.json` is written atomically (which
+fsyncs the folder and with it the shards' final names), and the parent folder is fsynced after the publishing
+rename, so a crash after `commit()` returns cannot leave a published dataset with empty or missing shards. A write
+that fails (disk full, quota, file-size limit) raises an OSError naming the shard or file: the converters end on it
+and publish nothing, since it says nothing about the input being converted.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, TypeVar
 
 from video_ens import __version__
 from video_ens.data.schema import INFO_NAME, KINDS, DatasetInfo, ShardInfo
+from video_ens.durable import fsync_path, named, write_atomic
 
 __all__ = ["DatasetWriter", "ShardSeries", "map_ordered", "skip_summary"]
 
@@ -55,28 +62,50 @@ class ShardSeries:
         self._counts: dict[str, int] = {}
 
     def write(self, sample: dict[str, Any]) -> None:
-        if self._writer is None:
-            import webdataset as wds
+        """Raises OSError naming the shard when writing fails (a tar write's own error names no file)."""
+        try:
+            if self._writer is None:
+                import webdataset as wds
 
-            self._writer = wds.ShardWriter(
-                self.pattern,
-                maxcount=self.shard_size,
-                maxsize=self.max_shard_bytes,
-                start_shard=self.start,
-                verbose=0,
-                encoder=False,  # samples are bytes already; never fall back to pickling
-                mtime=_MTIME,
-            )
-        self._writer.write(sample)
+                self._writer = wds.ShardWriter(
+                    self.pattern,
+                    maxcount=self.shard_size,
+                    maxsize=self.max_shard_bytes,
+                    start_shard=self.start,
+                    verbose=0,
+                    post=fsync_path,  # called with each shard's path once it is closed
+                    encoder=False,  # samples are bytes already; never fall back to pickling
+                    mtime=_MTIME,
+                )
+            self._writer.write(sample)
+        except OSError as e:
+            if self._writer is None:
+                raise  # the first shard's open failed, and that error names the file
+            # ShardWriter sets `fname` when it opens a shard, after closing (and fsyncing) the previous one, so it
+            # names the shard whose write, open or fsync failed.
+            raise named(e, self._writer.fname) from e
         # ShardWriter rotates before a write when the open shard is full, so after the write `fname` names the
         # shard that holds this sample.
         self._counts[self._writer.fname] = self._counts.get(self._writer.fname, 0) + 1
 
     def close(self) -> list[tuple[str, int]]:
+        """Close (and fsync) the open shard; raises OSError naming it when that fails."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as e:
+                raise named(e, writer.fname) from e
         return list(self._counts.items())
+
+    def abort(self) -> None:
+        """Close the open shard, ignoring errors (after a failed write: its folder is about to be deleted)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # a full disk fails the close too; the half-written tar does not matter
+                pass
 
 
 class DatasetWriter:
@@ -187,27 +216,32 @@ class DatasetWriter:
             extra=dict(extra or {}),
         )
         info.validate(where=os.path.join(self.out, INFO_NAME))
-        _write_atomic(os.path.join(self.tmp, INFO_NAME), info.to_json())
+        # Also fsyncs the partial folder, making the shards' new names durable before the folder is published.
+        write_atomic(os.path.join(self.tmp, INFO_NAME), info.to_json())
         self._publish()
         self._done = True
         return info
 
     def _publish(self) -> None:
         check_replaceable(self.out, overwrite=self.overwrite)  # again: the folder may have appeared meanwhile
+        parent = os.path.dirname(self.out)
         if os.path.exists(self.out):
-            old = os.path.join(os.path.dirname(self.out), f".{os.path.basename(self.out)}.old-{os.getpid()}")
+            old = os.path.join(parent, f".{os.path.basename(self.out)}.old-{os.getpid()}")
             os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
+            try:
+                os.rename(self.tmp, self.out)
+            except OSError:
+                os.rename(old, self.out)  # put the old dataset back under its name
+                raise
+            fsync_path(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.tmp, self.out)
+            fsync_path(parent)
 
     def abort(self) -> None:
         if self._series is not None:
-            try:
-                self._series.close()
-            except Exception:  # the folder is deleted next; a half-written tar does not matter
-                pass
+            self._series.abort()
             self._series = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
@@ -262,15 +296,6 @@ def check_replaceable(out: str, *, overwrite: bool) -> None:
         )
     if not overwrite:
         raise FileExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
