@@ -17,8 +17,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 av = pytest.importorskip("av")
 pytest.importorskip("webdataset")
