@@ -3,6 +3,9 @@
 #
 #   bash launch.sh RECIPE [--run-dir DIR] [--set key=value ...]
 #
+# The run folder: DIR, or runs/<recipe file name>, with "-<hash>" added when --set changes what the run computes
+# (train.seed, optim.lr, ...; not its length, workers or evaluation). A folder another run holds, or one holding a
+# run of another recipe, is refused (--set train.resume=force resumes the latter anyway).
 # Processes: one per visible GPU, or NPROC, or one on CPU.
 # Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or, under SLURM, SLURM_NNODES, SLURM_NODEID and the
 # first host of SLURM_JOB_NODELIST); run the same command on every node. No SSH is needed.
@@ -15,7 +18,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")" && pwd)
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -39,9 +42,16 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 recipe=$1
 shift
 sets=()
+rest=() # the arguments for video_ens.train but --run-dir, which is passed on resolved
+run_dir=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --run-dir) run_dir=${args[$((i + 1))]:-}; i=$((i + 1)); continue ;;
+    --run-dir=*) run_dir=${args[$i]#--run-dir=}; continue ;;
+  esac
   if [ "${args[$i]}" = "--set" ] && [ $((i + 1)) -lt ${#args[@]} ]; then sets+=(--set "${args[$((i + 1))]}"); fi
+  rest+=("${args[$i]}")
 done
 
 if [ -n "${SLURM_NNODES:-}" ] && [ -z "${NNODES:-}" ]; then
@@ -58,8 +68,15 @@ if [ -z "${NPROC:-}" ]; then
 fi
 
 # Fail before any process starts: an unknown key, a wrong type, an impossible value or batch fields that do not
-# fit this world size stop here, naming the JSON path.
-"$py" -m video_ens.config "$recipe" "${sets[@]}" --world-size $((NPROC * nnodes)) --quiet
+# fit this world size stop here, naming the JSON path (0.1 s, without torch). The default run folder is named
+# from the recipe and these overrides, before DEMO_DIR moves the data: the same command finds the same folder.
+world=$((NPROC * nnodes))
+check=("$py" -m video_ens.config "$recipe" "${sets[@]}" --world-size "$world")
+if [ -z "$run_dir" ]; then
+  run_dir=$("${check[@]}" --default-run-dir)
+else
+  "${check[@]}" --quiet
+fi
 
 # Demo recipes name a demo dataset: generate it once, here, before any rank starts (idempotent: "up to date").
 # DEMO_DIR moves the demo data: the recipe's data/demo/... shard paths are pointed there too.
@@ -86,12 +103,19 @@ if [ "$nnodes" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
     "first host of SLURM_JOB_NODELIST); without it every node would wait for a rendezvous on its own 127.0.0.1" >&2
   exit 2
 fi
+
+# What else needs no process group stops here too, as one line rather than under torchrun's ChildFailedError
+# traceback: data paths and kinds, the model against the data, and (node 0) a run folder another run holds or
+# that holds a run of another recipe. 1.5-3.5 s on the 2-core CI machine, mostly importing torch.
+"$py" -m video_ens.train "$recipe" "${rest[@]}" --run-dir "$run_dir" "${extra[@]}" --check --world-size "$world" \
+  --node-rank "$node_rank"
+
 if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
   rdzv=(--standalone)
 else
   rdzv=(--nnodes "$nnodes" --node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
 fi
 cmd=("$py" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
-  -m video_ens.train "$recipe" "$@" "${extra[@]}")
+  -m video_ens.train "$recipe" "${rest[@]}" --run-dir "$run_dir" "${extra[@]}")
 echo "launch: ${cmd[*]}"
 exec "${cmd[@]}"

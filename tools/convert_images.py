@@ -133,6 +133,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     extra_info: dict | None = None,
+    timeout: float | None = 60.0,
 ) -> DatasetInfo:
     """Convert the tree at `root` into the dataset folder `out`; returns what went into `_info.json`."""
     if not os.path.isdir(root):
@@ -165,7 +166,8 @@ def convert(
         # closed on an error too, so that the error is not printed behind a progress bar
         bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="img", dynamic_ncols=True)
         with bar:
-            for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64):
+            for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64,
+                                                     timeout=timeout):
                 if sample is None:
                     skipped.append((tasks[index].relpath, reason))
                 else:
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--labels", help="class names: text file (one per line), dataset folder or _info.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds an image may take (with --workers > 1): a hung decoder ends the conversion")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted folder order")
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             out=a.out,
             labels=a.labels,
             workers=a.workers,
+            timeout=a.timeout,
             shard_size=a.shard_size,
             seed=None if a.no_shuffle else a.seed,
             overwrite=a.overwrite,

@@ -65,7 +65,7 @@ from video_ens.data.schema import (
     make_key,
     sort_label_names,
 )
-from video_ens.data.writer import DatasetWriter, check_replaceable, map_ordered, skip_summary
+from video_ens.data.writer import DatasetWriter, check_replaceable, kill_workers, map_ordered, skip_summary
 
 CONVERTER_NAME = "convert_kinetics"
 CONVERTER_VERSION = "1"
@@ -345,8 +345,9 @@ def _crashed(task: _Task, why: str) -> tuple[int, None, str, None]:
     return task.index, None, f"decoder crashed: the worker process died converting this clip ({why})", None
 
 
-def _map_surviving_crashes(fn, items, *, workers: int, chunksize: int, crashed):
-    """`map_ordered(fn, items, ...)`, except that an item whose worker process dies yields `crashed(item, why)`.
+def _map_surviving_crashes(fn, items, *, workers: int, chunksize: int, crashed, timeout: float | None = None):
+    """`map_ordered(fn, items, ...)`, except that an item whose worker process dies, or takes longer than `timeout`
+    seconds (a decoder hung on a damaged file), yields `crashed(item, why)`.
 
     A decoder that crashes (a segfault in native code on a damaged file) kills its worker, and map_ordered then
     raises BrokenProcessPool for every chunk in flight: one bad clip would end the conversion. Here the items from
@@ -361,16 +362,16 @@ def _map_surviving_crashes(fn, items, *, workers: int, chunksize: int, crashed):
     done = 0
     while done < len(items):
         try:
-            for result in map_ordered(fn, items[done:], workers=workers, chunksize=chunksize):
+            for result in map_ordered(fn, items[done:], workers=workers, chunksize=chunksize, timeout=timeout):
                 yield result
                 done += 1
-        except BrokenProcessPool:
-            for result in _one_at_a_time(fn, items[done : done + 4 * workers * chunksize], crashed):
+        except (BrokenProcessPool, TimeoutError):
+            for result in _one_at_a_time(fn, items[done : done + 4 * workers * chunksize], crashed, timeout=timeout):
                 yield result
                 done += 1
 
 
-def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3):
+def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3, timeout: float | None = None):
     """fn over items in one spawned worker process, replaced after each crash; see _map_surviving_crashes."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -382,9 +383,12 @@ def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3):
             if pool is None:
                 pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
             try:
-                result = pool.submit(fn, item).result()
+                result = pool.submit(fn, item).result(timeout=timeout)
                 in_a_row = 0
-            except BrokenProcessPool as e:
+            except (BrokenProcessPool, TimeoutError) as e:
+                if isinstance(e, TimeoutError):
+                    kill_workers(pool)
+                    e = TimeoutError(f"no result after --timeout {timeout:g} s")
                 pool.shutdown(wait=True)
                 pool = None
                 in_a_row += 1
@@ -432,6 +436,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     extra_info: dict | None = None,
+    timeout: float | None = 600.0,
 ) -> DatasetInfo:
     """Convert one annotation file's clips into a dataset folder `out`; returns what went into `_info.json`.
 
@@ -488,7 +493,8 @@ def convert(
             )
         sources = [c.source for c in clips if c.problem is None]
         shortened = []
-        results = _map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed)
+        results = _map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed,
+                                         timeout=timeout)
         # closed on an error too, so that the error is not printed behind a progress bar
         with _progress(total=len(tasks), enabled=progress, desc=f"{os.path.basename(out)}") as bar:
             for index, sample, reason, note in results:
@@ -526,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keyint", type=int, help="keyframe interval when re-encoding (default 16)")
     p.add_argument("--verify", action="store_true", help="decode every frame to count them")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a clip may take (with --workers > 1): a hung decoder is killed, the clip skipped")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the CSV order")
@@ -543,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             keyint=a.keyint,
             verify=a.verify,
             workers=a.workers,
+            timeout=a.timeout,
             shard_size=a.shard_size,
             seed=None if a.no_shuffle else a.seed,
             overwrite=a.overwrite,

@@ -255,6 +255,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     extra_info: dict | None = None,
+    timeout: float | None = 3600.0,
 ) -> dict[str, DatasetInfo]:
     """Convert TFRecord files (paths or glob patterns) into `out` and, with a holdout, `holdout_out`.
 
@@ -314,7 +315,7 @@ def convert(
         # closed on an error too, so that the error is not printed behind a progress bar
         bar = stack.enter_context(tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="file"))
         skipped: list[tuple[str, str]] = []
-        for result in map_ordered(_convert_file, tasks, workers=workers):
+        for result in map_ordered(_convert_file, tasks, workers=workers, timeout=timeout):
             main_w.add_shards(result.main_shards)
             if holdout_w is not None:
                 holdout_w.add_shards(result.holdout_shards)
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=YT8M_NUM_CLASSES)
     p.add_argument("--vocabulary", help="YouTube-8M vocabulary.csv, to store class names")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds an input file may take (with --workers > 1): a hung worker ends the conversion")
     p.add_argument("--shard-size", type=int, default=1000, help="videos per shard")
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets at --out / --holdout-out")
     a = p.parse_args(argv)
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             num_classes=a.num_classes,
             vocabulary=a.vocabulary,
             workers=a.workers,
+            timeout=a.timeout,
             shard_size=a.shard_size,
             overwrite=a.overwrite,
         )

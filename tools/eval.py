@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Evaluate trained weights on the recipe's evaluation set: every metric per branch and for the ensemble.
 
-    python tools/eval.py --run-dir runs/demo1                                   # the run's recipe and weights
-    python tools/eval.py --run-dir runs/demo1 --set eval.mode=clips --set eval.num_clips=10 --out runs/demo1/clips
+    python tools/eval.py --run-dir runs/demo1                            # -> runs/demo1/eval/full/
+    python tools/eval.py --run-dir runs/demo1 --set eval.mode=clips      # -> runs/demo1/eval/clips10x3-<hash>/
     python tools/eval.py --recipe recipes/kinetics_s3dg_mu2.json --weights model.safetensors --out results/
     torchrun --nproc-per-node 8 tools/eval.py --run-dir runs/kinetics_s3dg_mu2 --precision bf16
 
@@ -22,7 +22,10 @@ ranks. What is evaluated, per data.kind:
 Writes OUT/eval.json (training's schema plus mode, throughput and the setup: {"ensemble": {...}, "branches": [...],
 "num_samples": n, "mode": ..., "throughput": {...}, "bad_samples": n, "bad_sample_keys": {...}, ..., "recipe":
 {...}}), OUT/eval.md (the table, also printed) and with --save-scores OUT/scores.npz (per-video probabilities of
-every head, averaged over views). OUT defaults to the run folder (--run-dir) or the folder of --weights.
+every head, averaged over views). OUT defaults to RUN_DIR/eval/<mode>[-<hash>] (RUN_DIR: --run-dir, or the folder
+of --weights): the mode ("full", "clips10x3", "all_frames", "center_crop"), and with --set or --precision a hash of
+them, so evaluations with other settings land beside each other. Training's own RUN_DIR/eval.json is never
+overwritten: an --out that is a training run folder (one with recipe.json or checkpoints/) is refused.
 
 Samples that cannot be evaluated (undecodable, a label outside the label map, a damaged shard) are skipped; the
 metrics cover the rest. Their count is "bad_samples"; "bad_sample_keys" names them as the training log's eval
@@ -33,6 +36,7 @@ last few, video_ens.data.samples.LAST_BAD_KEPT). The log and eval.md list them t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -60,7 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--weights", type=Path, help="a safetensors state dict (instead of RUN_DIR/model.safetensors)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, data.num_workers=0")
-    p.add_argument("--out", type=Path, help="output folder (default: the run folder, or the folder of --weights)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: RUN_DIR/eval/<mode>[-<hash of --set and --precision>]; never a "
+                        "training run folder)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype of the forward (default: the recipe's train.precision)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: the recipe's train.device")
@@ -83,12 +89,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_sources(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(recipe, weights, out) from the arguments; explicit --recipe/--weights/--out win over the run folder."""
+    """(recipe, weights, out) from the arguments; explicit --recipe/--weights/--out win over the run folder.
+
+    The default out is a folder of its own under RUN_DIR/eval (see the module docstring); ValueError for an --out
+    that would overwrite a training run's outputs.
+    """
     run = args.run_dir
     recipe = args.recipe or run / "recipe.json"
     weights = args.weights or run / "model.safetensors"
-    out = args.out or run or weights.parent
+    out = args.out
+    if out is None:
+        out = (run or weights.parent) / "eval" / _out_name(load_recipe(recipe, args.overrides), args)
+    elif _is_training_run(out) or (run is not None and out.resolve() == run.resolve()):
+        raise ValueError(f"--out {out}: a training run folder, whose eval.json is one of the training outputs, "
+                         "which evaluation never overwrites: leave --out out (RUN_DIR/eval/...) or name another folder")
     return recipe, weights, out
+
+
+def _is_training_run(folder: Path) -> bool:
+    return (folder / "recipe.json").is_file() or (folder / "checkpoints").is_dir()
+
+
+def _out_name(recipe, args: argparse.Namespace) -> str:
+    """"full", "clips10x3", "all_frames", "center_crop", with "-<8 hex digits>" of --set and --precision if any."""
+    ev = recipe.eval
+    if recipe.data.kind != "clip":
+        name = MODE_BY_KIND[recipe.data.kind]
+    else:
+        name = "full" if ev.mode == "full" else f"clips{ev.num_clips}x{ev.num_crops}"
+    settings = [*args.overrides, *([f"--precision={args.precision}"] if args.precision else [])]
+    if settings:
+        name += "-" + hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
+    return name
 
 
 def metric_table(result: dict) -> str:

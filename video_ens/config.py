@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import hashlib
 import json
 import math
 import types
@@ -357,11 +358,16 @@ class DataConfig:
     max_video_frames: int = 1_000_000
     """Budget of the frame count a sample claims (videos and feature sequences): more is skipped as bad. A million
     frames are over nine hours at 30 frames/s."""
+    worker_timeout_s: float = 300.0
+    """A DataLoader worker that hands over no batch for this long is stuck (a decoder hung on a file: decord is known
+    to, dmlc/decord#375): the sample it is decoding is quarantined like one that kills its worker, and the workers
+    are replaced. A training micro-batch of 8 64-frame clips takes ~0.4 s per worker; only num_workers >= 1."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         for name in ("max_member_bytes", "max_frame_pixels", "max_clip_pixels", "max_video_frames"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.worker_timeout_s >= 1, "worker_timeout_s", "must be >= 1 second")
         _check(self.frames >= 1, "frames", "must be >= 1")
         _check(self.frame_stride >= 1, "frame_stride", "must be >= 1")
         _check(self.crop_size >= 8, "crop_size", "must be >= 8")
@@ -457,6 +463,12 @@ class OptimConfig:
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 (or null to disable)")
         _check(not (self.nesterov and self.name != "sgd"), "nesterov", "applies to name=\"sgd\" only")
 
+    def peak_lr(self, global_batch_size: int) -> float:
+        """The peak learning rate of a run with this global batch: lr, scaled when lr_scaling is "linear"."""
+        if self.lr_scaling == "linear":
+            return self.lr * global_batch_size / self.reference_batch_size
+        return self.lr
+
 
 @dataclass
 class TrainConfig:
@@ -478,7 +490,7 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA when available, else CPU."""
     seed: int = 0
-    """Seed for initialisation and the data stream (offset by rank and worker)."""
+    """Seed for initialisation and the data stream (offset by rank and worker), in [0, 2^63)."""
     log_every: int = 10
     """Optimizer steps between metric log lines."""
     eval_every: int = 0
@@ -491,6 +503,14 @@ class TrainConfig:
     """sync_bn: SyncBatchNorm (GPU); all_reduce: average BN running statistics across ranks before eval and save."""
     max_bad_steps: int = 3
     """Stop after this many consecutive non-finite losses (each such step is skipped, not applied)."""
+    collective_timeout_s: float = 600.0
+    """Longest wait of a rank in a collective (all-reduce, barrier) before the job fails naming this field: a rank
+    that stalls (a hung file system, a dead GPU) then ends the job in minutes, not after torch's defaults (30 min on
+    gloo). Must cover the slowest legitimate wait: a checkpoint save or an evaluation on another rank."""
+    resume: Literal["auto", "force"] = "auto"
+    """A run folder holding another run: "auto" resumes its newest checkpoint only when the recipe differs from the
+    one that wrote it in nothing but the fields RESUME_MAY_CHANGE lists (length, cadence, workers, evaluation, ...)
+    and otherwise stops, naming the fields; "force" resumes anyway (the log and metrics.jsonl name the changes)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -517,6 +537,8 @@ class TrainConfig:
         _check(self.log_every >= 1, "log_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        _check(1 <= self.collective_timeout_s <= 7 * 86400, "collective_timeout_s", "must be in [1, 604800] seconds")
+        _check(0 <= self.seed < INT_LIMIT, "seed", "must be in [0, 2^63)")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum_steps) for this world size; RecipeError when they cannot agree."""
@@ -656,6 +678,15 @@ class Recipe:
         return micro, accum
 
     def __post_init__(self) -> None:
+        # checked on the value the run uses: lr=1e308 is finite, scaled to a batch of 512 it is not
+        o, batch = self.optim, self.train.global_batch_size
+        peak = o.peak_lr(batch)
+        if not (math.isfinite(peak) and peak > 0):
+            raise _FieldError(
+                "optim.lr",
+                f'with optim.lr_scaling "linear" the peak learning rate {o.lr:g} x {batch} / {o.reference_batch_size} '
+                f"is {peak:g}: lower optim.lr or raise optim.reference_batch_size",
+            )
         short, crop = self.eval.view_size(self.data)
         if self.data.kind != "features" and short < crop:
             which = "eval.short_side" if self.eval.short_side is not None else "eval.crop_size"
@@ -695,6 +726,10 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         return "an object"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+INT_LIMIT = 2**63
+"""Recipe integers must lie in [-2^63, 2^63): what torch, NumPy and DeepSpeed take as int64."""
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -749,9 +784,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT <= value < INT_LIMIT:
+                raise RecipeError(f"{path}: {value} is out of range: integers must fit in 64 bits (|value| < 2^63)")
             return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            # 32.0 or 1e308 is a typo or a computed value; int(1e308) has 309 digits and fails only in
+            # torch.manual_seed, after the process group has started
+            fix = f": write {int(value)}" if abs(value) < INT_LIMIT else ", out of range of a 64-bit integer"
+            raise RecipeError(f"{path}: expected an integer, got {json.dumps(value)}{fix}")
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
@@ -859,6 +899,93 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
     tmp.replace(path)
 
 
+# --------------------------------------------------------------------------------------------------- run identity
+#
+# A run folder holds one run; relaunching on it resumes the newest checkpoint. These fields may differ from the
+# recipe the checkpoint was written with; any other difference stops the launch (train.resume="force" overrides).
+# The same split names default run folders: overrides of other fields make another run, in another folder.
+
+RESUME_MAY_CHANGE = (
+    # length and pace: extending or re-pacing a run is what a resume is for
+    "description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.eval_every", "train.log_every", "train.resume",
+    # where and how fast it runs: resources, the same global batch and model. The log still names a change, since
+    # the data order depends on the number of workers and the batch layout (README, "Training at scale")
+    "train.device", "train.micro_batch_size", "train.grad_accum_steps", "data.num_workers", "data.decoder",
+    "model.compile", "model.channels_last", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
+    # limits, budgets and timeouts that stop a run or skip a sample, changed to get a stopped run going again
+    "train.max_bad_steps", "train.collective_timeout_s", "data.max_skip_fraction", "data.max_member_bytes",
+    "data.max_frame_pixels", "data.max_clip_pixels", "data.max_video_frames", "data.worker_timeout_s",
+    # evaluation only
+    "data.val_shards", "eval",
+)  # fmt: skip
+"""Recipe fields (dotted; a section name covers all of its fields) a resume may change without train.resume="force"."""
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.seed": 0, ...} from a recipe dict; model.options is one value (its keys vary by family)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _field_defaults(cls: type = Recipe) -> dict[str, Any]:
+    """Every field's default, nested like recipe_to_dict (read from the dataclasses, nothing is validated)."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _field_defaults(hints[f.name])
+        else:
+            out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return json.loads(json.dumps(out))
+
+
+def resume_differences(saved: dict, recipe: Recipe) -> list[str]:
+    """"path: old -> new" for each field outside RESUME_MAY_CHANGE in which `recipe` differs from `saved`, the
+    recipe (as recipe_to_dict gives it) that wrote a run folder's checkpoint or recipe.json. A field the saved
+    recipe lacks (written before the field existed) counts as its default; one this code does not know is ignored.
+    """
+    new = _flat(recipe_to_dict(recipe))
+    old = {**_flat(_field_defaults()), **_flat(saved)}
+    return [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(v)}" for k, v in sorted(new.items())
+            if not _may_change(k) and old.get(k) != v]
+
+
+def default_run_dir(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """runs/<recipe file name>, with "-<8 hex digits>" added when the overrides change fields outside
+    RESUME_MAY_CHANGE: a hash of those fields' values. So `--set train.seed=1` trains a run of its own rather than
+    resuming the seed-0 run of the same file, and the same command finds its folder again, while `--set
+    train.max_steps=...` still extends the run in runs/<recipe file name>."""
+    path = Path(recipe_path)
+    plain = Path("runs") / path.stem
+    if not overrides:
+        return plain
+    new = _flat(recipe_to_dict(load_recipe(path, overrides)))
+    try:
+        base = _flat(recipe_to_dict(load_recipe(path)))
+        changed = {k: v for k, v in new.items() if not _may_change(k) and base.get(k) != v}
+    except RecipeError:  # the file is complete only with its overrides: hash the fields they set
+        keys = [".".join(_parse_override(item)[0]) for item in overrides]
+
+        def overridden(k: str) -> bool:
+            return any(k == o or k.startswith(o + ".") or o.startswith(k + ".") for o in keys)
+
+        changed = {k: v for k, v in new.items() if not _may_change(k) and overridden(k)}
+    if not changed:
+        return plain
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / f"{path.stem}-{digest}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -870,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="print nothing on success")
     ap.add_argument("--get", metavar="KEY", help="print one resolved field (e.g. data.demo; null prints nothing)")
     ap.add_argument("--world-size", type=int, default=None, help="also check the batch fields for this many ranks")
+    ap.add_argument("--default-run-dir", action="store_true",
+                    help="print the run folder video_ens.train uses without --run-dir (see default_run_dir)")
     args = ap.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -880,7 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dump:
         dump_recipe(recipe, args.dump)
-    if args.get:
+    if args.default_run_dir:
+        print(default_run_dir(args.recipe, args.overrides))
+    elif args.get:
         node: Any = recipe_to_dict(recipe)
         for part in args.get.split("."):
             if not isinstance(node, dict) or part not in node:

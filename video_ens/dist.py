@@ -6,6 +6,7 @@ MASTER_PORT; everything here reads those. A single process without them is rank 
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -47,12 +48,31 @@ def pick_device(choice: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank())
 
 
-def init(device: torch.device) -> None:
-    """Join the process group the launcher described (nccl on GPU, gloo on CPU); a no-op for one process."""
+# The collective timeout this process was started with (train.collective_timeout_s), for the failure message.
+_timeout_s: float | None = None
+
+
+def init(device: torch.device, timeout_s: float | None = None) -> None:
+    """Join the process group the launcher described (nccl on GPU, gloo on CPU); a no-op for one process.
+
+    timeout_s bounds every collective of this group and of every group made after it (DeepSpeed makes its own):
+    a rank waiting longer for a stalled one fails, and `shutdown` names the setting."""
+    global _timeout_s
     if is_initialized() or (int(os.environ.get("WORLD_SIZE", 1)) == 1 and "MASTER_ADDR" not in os.environ):
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+    if timeout_s is not None:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs["timeout"] = timeout
+        # new_group() without a timeout takes torch's per-backend default (30 min for gloo), and DeepSpeed clones the
+        # world group that way for its data-parallel all-reduce: move the defaults too.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+            distributed_c10d.default_pg_nccl_timeout = timeout
+        _timeout_s = timeout_s
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is not None:
         # Under torchrun the key-value store can outlive a worker group: after `--max-restarts` restarts the group,
@@ -85,8 +105,17 @@ def shutdown(failed: bool | None = None, exit_code: int = 1) -> None:
         exc = sys.exc_info()[1]
         failed = exc is not None and not (isinstance(exc, SystemExit) and exc.code in (0, None))
     if failed and dist.get_world_size() > 1:
-        if sys.exc_info()[1] is not None:
+        exc = sys.exc_info()[1]
+        if exc is not None:
             traceback.print_exc()
+            if _timeout_s is not None and _is_timeout(exc):
+                print(
+                    f"rank {dist.get_rank()}: a collective waited longer than train.collective_timeout_s = "
+                    f"{_timeout_s:g} s: another rank stalled or died (see its log above). If steps, evaluations or "
+                    "checkpoint saves legitimately take longer, raise train.collective_timeout_s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         print(
             f"rank {dist.get_rank()}: failed; exiting without the shutdown barrier so that the launcher stops the "
             "other ranks now",
@@ -101,11 +130,33 @@ def shutdown(failed: bool | None = None, exit_code: int = 1) -> None:
         dist.destroy_process_group()
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    """gloo: "Timed out waiting ... for recv/send operation"; NCCL: "Watchdog caught collective operation timeout"."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return "timed out" in text or "timeout" in text
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not to the one there when the logger was made
+    (a test harness or a tool that redirects stderr later would otherwise lose the messages)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger(name: str = "video_ens") -> logging.Logger:
     """A logger that prints on rank 0 only (other ranks log warnings and errors)."""
     logger = logging.getLogger(name)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

@@ -1,26 +1,40 @@
 """Composition root: the only place that holds the whole recipe and builds every component from its section.
 
     python -m video_ens.train RECIPE [--run-dir DIR] [--set key=value ...] [--dry-run]
+    python -m video_ens.train RECIPE [--run-dir DIR] [--set key=value ...] --check [--world-size N] [--node-rank K]
 
-normally started by launch.sh through torchrun (one process per GPU, or one on CPU).
+normally started by launch.sh through torchrun (one process per GPU, or one on CPU); launch.sh runs the --check
+form first, so that what needs no process group (data paths, the model against the data, the run folder) stops
+the launch before torchrun starts, with one line instead of torchrun's traceback.
+
+The run folder is owned by rank 0 of the run that trains in it: a POSIX lock on RUN_DIR/.lock (fcntl.lockf), which
+the kernel releases when that process ends, however it ends, so a crashed run leaves no stale lock and a
+`--max-restarts` restart (a new rank 0, after torchrun has stopped the old one) takes it again. Forked data workers
+do not inherit it (POSIX locks belong to a process). The lock file itself stays; never delete it by hand while a
+run may hold it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
+import os
 import random
 import re
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import dist, engine
-from .config import RecipeError, dump_recipe, load_recipe, recipe_to_dict
+from .config import RecipeError, default_run_dir, dump_recipe, load_recipe, recipe_to_dict, resume_differences
 from .data import loader
 from .models import create_model
 from .models.size import model_size_report
@@ -37,10 +51,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _default_run_dir(recipe_path: str) -> Path:
-    return Path("runs") / Path(recipe_path).stem
-
-
 # Exit status after a stop signal (SIGTERM, SIGUSR1): 128 + SIGTERM, as if the signal had ended the process, so
 # schedulers and wrappers see an interrupted run rather than a finished one; the checkpoint makes it resumable.
 EXIT_STOPPED = 143
@@ -49,9 +59,17 @@ EXIT_STOPPED = 143
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m video_ens.train", description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
-    ap.add_argument("--run-dir", default=None, help="run folder (default: runs/<recipe name>)")
+    ap.add_argument("--run-dir", default=None,
+                    help="run folder (default: runs/<recipe name>, with a hash of the overrides that make another "
+                         "run: video_ens.config.default_run_dir)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--dry-run", action="store_true", help="validate, build model and data, run one step, write nothing")
+    ap.add_argument("--check", action="store_true",
+                    help="check what needs no process group (model, data paths and fit, run folder free and "
+                         "resumable), start nothing, write nothing: launch.sh's last step before torchrun")
+    ap.add_argument("--world-size", type=int, default=1, help="with --check: the number of processes of the run")
+    ap.add_argument("--node-rank", type=int, default=0,
+                    help="with --check: this node's rank; the run folder is checked by node 0 (rank 0 owns it)")
     args = ap.parse_args(argv)
 
     try:
@@ -59,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         # Build once on the meta device (nothing allocated, 1-100 ms) so that what only the builder can refuse (a
         # ResNet fork beyond its blocks, conflicting branch widths) stops here, before any process group.
         source = args.recipe + (f" (with --set {' '.join(args.overrides)})" if args.overrides else "")
-        build_model(recipe, device="meta", source=source)
+        meta = build_model(recipe, device="meta", source=source)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.recipe, args.overrides)
+        if args.check:
+            own = None if args.dry_run or args.node_rank != 0 else run_dir  # a dry run writes nothing
+            check_before_launch(recipe, meta.input_spec, world_size=args.world_size, run_dir=own)
+            return 0
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.recipe)
 
     device = dist.pick_device(recipe.train.device)
-    engine.ensure_process_group(device)
+    engine.ensure_process_group(device, recipe.train.collective_timeout_s)
     rc = 1  # what an exception leaves
     try:
         rc = _run(recipe, run_dir, device, dry_run=args.dry_run)
@@ -82,7 +104,148 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def check_before_launch(recipe, input_spec: dict, *, world_size: int, run_dir: Path | None) -> None:
+    """What a launch can check before any process starts (RecipeError, naming the field): the batch for
+    `world_size`, the data paths and kinds, the model against the data (input, classes), and, for `run_dir`, that
+    no run holds the folder and that its recipe.json allows a resume (check_resume). Builds rank 0's data streams
+    without starting a worker, and writes nothing."""
+    micro, _ = recipe.batch_layout(world_size)
+    loader.check_compatible(recipe.data, recipe.model.name, input_spec)
+    root = loader.resolve_paths(recipe.data)
+    train_data = loader.train_stream(recipe.data, input_spec=input_spec, micro_batch_size=micro, rank=0,
+                                     world_size=world_size, seed=recipe.train.seed, root=root)
+    eval_data = loader.eval_stream(recipe.data, recipe.eval, input_spec=input_spec, rank=0, world_size=world_size,
+                                   root=root)
+    try:
+        check_num_classes(recipe, train_data.num_classes, root.train)
+    finally:
+        train_data.close()
+        if eval_data is not None:
+            eval_data.close()
+    if run_dir is not None:
+        owner = run_folder_owner(run_dir)
+        if owner is not None:
+            raise RecipeError(_in_use(run_dir, owner))
+        _check_recorded_recipe(recipe, run_dir)
+
+
+LOCK_NAME = ".lock"
+_HELD: dict[str, int] = {}  # lock file -> descriptor, open for the life of the process: closing it would unlock
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """Make this process the owner of `run_dir` (created if missing), or raise RecipeError naming the owner's pid
+    and host. The lock lasts as long as this process; its record (host, pid, launcher pid, start, command) is what
+    a refused launch prints. On a file system without locks, a warning, and the folder is not protected."""
+    path = Path(run_dir) / LOCK_NAME
+    if os.path.realpath(path) in _HELD:
+        return
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = _owner_record(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise RecipeError(_in_use(run_dir, owner)) from None
+        LOG.warning(f"{path}: cannot lock ({e.strerror}): this file system has no POSIX locks, so nothing stops a "
+                    "second launch on this run folder")
+        return
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "launcher_pid": os.getppid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _HELD[os.path.realpath(path)] = fd
+
+
+def run_folder_owner(run_dir: Path) -> dict | None:
+    """The record of the process that holds `run_dir`'s lock ({} when it has not written one yet), or None when
+    no process does. Never call it in the owner itself: a POSIX lock ends when its process closes any descriptor
+    of the file, so this returns None there without looking."""
+    path = Path(run_dir) / LOCK_NAME
+    if os.path.realpath(path) in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)  # lockf's exclusive lock needs a descriptor open for writing
+    except OSError:  # no lock file: no run has trained here; not writable: the rank's own lock attempt will say so
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # momentary: released with the descriptor below
+    except OSError as e:
+        return _owner_record(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _owner_record(fd: int) -> dict:
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0).decode())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _in_use(run_dir: Path, owner: dict | None) -> str:
+    if owner and "pid" in owner:
+        who = (f"pid {owner['pid']} on host {owner.get('host', '?')} (rank 0 of a run started "
+               f"{owner.get('started', '?')}; its launcher is pid {owner.get('launcher_pid', '?')})")
+    else:
+        who = "a process that has not recorded itself yet"
+    return (f"run folder {run_dir} is in use by {who}: wait for that run to end or stop it, or give another "
+            "--run-dir. The lock ends with the process that holds it: a crashed run leaves none")
+
+
+def _own_run_folder(run_dir: Path) -> None:
+    """Rank 0 takes the run folder's lock; every rank raises the same RecipeError when another run holds it."""
+    error = None
+    if dist.is_main():
+        try:
+            lock_run_folder(run_dir)
+        except RecipeError as e:
+            error = str(e)
+    if dist.is_initialized() and dist.world_size() > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RecipeError(error)
+
+
+def _check_recorded_recipe(recipe, run_dir: Path) -> None:
+    """check_resume against RUN_DIR/recipe.json, the recipe of the last launch that passed it (if any)."""
+    path = Path(run_dir) / "recipe.json"
+    if recipe.train.resume == "force" or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{path}: unreadable ({e}): repair it, or --set train.resume=force to go on") from None
+    check_resume(recipe, saved if isinstance(saved, dict) else {}, run_dir=run_dir, source="its recipe.json")
+
+
+def check_resume(recipe, saved: dict | None, *, run_dir: Path, source: str) -> None:
+    """RecipeError when `run_dir` holds a run of a recipe (`saved`, read from `source`) that differs from `recipe`
+    in a field a resume may not change (config.RESUME_MAY_CHANGE), unless train.resume is "force"."""
+    if saved is None or recipe.train.resume == "force":
+        return
+    changed = resume_differences(saved, recipe)
+    if changed:
+        raise RecipeError(
+            f"run folder {run_dir} holds a run of another recipe ({source}): {'; '.join(changed)}. Relaunch with "
+            f"its values ({Path(run_dir) / 'recipe.json'}) to resume it; for a new run give another --run-dir "
+            "(without --run-dir, a folder named after these overrides is used); to resume it with these values, "
+            "add --set train.resume=force"
+        )
+
+
 def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
+    if not dry_run:
+        # Before anything is read from or written to the folder: a second launch stops here, and so does a
+        # relaunch of another recipe (against recipe.json now, against the checkpoint once it is loaded).
+        _own_run_folder(run_dir)
+        _check_recorded_recipe(recipe, run_dir)
     world = dist.world_size()
     ds_config = engine.deepspeed_config(recipe, world_size=world, device=device)  # fails fast on bad batch fields
     micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -133,16 +296,17 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
             LOG.info("dry run: recipe valid, model and data built, one step ran")
             return 0
 
-        if dist.is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "checkpoints").mkdir(exist_ok=True)
+        ckpt_root = run_dir / "checkpoints"
+        engine.remove_partial_checkpoints(ckpt_root)  # safe: this run owns the folder
+        latest = engine.latest_checkpoint(ckpt_root)
+        state = engine.load_checkpoint(eng, latest[1]) if latest is not None else None
+        if state is not None and state.get("recipe") is not None:  # the checkpoint's word is final
+            check_resume(recipe, state["recipe"], run_dir=run_dir, source=f"its checkpoint {latest[1].name}")
+        if dist.is_main():  # only now: recipe.json names the recipe of the run that trains here (tools/compare.py)
+            ckpt_root.mkdir(exist_ok=True)
             dump_recipe(recipe, run_dir / "recipe.json")
         if dist.is_initialized():
-            torch.distributed.barrier()  # the run folder exists before any rank writes to it
-
-        ckpt_root = run_dir / "checkpoints"
-        engine.remove_partial_checkpoints(ckpt_root)
-        latest = engine.latest_checkpoint(ckpt_root)
+            torch.distributed.barrier()  # the run folder is complete before any rank writes to it
         size = _model_size(recipe)
         # FLOPs per training sample for the TFLOP/s log: DBoF's count covers only the video-level part, so add the
         # frame-level base at the number of frames trained on.
@@ -150,8 +314,8 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
                           eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data),
                           flops_per_sample=flops)
-        if latest is not None:
-            trainer.restore(engine.load_checkpoint(eng, latest[1]))
+        if state is not None:
+            trainer.restore(state)
             LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
         else:
             _log_model_table(recipe, size, run_dir, model)

@@ -172,9 +172,6 @@ class Trainer:
         t = recipe.train
         self.global_batch = t.global_batch_size
         self.accum = engine.gradient_accumulation_steps()
-        self.samples_per_epoch = train_data.micro_batches_per_epoch * engine.train_micro_batch_size_per_gpu() * (
-            dist.world_size()
-        )
         if train_data.micro_batches_per_epoch < self.accum:
             raise RecipeError(
                 f"an epoch has {train_data.micro_batches_per_epoch} micro-batches per rank, fewer than "
@@ -182,6 +179,11 @@ class Trainer:
                 "train.global_batch_size"
             )
         self.steps_per_epoch = train_data.micro_batches_per_epoch // self.accum
+        # The samples an epoch trains on, for the schedule: whole optimizer steps only. floor(floor(N / (micro x
+        # world)) / accum) = floor(N / global batch), so steps and samples per epoch, and with them the learning
+        # rate at every step, are the same at every world size (counting per-rank micro-batches, 60 samples gave
+        # 60 on 2 ranks and 56 on 4 with micro-batches of 2, which moved the warm-up and the cosine).
+        self.samples_per_epoch = self.steps_per_epoch * self.global_batch
         total = int(round(t.epochs * self.steps_per_epoch))
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self._running_stats = [
@@ -218,7 +220,10 @@ class Trainer:
                 "(the data order depends on data.num_workers, the world size, the batch and the seeds); "
                 "resume with the original values to continue exactly"
             )
-        self.log.resumed(self.step, {"changed": changes})
+        # the layout this resume runs with: at another world size the global batch stays, micro x accum x ranks
+        layout = {"world_size": dist.world_size(), "micro_batch_size": self.engine.train_micro_batch_size_per_gpu(),
+                  "grad_accum_steps": self.accum}
+        self.log.resumed(self.step, {"changed": changes, "batch": layout})
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, save_fn, on_step_end=None) -> None:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,31 @@ def test_kinetics_worker_crash_skips_that_clip_only():
     # Workers that die on every item are not one bad file: that still ends the conversion.
     with pytest.raises(RuntimeError, match="died on 3 items in a row"):
         list(run(signal.raise_signal, [dies, dies, dies, ok], workers=2, chunksize=1, crashed=crashed))
+
+
+def test_kinetics_hung_decoder_skips_that_clip_after_the_timeout():
+    """A decoder that hangs (not crashes) on one file held the conversion forever: `.result()` had no timeout.
+    time.sleep as the work (stdlib, so spawned workers start fast): 3600 hangs, 0 returns at once."""
+    items = [0, 0, 3600, 0, 0, 0]
+
+    def crashed(item, why):
+        return ("skipped", why)
+
+    start = time.monotonic()
+    got = list(convert_kinetics._map_surviving_crashes(time.sleep, items, workers=2, chunksize=1, crashed=crashed,
+                                                       timeout=2))  # fmt: skip
+    assert [g is None for g in got] == [item == 0 for item in items]
+    assert got[2][0] == "skipped" and "--timeout 2 s" in got[2][1]
+    assert time.monotonic() - start < 90
+
+
+def test_a_hung_worker_ends_map_ordered_after_the_timeout_naming_it():
+    from video_ens.data.writer import map_ordered
+
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="no result for 2 s.*--timeout"):
+        list(map_ordered(time.sleep, [0, 3600, 0, 0], workers=2, timeout=2))
+    assert time.monotonic() - start < 60  # the hung process was killed, not waited for by the pool's shutdown
 
 
 # ---------------------------------------------------------------------------------------------------------------

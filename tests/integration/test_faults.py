@@ -173,3 +173,74 @@ def test_an_error_on_one_rank_ends_the_job_at_once_and_is_shown(tmp_path):
     assert out.returncode != 0
     assert "rank 1 cannot go on: boom" in out.stdout + out.stderr
     assert elapsed < 120, f"the job took {elapsed:.0f} s to end"
+
+
+ONE_RANK_STALLS = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from video_ens import dist, engine
+    from video_ens.config import recipe_from_dict
+    from video_ens.models import create_model
+    from video_ens.objective import loss_for
+    from video_ens.optim import create_optimizer
+    from video_ens.trainer import Trainer
+
+    recipe = recipe_from_dict({
+        "model": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
+        "data": {"kind": "image", "train_shards": "unused", "val_shards": "unused", "crop_size": 32,
+                 "short_side": [32, 36]},
+        "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant"},
+        "train": {"max_steps": 6, "global_batch_size": 8, "precision": "fp32", "device": "cpu", "log_every": 1,
+                  "collective_timeout_s": 8},
+    })
+    device = torch.device("cpu")
+    engine.ensure_process_group(device, recipe.train.collective_timeout_s)
+    torch.manual_seed(0)
+    model = create_model(recipe.model.name, **recipe.model.builder_kwargs())
+    eng = engine.initialize(model, create_optimizer(model, recipe.optim, lr=0.05),
+                            engine.deepspeed_config(recipe, world_size=dist.world_size(), device=device))
+
+    class Stream:  # rank 1 hangs before its third micro-batch, as on a hung file system
+        micro_batches_per_epoch = 100
+        stats = {}
+        def batches(self, epoch, start):
+            for pos in range(start, self.micro_batches_per_epoch):
+                if dist.rank() == 1 and pos == 2:
+                    time.sleep(3600)
+                g = torch.Generator().manual_seed(pos)
+                yield {"inputs": torch.randn(4, 3, 32, 32, generator=g),
+                       "target": torch.randint(0, 10, (4,), generator=g), "ids": [str(pos)] * 4}
+
+    run_dir = Path(sys.argv[1]) / "run"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    try:
+        Trainer(recipe=recipe, run_dir=run_dir, engine=eng,
+                criterion=loss_for(recipe.objective, model), train_data=Stream(), eval_data=None, device=device,
+                metrics_task="single_label").fit(save_fn=lambda t: None)
+    finally:
+        dist.shutdown()
+    """
+)
+
+
+def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(tmp_path):
+    """Rank 1 hangs (sleeps) inside its data stream while rank 0 waits in the step's all-reduce, which DeepSpeed
+    runs in a group of its own: with train.collective_timeout_s = 8 the job ends in a few minutes at most, with a
+    message naming the setting (torch's default for such a group would have held it for 30 minutes)."""
+    script = tmp_path / "one_rank_stalls.py"
+    script.write_text(ONE_RANK_STALLS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0
+    assert "rank 0: a collective waited longer than train.collective_timeout_s = 8 s" in out.stderr, out.stderr[-3000:]
+    # start-up, 8 s of waiting, then torchrun's 30 s grace for rank 1 (whose SIGTERM handler waits for its step)
+    assert elapsed < 180, f"the job took {elapsed:.0f} s to end"

@@ -239,9 +239,11 @@ def test_model_section_is_checked_against_the_builder(model, expect):
 
 
 def test_model_options_get_the_builders_types():
-    r = recipe_from_dict(_with_model({"name": "resnet_tiny", "options": {"widths": [8, 16, 32.0, 64], "se": True}}))
+    r = recipe_from_dict(_with_model({"name": "resnet_tiny", "options": {"widths": [8, 16, 32, 64], "se": True}}))
     assert r.model.options == {"widths": (8, 16, 32, 64), "se": True}
     assert type(r.model.options["widths"][2]) is int
+    with pytest.raises(RecipeError, match=r"model.options.widths\[2\]: expected an integer, got 32.0: write 32"):
+        recipe_from_dict(_with_model({"name": "resnet_tiny", "options": {"widths": [8, 16, 32.0, 64]}}))
     r = recipe_from_dict(_with_model({"name": "s3dg_tiny", "options": {"widths_scale": 1, "kernels": "auto"}}))
     assert r.model.options == {"widths_scale": 1.0, "kernels": "auto"} and type(r.model.options["widths_scale"]) is float
     assert r.model.builder_kwargs() == {"widths_scale": 1.0, "kernels": "auto"}
@@ -356,3 +358,71 @@ def test_paper_kinetics_recipes_evaluate_at_short_side_256_and_demos_at_their_cr
             assert (short, crop) == (r.data.crop_size, r.data.crop_size), path.name  # what the demos always did
         else:
             assert (short, crop) == (256, 224), path.name
+
+
+# ------------------------------------------------------------------------------------- values the run will use
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("train.seed=1e308", "train.seed: expected an integer, got 1e+308"),
+        ("train.global_batch_size=32.0", "train.global_batch_size: expected an integer, got 32.0: write 32"),
+        ("train.seed=-1", "train.seed: must be in [0, 2^63)"),
+        (f"train.seed={2**63}", "train.seed: 9223372036854775808 is out of range"),
+        (f"train.max_steps={2**64}", "train.max_steps: 18446744073709551616 is out of range"),
+        ("data.num_workers=1e3", "data.num_workers: expected an integer, got 1000.0: write 1000"),
+    ],
+)
+def test_integers_given_as_floats_or_out_of_range_stop_the_launch_check(tmp_path, override, expect):
+    """`python -m video_ens.config` (before torchrun) refuses them: train.seed=1e308 used to fail only in
+    torch.manual_seed, after the process group had started."""
+    src = _write(tmp_path, MINIMAL)
+    out = subprocess.run([sys.executable, "-m", "video_ens.config", str(src), "--quiet", "--world-size", "2",
+                          "--set", override], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2, (override, out.stderr)
+    assert expect in out.stderr
+
+
+def test_the_learning_rate_is_checked_after_linear_scaling():
+    """lr=1e308 is finite, but scaled to the global batch it is not: the check runs on the value the run uses."""
+    raw = {**MINIMAL, "optim": {"lr": 1e308, "lr_scaling": "linear", "reference_batch_size": 256},
+           "train": {"global_batch_size": 512}}
+    assert "optim.lr: with optim.lr_scaling \"linear\" the peak learning rate 1e+308 x 512 / 256 is inf" in _error(raw)
+    raw["optim"]["lr_scaling"] = "none"
+    assert recipe_from_dict(raw).optim.peak_lr(512) == 1e308
+
+
+# ------------------------------------------------------------------------------------------- run folder names
+
+
+def test_default_run_folder_names_differ_across_seeds_and_overrides(tmp_path):
+    """runs/<recipe file name> for the recipe as written; a suffix hashing the fields whose overrides make another
+    run (the seed, the lr, ...); fields a resume may change (length, workers, evaluation, train.resume) keep it."""
+    from video_ens.config import default_run_dir
+
+    src = _write(tmp_path, MINIMAL)
+    plain = default_run_dir(src, [])
+    assert plain == Path("runs") / "r"
+    for same in (["train.max_steps=100"], ["data.num_workers=8", "eval.batch_size=2"], ["train.resume=force"],
+                 ["train.seed=0"], ["optim.lr=0.1"]):  # 0 and 0.1 are the values the file resolves to
+        assert default_run_dir(src, same) == plain, same
+    seed1 = default_run_dir(src, ["train.seed=1"])
+    assert seed1.parent == plain.parent and seed1.name.startswith("r-") and len(seed1.name) == len("r-") + 8
+    assert default_run_dir(src, ["train.seed=1", "train.max_steps=9"]) == seed1
+    others = {seed1, default_run_dir(src, ["train.seed=2"]), default_run_dir(src, ["optim.lr=0.2"]),
+              default_run_dir(src, ["train.seed=1", "optim.lr=0.2"])}
+    assert len(others) == 4 and plain not in others
+
+
+def test_resume_differences_name_the_fields_a_resume_may_not_change():
+    from video_ens.config import resume_differences
+
+    old = recipe_to_dict(recipe_from_dict(MINIMAL))
+    new = recipe_from_dict(apply_overrides(MINIMAL, ["train.seed=3", "optim.lr=0.2", "train.max_steps=50",
+                                                     "data.num_workers=1", "eval.num_clips=2", "description=x"]))
+    assert resume_differences(old, new) == ["optim.lr: 0.1 -> 0.2", "train.seed: 0 -> 3"]
+    # a field the checkpoint's code did not have counts as its default; one this code no longer has is ignored
+    del old["data"]["frame_stride"]
+    old["data"]["retired_field"] = 1
+    assert resume_differences(old, recipe_from_dict(MINIMAL)) == []

@@ -451,14 +451,14 @@ def test_a_sample_that_kills_its_worker_is_quarantined_and_the_batch_rebuilt(tmp
         time.sleep(0.2)
     assert len(batches) == 6 and first.worker_crashes == 1
     assert crash_key not in [key for b in batches for key in b["ids"]]
-    assert first.stats["bad_by_reason"] == {"crashed": 1}
+    assert first.stats["bad_by_reason"] == {"quarantined": 1}
     lines = [json.loads(line) for line in quarantine.read_text().splitlines()]
     assert [line["id"] for line in lines] == [f"d-000000.tar/{crash_key}"] and "SIGSEGV" in lines[0]["detail"]
     first.close()
     # A restarted job reads the quarantine: no crash, and exactly the same micro-batches.
     again = stream()
     replay = list(again.batches(0))
-    assert again.worker_crashes == 0 and again.stats["bad_by_reason"] == {"crashed": 1}
+    assert again.worker_crashes == 0 and again.stats["bad_by_reason"] == {"quarantined": 1}
     for a, b in zip(batches, replay, strict=True):
         assert a["ids"] == b["ids"] and torch.equal(a["inputs"], b["inputs"])
     again.close()
@@ -472,6 +472,68 @@ def test_evaluation_survives_a_sample_that_kills_its_worker(tmp_path, crashing_d
                                 root=loader.resolve_paths(cfg), quarantine=tmp_path / "q.jsonl")  # fmt: skip
     ids = [key for batch in stream.batches() for key in batch["ids"]]
     assert sorted(ids) == sorted(r["__key__"] for i, r in enumerate(rows) if i != 7)  # every other sample once
-    assert stream.worker_crashes == 1 and stream.stats["bad_by_reason"] == {"crashed": 1}
+    assert stream.worker_crashes == 1 and stream.stats["bad_by_reason"] == {"quarantined": 1}
     assert stream.stats["samples"] == 9
+    stream.close()
+
+
+def test_a_sample_that_hangs_its_worker_is_quarantined_after_the_worker_timeout(tmp_path, monkeypatch):
+    """A decoder hung in native code (decord, dmlc/decord#375) held the job forever: no timeout anywhere. With
+    data.worker_timeout_s the stream finds the worker that has been on one sample that long, quarantines the sample,
+    replaces the workers and delivers the whole epoch without it."""
+    import time
+
+    from video_ens.data import samples as samples_module
+
+    real = samples_module.open_video
+
+    def open_video(src, **kwargs):
+        if bytes(src[:5]) == b"HANG!":
+            time.sleep(3600)
+        return real(src, **kwargs)
+
+    monkeypatch.setattr(samples_module, "open_video", open_video)
+    rows = _crash_dataset(tmp_path / "d", b"HANG!", count=8, crash_at=3)
+    cfg = _cfg(tmp_path / "d", "clip", num_workers=2, samples_per_epoch=8, worker_timeout_s=4)
+    stream = loader.train_stream(cfg, input_spec=_input_spec("clip"), micro_batch_size=2, rank=0, world_size=1,
+                                 seed=0, root=loader.resolve_paths(cfg), quarantine=tmp_path / "q.jsonl")  # fmt: skip
+    start = time.monotonic()
+    ids = [key for batch in stream.batches(0) for key in batch["ids"]]
+    assert time.monotonic() - start < 60
+    assert len(ids) == 8 and rows[3]["__key__"] not in ids
+    assert stream.worker_crashes == 1 and stream.stats["bad_by_reason"] == {"quarantined": 1}
+    detail = json.loads((tmp_path / "q.jsonl").read_text())["detail"]
+    assert "data.worker_timeout_s = 4" in detail
+    stream.close()
+
+
+def test_workers_leave_stop_signals_to_their_rank(tmp_path):
+    """SLURM signals every process of a job (SIGUSR1, then SIGTERM); a terminal's Ctrl-C sends SIGINT to the whole
+    group. A worker that died of one was taken for one killed by its sample. Workers ignore them: the epoch goes on
+    with the same workers and nothing is quarantined."""
+    import os
+    import signal as signals
+
+    rows = [_video_sample(i, _clip(seed=i)) for i in range(8)]
+    _write(tmp_path / "d", "video", rows)
+    cfg = _cfg(tmp_path / "d", "clip", num_workers=2, samples_per_epoch=8)
+    def stream():
+        return loader.train_stream(cfg, input_spec=_input_spec("clip"), micro_batch_size=2, rank=0, world_size=1,
+                                   seed=0, root=loader.resolve_paths(cfg), quarantine=tmp_path / "q.jsonl")  # fmt: skip
+
+    reference = stream()
+    expected = [key for batch in reference.batches(0) for key in batch["ids"]]
+    reference.close()
+    stream = stream()
+    ids = []
+    for k, batch in enumerate(stream.batches(0)):
+        ids += batch["ids"]
+        if k == 1:  # both workers have handed over a batch: both are past their start-up
+            pids = [w.pid for w in stream._iterator._workers]
+            for pid in pids:
+                for sig in (signals.SIGUSR1, signals.SIGTERM, signals.SIGINT, signals.SIGHUP):
+                    os.kill(pid, sig)
+    assert ids == expected
+    assert stream.worker_crashes == 0 and [w.pid for w in stream._iterator._workers] == pids
+    assert not (tmp_path / "q.jsonl").exists()
     stream.close()

@@ -831,7 +831,8 @@ cfg = DataConfig(kind="features", train_shards={str(data / "feats")!r}, val_shar
                  frames=6, num_workers=2, samples_per_epoch=20)
 stream = loader.train_stream(cfg, input_spec={FEAT_SPEC!r}, micro_batch_size=2, rank=0, world_size=1, seed=0,
                              root=loader.resolve_paths(cfg))
-next(iter(stream.batches(0)))
+batches = stream.batches(0)
+next(batches), next(batches)  # one from each worker: both are past their start-up (and its PR_SET_PDEATHSIG)
 print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
 time.sleep(60)
 """

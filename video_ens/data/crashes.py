@@ -1,10 +1,12 @@
-"""Samples that kill a data worker: which one it was, and never decoding it again.
+"""Samples that kill or hang a data worker: which one it was, and never decoding it again.
 
-A decoder can end its process instead of raising (a segfault in FFmpeg or a codec library, the OOM killer). Each
-worker writes the id of the sample it is turning into tensors into shared memory (`InFlight`) and clears it when
-done, so when a worker dies the stream reads what it was working on, adds it to the `Quarantine` (kept in a file
-of the run folder, so a restarted job skips it too) and starts new workers from the batch that was being built;
-the workers then treat a quarantined sample as bad ("crashed"), counted like any other bad sample.
+A decoder can end its process instead of raising (a segfault in FFmpeg or a codec library, the OOM killer), or hang
+in native code where no Python timeout reaches it. Each worker writes the id of the sample it is turning into
+tensors, and when it started, into shared memory (`InFlight`) and clears it when done. When a worker dies, or hands
+over nothing for data.worker_timeout_s while one sample has held it for most of that time, the stream reads what it
+was working on, adds it to the `Quarantine` (kept in a file of the run folder, so a restarted job skips it too),
+replaces the workers and goes on from the batch that was being built; the workers then treat a quarantined sample as
+bad ("quarantined"), counted like any other bad sample.
 
 Torch reports a dead worker from a SIGCHLD handler that raises in the main thread wherever it happens to be (in the
 middle of a training step); `contain_sigchld` keeps that handler from raising, so the death surfaces where the
@@ -21,7 +23,7 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["InFlight", "Quarantine", "contain_sigchld", "dead_workers", "sample_id"]
+__all__ = ["InFlight", "Quarantine", "contain_sigchld", "dead_workers", "describe_exit", "sample_id"]
 
 # Bytes of a sample id kept per worker (longer ids are cut: shard name and key fit easily).
 ID_BYTES = 256
@@ -38,13 +40,19 @@ class InFlight:
     def __init__(self, workers: int):
         self.slots = max(1, workers)
         self._array = multiprocessing.RawArray("c", self.slots * ID_BYTES)
+        self._since = multiprocessing.RawArray("d", self.slots)  # time.time() when the sample was started
 
     def set(self, worker: int, ident: str) -> None:
         data = ident.encode("utf-8", "replace")[: ID_BYTES - 1]
+        self._since[worker] = time.time()
         self._array[worker * ID_BYTES : (worker + 1) * ID_BYTES] = data.ljust(ID_BYTES, b"\0")
 
     def clear(self, worker: int) -> None:
         self._array[worker * ID_BYTES] = b"\0"
+
+    def age(self, worker: int) -> float:
+        """Seconds the worker has been on its current sample (0 when it is on none)."""
+        return time.time() - self._since[worker] if self.get(worker) else 0.0
 
     def get(self, worker: int) -> str:
         raw = bytes(self._array[worker * ID_BYTES : (worker + 1) * ID_BYTES])
@@ -59,11 +67,12 @@ class Quarantine:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else None
-        self.ids: set[str] = set()
+        self.ids: dict[str, str] = {}  # id -> what happened
         if self.path is not None and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
-                    self.ids.add(json.loads(line)["id"])
+                    record = json.loads(line)
+                    self.ids[record["id"]] = str(record.get("detail", ""))
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a crash mid-write: the rest still count
 
@@ -71,7 +80,7 @@ class Quarantine:
         return ident in self.ids
 
     def add(self, ident: str, detail: str) -> None:
-        self.ids.add(ident)
+        self.ids[ident] = detail
         if self.path is None:
             return
         line = json.dumps({"id": ident, "detail": detail, "host": socket.gethostname(), "pid": os.getpid(),

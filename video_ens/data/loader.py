@@ -176,6 +176,9 @@ PREFETCH_PER_WORKER = 2
 # something other than one sample kills them (memory pressure, a broken decoder install), and the stream stops.
 MAX_WORKER_CRASHES = 8
 
+# Seconds between checks of the workers while a stream waits for a batch (dead ones, ones stuck on a sample).
+POLL_S = 5.0
+
 # data.kind -> the schema kind of the dataset folder that feeds it.
 SCHEMA_KIND = {"clip": "video", "features": "yt8m", "image": "image"}
 
@@ -319,9 +322,18 @@ def _mix(*parts: Any) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Signals a DataLoader worker ignores: schedulers (SLURM, Kubernetes) and a terminal's Ctrl-C send them to every
+# process of the job, and a worker that died of one would look to its rank like a worker killed by its sample. The
+# rank decides: it finishes its step, checkpoints and shuts its workers down.
+WORKER_IGNORES = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
 def _worker_init(worker_id: int) -> None:
     """In each DataLoader worker: die with the rank (a rank killed with SIGKILL would otherwise leave its workers
-    running until their next check of the parent, every 5 s in torch's worker loop)."""
+    running until their next check of the parent, every 5 s in torch's worker loop), and leave stop signals to it."""
+    for name in WORKER_IGNORES:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     except (AttributeError, OSError):
@@ -336,7 +348,11 @@ def _worker() -> tuple[int, int]:
 def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_PER_WORKER, worker_init_fn=_worker_init)
+        # The iterator gives up waiting after POLL_S: the stream then checks its workers (dead, or stuck on one
+        # sample) and asks again. torch's own wait checks for dead workers every 5 s, but only when no timeout is
+        # set, and a hung worker holds it forever.
+        kwargs.update(persistent_workers=True, prefetch_factor=PREFETCH_PER_WORKER, worker_init_fn=_worker_init,
+                      timeout=POLL_S)  # fmt: skip
         if "fork" in multiprocessing.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
     return DataLoader(
@@ -389,8 +405,9 @@ class _Stream:
     """What both streams share: the DataLoader (made, and its workers forked, on first use), its hand-over of
     batches with their reports, and `close`."""
 
-    def __init__(self, num_workers: int, what: str, quarantine: Quarantine):
+    def __init__(self, num_workers: int, what: str, quarantine: Quarantine, worker_timeout_s: float):
         self.num_workers = num_workers
+        self.worker_timeout_s = worker_timeout_s
         self._what = what
         self._stats = SampleStats()
         self._dataloader: DataLoader | None = None
@@ -428,12 +445,9 @@ class _Stream:
                 raise RuntimeError(f"{self._what}: a later batches() call restarted the workers; this one is over")
             start = time.perf_counter()
             try:
-                batch = next(self._iterator)
+                batch = self._next(start)
             except StopIteration:
                 return
-            except RuntimeError as exc:
-                self._worker_died(exc)
-                raise
             self.received += 1
             if self.received <= skip:
                 continue
@@ -443,10 +457,27 @@ class _Stream:
             if "inputs" in batch:
                 yield batch
 
-    def _worker_died(self, exc: RuntimeError) -> None:
-        """Raise _WorkersDied (with the samples quarantined) if `exc` is the iterator reporting dead workers; else
-        return, and the caller re-raises `exc`."""
-        dead = dead_workers(self._iterator)
+    def _next(self, start: float) -> dict:
+        """The next item, polling the workers every POLL_S while waiting: dead ones and ones stuck on one sample for
+        data.worker_timeout_s raise _WorkersDied (their samples quarantined)."""
+        while True:
+            try:
+                return next(self._iterator)
+            except (RuntimeError, OSError, EOFError) as exc:
+                # A batch whose worker died after sending it fails to arrive (its shared memory is passed through a
+                # connection to the sender: ConnectionResetError), before the death itself is visible.
+                timed_out = self.num_workers and isinstance(exc, RuntimeError) and "timed out" in str(exc)
+                self._worker_died(exc, wait_s=0.0 if timed_out else 3.0)
+                if not timed_out:
+                    raise
+                self._worker_stuck(exc, time.perf_counter() - start)
+
+    def _worker_died(self, exc: BaseException, wait_s: float = 0.0) -> None:
+        """Raise _WorkersDied (with the samples quarantined) if a worker has died, waiting up to wait_s for one to
+        show; else return, and the caller re-raises `exc`."""
+        deadline = time.monotonic() + wait_s
+        while not (dead := dead_workers(self._iterator)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if not dead:
             return
         self.worker_crashes += 1
@@ -468,6 +499,31 @@ class _Stream:
             ) from exc
         self.close()
         raise _WorkersDied(idents) from exc
+
+    def _worker_stuck(self, exc: RuntimeError, waited: float) -> None:
+        """Workers that have been on one sample for data.worker_timeout_s are stuck in it: quarantine those samples,
+        end the workers, raise _WorkersDied. Returns when none is (yet)."""
+        processes = getattr(self._iterator, "_workers", None) or []
+        stuck = [w for w in range(len(processes)) if self.inflight.age(w) >= self.worker_timeout_s]
+        if not stuck:
+            if waited < self.worker_timeout_s or any(self.inflight.get(w) for w in range(len(processes))):
+                return  # still within the budget, or a sample is in progress and may yet hit it
+            raise RuntimeError(
+                f"{self._what}: no batch for data.worker_timeout_s = {self.worker_timeout_s:g} s and no worker is on "
+                "one sample for long: they are stuck outside decoding (reading shards from a hung file system?)"
+            ) from exc
+        self.worker_crashes += 1
+        for worker in stuck:
+            ident = self.inflight.get(worker)
+            what = (f"{self._what}: DataLoader worker {worker} spent {self.inflight.age(worker):.0f} s on {ident} "
+                    f"(data.worker_timeout_s = {self.worker_timeout_s:g})")  # fmt: skip
+            self.quarantine.add(ident, what)
+            dist.get_logger("video_ens.data").warning(f"{what}: quarantined, starting new workers")
+            processes[worker].kill()
+        if self.worker_crashes > MAX_WORKER_CRASHES:
+            raise RuntimeError(f"{self._what}: data workers were replaced {self.worker_crashes} times") from exc
+        self.close()
+        raise _WorkersDied(stuck) from exc
 
     def _check(self, stats: SampleStats) -> None:
         pass
@@ -499,8 +555,8 @@ class _Guard:
     def admit(self, raw: dict) -> None:
         ident = sample_id(raw)
         if ident in self.quarantine:
-            raise BadSample("crashed", sample_key(raw), f"a data worker died decoding {ident} before (quarantine: "
-                                                        f"{self.quarantine.path or 'this process'})")
+            raise BadSample("quarantined", sample_key(raw), f"{self.quarantine.ids[ident]} (quarantine: "
+                                                            f"{self.quarantine.path or 'this process'})")
         self.inflight.set(_worker()[0], ident)
 
     def done(self) -> None:
@@ -750,8 +806,9 @@ class TrainStream(_Stream):
         num_workers: int,
         max_skip_fraction: float,
         quarantine: Quarantine,
+        worker_timeout_s: float = 300.0,
     ):
-        super().__init__(num_workers, "training data", quarantine)
+        super().__init__(num_workers, "training data", quarantine, worker_timeout_s)
         self._plan = plan
         self._pass = _TrainPass(plan, _Guard(self.quarantine, self.inflight))
         self.micro_batches_per_epoch = micro_batches_per_epoch
@@ -876,6 +933,7 @@ def train_stream(
         num_workers=data_cfg.num_workers,
         max_skip_fraction=data_cfg.max_skip_fraction,
         quarantine=Quarantine(quarantine),
+        worker_timeout_s=data_cfg.worker_timeout_s,
     )
 
 
@@ -984,8 +1042,8 @@ class EvalStream(_Stream):
         stats: samples and bad samples of the last `batches()` pass, as TrainStream.stats.
     """
 
-    def __init__(self, plan: _EvalPlan, *, num_workers: int, quarantine: Quarantine):
-        super().__init__(num_workers, "evaluation data", quarantine)
+    def __init__(self, plan: _EvalPlan, *, num_workers: int, quarantine: Quarantine, worker_timeout_s: float = 300.0):
+        super().__init__(num_workers, "evaluation data", quarantine, worker_timeout_s)
         self._plan = plan
         self.num_classes = plan.spec.num_classes
         self.num_samples = sum(plan.counts)
@@ -1054,4 +1112,5 @@ def eval_stream(
         world_size=world_size,
         batch_size=eval_cfg.batch_size,
     )
-    return EvalStream(plan, num_workers=data_cfg.num_workers, quarantine=Quarantine(quarantine))
+    return EvalStream(plan, num_workers=data_cfg.num_workers, quarantine=Quarantine(quarantine),
+                      worker_timeout_s=data_cfg.worker_timeout_s)

@@ -302,8 +302,14 @@ def _apply_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
     return [fn(item) for item in chunk]
 
 
-def map_ordered(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, chunksize: int = 1) -> Iterator[R]:
+def map_ordered(
+    fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, chunksize: int = 1, timeout: float | None = None
+) -> Iterator[R]:
     """`map(fn, items)` in order, in `workers` spawned processes when workers > 1.
+
+    timeout: seconds an item may take (workers > 1): when the oldest chunk in flight has not finished after
+    timeout x chunksize more seconds, the worker processes are killed and TimeoutError is raised, rather than wait
+    forever on a hung decoder. In this process (workers <= 1) nothing can interrupt native code: no timeout.
 
     Spawned rather than forked: FFmpeg and numpy thread pools do not survive a fork reliably, and `fn` must then be
     a module-level function of an importable module. A `concurrent.futures` pool rather than `multiprocessing.Pool`:
@@ -327,10 +333,29 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 1, c
                 pending.append(pool.submit(_apply_chunk, fn, chunk))
                 chunk = []
                 if len(pending) >= 4 * workers:
-                    yield from pending.popleft().result()
+                    yield from _result(pool, pending.popleft(), timeout and timeout * chunksize)
         if chunk:
             pending.append(pool.submit(_apply_chunk, fn, chunk))
         while pending:
-            yield from pending.popleft().result()
+            yield from _result(pool, pending.popleft(), timeout and timeout * chunksize)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(pool, future, timeout: float | None):
+    """future.result(timeout); on a timeout the pool's processes are killed (a hung one would block shutdown)."""
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        kill_workers(pool)
+        raise TimeoutError(f"a worker process gave no result for {timeout:g} s and was killed (a hung decoder?): "
+                           "raise --timeout if items legitimately take longer") from None
+
+
+def kill_workers(pool) -> None:
+    """SIGKILL the processes of a ProcessPoolExecutor (the executor then reports itself broken)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError):
+            pass
