@@ -10,6 +10,10 @@
 # Several nodes: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (or, under SLURM, SLURM_NNODES, SLURM_NODEID and the
 # first host of SLURM_JOB_NODELIST); run the same command on every node. No SSH is needed.
 # DRY_RUN=1 validates the recipe, builds the model and the data, runs one step and writes nothing.
+# Stopping: SIGTERM, SIGUSR1 (SLURM's --signal=USR1@T), SIGINT or SIGHUP to this process (it becomes torchrun) or to
+# every process of the job: each rank finishes its step, checkpoints it and exits; the launch exits 143 and the same
+# command resumes. STOP_GRACE_S (default 120) is how long torchrun then waits for the ranks before SIGKILL: it must
+# cover a step and a checkpoint save. If torchrun itself is killed, its ranks and their data workers die with it.
 # Demo recipes (data.demo set) generate their dataset under data/demo first (DEMO_DIR to change).
 # The environment: PYTHON when set; else the active virtualenv or conda env, or else the python3 on PATH (a container
 # image), when it has torch, deepspeed and webdataset; else .venv (created by tools/setup_env.sh). The package runs
@@ -115,7 +119,14 @@ if [ "$nnodes" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then
 else
   rdzv=(--nnodes "$nnodes" --node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
 fi
-cmd=("$py" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
-  -m video_ens.train "$recipe" "${rest[@]}" --run-dir "$run_dir" "${extra[@]}")
+# torchrun passes on only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default (SIGUSR1 ended it at once and orphaned the
+# ranks), and kills the ranks 30 s after passing one on, which a large checkpoint save can outlast. An older torch
+# has neither option: there SIGUSR1 ends torchrun, and its ranks die with it (no orphans, no checkpoint).
+stop=()
+if "$py" -m torch.distributed.run --help 2>/dev/null | grep -q -- "--shutdown-timeout"; then
+  stop=(--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --shutdown-timeout "${STOP_GRACE_S:-120}")
+fi
+cmd=("$py" -m video_ens.torchrun "${rdzv[@]}" --nproc-per-node "$NPROC" ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
+  "${stop[@]}" -m video_ens.train "$recipe" "${rest[@]}" --run-dir "$run_dir" "${extra[@]}")
 echo "launch: ${cmd[*]}"
 exec "${cmd[@]}"

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -56,7 +57,26 @@ def _seed_everything(seed: int) -> None:
 EXIT_STOPPED = 143
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun: end with SIGKILL when the agent ends. torchrun starts each rank in a session of its own, so
+    when the agent is killed without passing anything on (SIGKILL to it or to the launch's process group, the OOM
+    killer) its ranks would train on as orphans and keep writing checkpoints into the run folder. Killed, they
+    write nothing; the last complete checkpoint stays the one to resume from."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):
+        return
+    if os.getppid() != parent:  # the agent ended before the request above: it cannot fire any more
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_launcher()
     ap = argparse.ArgumentParser(prog="python -m video_ens.train", description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--run-dir", default=None,

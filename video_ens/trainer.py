@@ -193,6 +193,9 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.bad_in_a_row = 0
         self._stop_signal: str | None = None  # set by the signal handler; acted on at a step boundary
+        # An evaluation that was due at the step a stop signal ended on: skipped then (the scheduler's grace is for
+        # the checkpoint), carried in the checkpoint and run first thing after the resume.
+        self._eval_pending = False
         self.log = MetricsLog(self.run_dir)
 
     # ------------------------------------------------------------------ state carried in checkpoints
@@ -202,6 +205,7 @@ class Trainer:
             "recipe": self.recipe_dict(),
             "bad_in_a_row": self.bad_in_a_row,
             "world_size": dist.world_size(),
+            "eval_pending": self._eval_pending,
         }
 
     def recipe_dict(self) -> dict:
@@ -212,6 +216,7 @@ class Trainer:
     def restore(self, client_state: dict) -> None:
         self.step = int(client_state["step"])
         self.bad_in_a_row = int(client_state.get("bad_in_a_row", 0))
+        self._eval_pending = bool(client_state.get("eval_pending", False))
         changes = resume_changes(client_state, self.recipe_dict(), dist.world_size())
         if changes:
             LOG.warning(
@@ -235,6 +240,9 @@ class Trainer:
         stream = self._micro_batches()
         previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         try:
+            if self._eval_pending and self.step < self.total_steps:
+                self.evaluate()  # the one a stop skipped at this step (the final step evaluates anyway)
+            self._eval_pending = False
             while self.step < self.total_steps:
                 lr = lr_at(
                     self.recipe.optim,
@@ -269,7 +277,10 @@ class Trainer:
                     window_t0, window_samples, window_wait = time.monotonic(), 0, wait
                 last = self.step == self.total_steps
                 if t.eval_every and self.step % t.eval_every == 0 and not last:
-                    self.evaluate()
+                    if stop:
+                        self._eval_pending = True  # after the resume: a full evaluation could outlast the grace
+                    else:
+                        self.evaluate()
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last or stop:
                     save_fn(self)
                 if on_step_end is not None:

@@ -343,36 +343,103 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
     assert lines_after - lines_before == RESUME_STEPS - 4  # steps 5-8 again, from the step-4 checkpoint
 
 
-def test_sigterm_checkpoints_the_current_step_and_the_relaunch_goes_on_from_it(demo_root, uninterrupted, tmp_path):
-    """SIGTERM to torchrun (what a scheduler sends at preemption or the time limit): the workers finish the step in
-    flight, agree on it, checkpoint it (between the every-2-steps checkpoints if need be) and exit; relaunching
-    resumes from that very step and ends with the uninterrupted losses."""
+@pytest.fixture(scope="session")
+def uninterrupted_with_workers(demo_root, tmp_path_factory):
+    """The resume recipe with a data worker per rank, run without interruption (the data order depends on the
+    worker count, so the stop tests compare against this one)."""
+    run = tmp_path_factory.mktemp("uninterrupted_workers") / "run"
     recipe = _resume_recipe(demo_root)
-    run = tmp_path / "sigterm"
+    recipe["data"]["num_workers"] = 1
+    _check(_launch(recipe, run))
+    return _losses(run)
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1 to torchrun", "SIGTERM to every process"])
+def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_from_it(
+    demo_root, uninterrupted_with_workers, tmp_path, how
+):
+    """What schedulers send: SIGUSR1 to the launcher (`sbatch --signal=USR1@90`; torchrun used to exit at once on it,
+    138, orphaning the ranks), or SIGTERM to every process of the job at once, data workers included (SLURM at
+    preemption; a worker that died of it broke its rank's next fetch). Each rank finishes the step in flight, skips
+    the evaluation due at that step (eval_every 1: one is due at every step), checkpoints it and exits; the launch
+    exits 143. The relaunch runs the skipped evaluation first, resumes from that very step and ends with the
+    uninterrupted losses."""
+    recipe = _resume_recipe(demo_root)
+    recipe["data"]["num_workers"] = 1
+    recipe["train"]["eval_every"] = 1
+    recipe["eval"]["max_frames"] = 16
+    run = tmp_path / "stopped"
     proc = _launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
-        os.kill(proc.pid, signal.SIGTERM)  # launch.sh execs torchrun: this is the agent
-        out = proc.communicate(timeout=120)[0]
+        if how == "SIGUSR1 to torchrun":
+            os.kill(proc.pid, signal.SIGUSR1)  # launch.sh execs torchrun: this is the agent
+        else:
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                os.kill(pid, signal.SIGTERM)
+        out = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             _kill_job(proc)
+    assert proc.returncode == 143, out[-3000:]
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stops = [r for r in log if r["kind"] == "stop"]
-    assert len(stops) == 1 and stops[0]["signal"] == "SIGTERM", out[-3000:]
+    assert len(stops) == 1 and stops[0]["signal"] == how.split()[0], out[-3000:]
     stopped_at = stops[0]["step"]
     assert 3 <= stopped_at < RESUME_STEPS
+    assert stopped_at not in [r["step"] for r in log if r["kind"] == "eval"], "the due evaluation must wait"
     from video_ens.engine import latest_checkpoint
 
     assert latest_checkpoint(run / "checkpoints")[0] == stopped_at, "the stop step itself must be checkpointed"
     lines_before = sum(r["kind"] == "train" for r in log)
 
     _check(_launch(recipe, run))
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = next(i for i, r in enumerate(log) if r["kind"] == "resume")
+    assert log[resumed_at + 1]["kind"] == "eval" and log[resumed_at + 1]["step"] == stopped_at  # the skipped one
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
-    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
+    expected = uninterrupted_with_workers
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expected[s] for s in sorted(resumed)], rel=1e-6)
     lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
     assert lines_after - lines_before == RESUME_STEPS - stopped_at  # nothing trained twice, nothing skipped
+
+
+def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_root, tmp_path):
+    """SIGKILL to torchrun alone (or the OOM killer choosing it): its ranks run in sessions of their own and trained
+    on as orphans, writing checkpoints a relaunch would race. Now they die with it within seconds, data workers too,
+    and no checkpoint appears after the kill."""
+    recipe = _resume_recipe(demo_root)
+    recipe["data"]["num_workers"] = 1
+    recipe["train"]["max_steps"] = 200
+    run = tmp_path / "orphans"
+    proc = _launch(recipe, run, background=True)
+    try:
+        _wait_for_step(run, proc, 3)
+        below = _descendants(proc.pid)
+        assert len(below) >= 4, below  # 2 ranks and a data worker each
+        checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in below if Path(f"/proc/{pid}").exists() and _alive(pid)]
+        time.sleep(2)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has ended already
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def test_two_node_launch_on_localhost(demo_root, tmp_path):

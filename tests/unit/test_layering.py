@@ -19,7 +19,7 @@ LAYERS = [
     {"evaluate"},
     {"engine"},
     {"trainer"},
-    {"train"},
+    {"train", "torchrun"},
 ]
 # Which top-level packages of third parties each part of video_ens may import.
 HEAVY_HOME = {
