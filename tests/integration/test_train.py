@@ -372,16 +372,19 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     proc = _launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
+        below = _descendants(proc.pid)  # 2 ranks and a data worker each
         if how == "SIGUSR1 to torchrun":
             os.kill(proc.pid, signal.SIGUSR1)  # launch.sh execs torchrun: this is the agent
         else:
-            for pid in [proc.pid, *_descendants(proc.pid)]:
+            for pid in [proc.pid, *below]:
                 os.kill(pid, signal.SIGTERM)
         out = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             _kill_job(proc)
     assert proc.returncode == 143, out[-3000:]
+    assert "--shutdown-timeout 120" in out  # torchrun's grace for the save: STOP_GRACE_S, not its 30 s
+    assert len(below) >= 4 and not [pid for pid in below if _alive(pid)], "a process of the first launch is left"
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     stops = [r for r in log if r["kind"] == "stop"]
     assert len(stops) == 1 and stops[0]["signal"] == how.split()[0], out[-3000:]
