@@ -406,9 +406,11 @@ class Trainer:
 def resume_changes(client_state: dict, recipe: dict, world_size: int) -> list[str]:
     """What differs between the run a checkpoint was written by and this one: "field: old -> new" for every
     recipe field (dotted) and for the world size. `description` and the run-length fields (epochs, max_steps,
-    checkpoint/eval/log cadence) are not reported: extending or re-pacing a run is what a resume is for."""
+    checkpoint/eval/log cadence) are not reported: extending or re-pacing a run is what a resume is for; nor are
+    train.resume and the timeouts, which change nothing a run computes."""
     ignore = {"description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.eval_every", "train.log_every"}  # fmt: skip
+              "train.eval_every", "train.log_every", "train.resume", "train.collective_timeout_s",
+              "data.worker_timeout_s"}  # fmt: skip
     changes = []
     if client_state.get("recipe") is not None:
         old, new = _flatten_recipe(client_state["recipe"]), _flatten_recipe(recipe)

@@ -35,6 +35,10 @@ def test_extending_or_re_pacing_a_run_is_not_a_change():
     new["train"].update(epochs=50, max_steps=1000, checkpoint_every=7, eval_every=9, log_every=3, keep_checkpoints=5)
     new["description"] = "longer"
     assert resume_changes(_state(), new, 2) == []
+    # forcing a resume or waiting longer for a stuck rank or worker changes nothing the run computes
+    new["train"].update(resume="force", collective_timeout_s=1800.0)
+    new["data"]["worker_timeout_s"] = 900.0
+    assert resume_changes(_state(), new, 2) == []
 
 
 def test_model_options_compare_as_one_value_and_old_checkpoints_without_the_fields_pass():
