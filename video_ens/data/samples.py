@@ -362,21 +362,28 @@ class ClipBuffer:
         return out
 
 
-def _within_budget(raw: dict) -> None:
+def _decoded(raw: dict, decode, *, label_field: str | None = None):
+    """decode(raw) (a schema decoder) with its problems as BadSample: a member over max_member_bytes ("budget"), a
+    bad label field ("label"), anything else ("format")."""
     if OVER_BUDGET in raw:
         raise BadSample("budget", sample_key(raw), raw[OVER_BUDGET].decode(errors="replace"))
+    try:
+        return decode(raw)
+    except schema.SampleError as e:
+        reason = "label" if label_field is not None and e.field == label_field else "format"
+        raise BadSample(reason, sample_key(raw), str(e)) from None
+
+
+def _frames_within_budget(key: str, frames: int, spec: SampleSpec) -> None:
+    if frames > spec.max_video_frames:
+        raise BadSample("budget", key, f"claims {frames} frames, over the budget of {spec.max_video_frames} "
+                                       "(data.max_video_frames)")
 
 
 def _video(raw: dict, spec: SampleSpec) -> schema.VideoSample:
-    _within_budget(raw)
-    try:
-        sample = schema.decode_video_sample(raw)
-    except schema.SampleError as e:
-        raise BadSample("format", sample_key(raw), str(e)) from None
+    sample = _decoded(raw, schema.decode_video_sample)
     _label(sample.label, sample.key, spec.num_classes)
-    if sample.num_frames > spec.max_video_frames:
-        raise BadSample("budget", sample.key, f"claims {sample.num_frames} frames, over the budget of "
-                                              f"{spec.max_video_frames} (data.max_video_frames)")
+    _frames_within_budget(sample.key, sample.num_frames, spec)
     return sample
 
 
@@ -496,17 +503,11 @@ class Item:
 
 
 def _yt8m(raw: dict, spec: SampleSpec) -> schema.YT8MSample:
-    _within_budget(raw)
-    try:
-        sample = schema.decode_yt8m_sample(raw, num_classes=spec.num_classes or schema.YT8M_NUM_CLASSES)
-    except schema.SampleError as e:
-        reason = "label" if e.field == "json.labels" else "format"
-        raise BadSample(reason, sample_key(raw), str(e)) from None
+    num_classes = spec.num_classes or schema.YT8M_NUM_CLASSES
+    sample = _decoded(raw, lambda r: schema.decode_yt8m_sample(r, num_classes=num_classes), label_field="json.labels")
     if sample.num_frames == 0:
         raise BadSample("format", sample_key(raw), "no frames")
-    if sample.num_frames > spec.max_video_frames:
-        raise BadSample("budget", sample.key, f"{sample.num_frames} frames, over the budget of "
-                                              f"{spec.max_video_frames} (data.max_video_frames)")
+    _frames_within_budget(sample.key, sample.num_frames, spec)
     return sample
 
 
@@ -528,11 +529,7 @@ def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tenso
     """The image sample and its pixels, uint8 (H, W, 3) RGB."""
     from PIL import Image
 
-    _within_budget(raw)
-    try:
-        sample = schema.decode_image_sample(raw)
-    except schema.SampleError as e:
-        raise BadSample("format", sample_key(raw), str(e)) from None
+    sample = _decoded(raw, schema.decode_image_sample)
     _label(sample.label, sample.key, spec.num_classes)
     try:
         with Image.open(io.BytesIO(sample.image)) as im:
