@@ -480,7 +480,6 @@ class _Stream:
             time.sleep(0.1)
         if not dead:
             return
-        self.worker_crashes += 1
         idents = []
         for worker, code in dead:
             ident = self.inflight.get(worker)
@@ -492,13 +491,7 @@ class _Stream:
             else:
                 what += " outside any sample"
             dist.get_logger("video_ens.data").warning(f"{what}; starting new workers")
-        if self.worker_crashes > MAX_WORKER_CRASHES:
-            raise RuntimeError(
-                f"{self._what}: data workers died {self.worker_crashes} times (last: {exc}); more than one sample "
-                "is killing them: look for memory pressure (dmesg: oom-kill) or a broken decoder install"
-            ) from exc
-        self.close()
-        raise _WorkersDied(idents) from exc
+        self._replace_workers(exc, idents)
 
     def _worker_stuck(self, exc: RuntimeError, waited: float) -> None:
         """Workers that have been on one sample for data.worker_timeout_s are stuck in it: quarantine those samples,
@@ -512,18 +505,29 @@ class _Stream:
                 f"{self._what}: no batch for data.worker_timeout_s = {self.worker_timeout_s:g} s and no worker is on "
                 "one sample for long: they are stuck outside decoding (reading shards from a hung file system?)"
             ) from exc
-        self.worker_crashes += 1
+        idents = []
         for worker in stuck:
             ident = self.inflight.get(worker)
             what = (f"{self._what}: DataLoader worker {worker} spent {self.inflight.age(worker):.0f} s on {ident} "
                     f"(data.worker_timeout_s = {self.worker_timeout_s:g})")  # fmt: skip
+            idents.append(ident)
             self.quarantine.add(ident, what)
             dist.get_logger("video_ens.data").warning(f"{what}: quarantined, starting new workers")
             processes[worker].kill()
+        self._replace_workers(exc, idents)
+
+    def _replace_workers(self, exc: BaseException, idents: list[str]) -> None:
+        """After workers died or were killed stuck (their samples quarantined): stop the rest and raise
+        _WorkersDied, so that the stream starts new ones; more than MAX_WORKER_CRASHES times is an error."""
+        self.worker_crashes += 1
         if self.worker_crashes > MAX_WORKER_CRASHES:
-            raise RuntimeError(f"{self._what}: data workers were replaced {self.worker_crashes} times") from exc
+            raise RuntimeError(
+                f"{self._what}: data workers died or hung {self.worker_crashes} times (last: {exc}); more than one "
+                "sample is doing it: look for memory pressure (dmesg: oom-kill), a hung file system or a broken "
+                "decoder install"
+            ) from exc
         self.close()
-        raise _WorkersDied(stuck) from exc
+        raise _WorkersDied(idents) from exc
 
     def _check(self, stats: SampleStats) -> None:
         pass
