@@ -324,6 +324,45 @@ def test_segments_seek_only_across_keyframes():
 # Scaling inside the decoder
 
 
+def _ffmpeg_nonref_kept(path: Path, keyframe_pts: int, first_pts: int) -> int:
+    """Pictures FFmpeg's own decoder keeps between a keyframe and a later frame when told to skip non-reference
+    ones (skip_frame NONREF): the independent count for the test below."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        container.seek(keyframe_pts, stream=stream, backward=True)
+        kept = 0
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                if frame.pts >= first_pts:
+                    return kept
+                kept += 1
+    raise AssertionError("never reached the window")
+
+
+@pytest.mark.parametrize("clip", ["sparse_keys", "bframes", "matroska"])
+def test_pyav_leaves_out_unreferenced_pictures_before_a_window(clips, clip):
+    """Before a late window only the pictures others predict from are decoded (FFmpeg's NONREF count), and the
+    window's frames are still exactly the sequential decode's."""
+    path, reference = clips[clip]
+    n = len(reference)
+    with av.open(str(path)) as container:
+        pts = sorted(p.pts for p in container.demux(video=0) if p.size and not p.is_discard)
+        keys = sorted(pts.index(p.pts) for p in av.open(str(path)).demux(video=0) if p.size and p.is_keyframe)
+    keyframe = max(k for k in keys if k + 5 + 8 <= n)  # an 8-frame window 5 frames after it
+    first = keyframe + 5
+    assert first > decode.SEQUENTIAL_MAX_GAP  # a window the reader seeks to
+    indices = list(range(first, first + 8))
+    with decode.open_video(path) as reader:
+        got = []
+        reader.read(indices, lambda position, rgb: got.append(rgb.copy()))
+        decoded = reader.frames_decoded
+    assert np.array_equal(np.stack(got), reference[indices])
+    kept = _ffmpeg_nonref_kept(path, pts[keyframe], pts[first])
+    assert kept < first - keyframe  # the clip has unreferenced pictures there to leave out
+    assert decoded == kept + len(indices)
+
+
 @pytest.mark.parametrize("clip", ALL_CLIPS)
 def test_pyav_short_side_equals_sequential_decode_then_reformat(clips, clip):
     path, reference = clips[clip]

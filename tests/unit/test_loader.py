@@ -856,3 +856,87 @@ time.sleep(60)
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids)
+
+
+# ------------------------------------------------------------------------------------- pooled batch buffers
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """A fresh pool for ClipBuffers built here as a worker would build them (shared, pooled)."""
+    monkeypatch.setattr(samples, "_pool", None)
+    return lambda: samples._worker_pool()
+
+
+def _pooled(height: int, width: int, slots: int = 2, frames: int = 3) -> samples.ClipBuffer:
+    return samples.ClipBuffer(slots, frames, height=height, width=width, shared=True, pooled=True)
+
+
+def _fill(buffer: samples.ClipBuffer, slot: int, h: int, w: int, value: int) -> None:
+    buffer.array[slot, :, :h, :w] = value
+    buffer.place(slot, samples.ClipAugment((0, 0, h, w)))
+
+
+def _expected(shape: tuple, boxes: list[tuple[int, int, int]]) -> np.ndarray:
+    """What a batch must hold: each slot's box of its value, zeros everywhere else."""
+    out = np.zeros(shape, dtype=np.uint8)
+    for slot, (h, w, value) in enumerate(boxes):
+        out[slot, :, :h, :w] = value
+    return out
+
+
+def test_a_released_buffer_is_reused_with_its_old_pixels_cleared(pool):
+    first = _pooled(6, 6)
+    _fill(first, 0, 6, 6, 9)
+    _fill(first, 1, 6, 6, 8)
+    batch = first.batch(4, augmented=False)
+    held = _pooled(6, 6)  # the first is still held: this one is new memory
+    assert held.tensor.data_ptr() != batch["inputs"].data_ptr()
+    batch["_lease"].release()
+    again = _pooled(6, 6)  # same shape: only the last boxes' overhang is cleared
+    assert again.tensor.data_ptr() == batch["inputs"].data_ptr()
+    _fill(again, 0, 4, 3, 5)
+    _fill(again, 1, 6, 2, 4)
+    assert np.array_equal(again.array, _expected((2, 3, 6, 6, 3), [(4, 3, 5), (6, 2, 4)]))
+    out = again.batch(4, augmented=False)
+    out["_lease"].release()
+    other = _pooled(5, 7)  # fits the same memory with another shape: all padding is cleared
+    assert other.tensor.data_ptr() == batch["inputs"].data_ptr()
+    _fill(other, 0, 2, 7, 3)
+    _fill(other, 1, 5, 1, 2)
+    assert np.array_equal(other.array, _expected((2, 3, 5, 7, 3), [(2, 7, 3), (5, 1, 2)]))
+    assert len(pool().storages) == 2
+
+
+def test_a_reused_buffer_that_grows_clears_the_slots_placed_after(pool):
+    first = _pooled(6, 6)
+    _fill(first, 0, 6, 6, 9)
+    _fill(first, 1, 6, 6, 8)
+    first.batch(4, augmented=False)["_lease"].release()
+    buffer = _pooled(6, 6)  # reused: slot 1 still holds the 8s until it is placed
+    _fill(buffer, 0, 2, 2, 7)
+    buffer.ensure(8, 8)  # copies the old slots, 8s included, into new memory
+    _fill(buffer, 1, 3, 3, 6)
+    assert np.array_equal(buffer.array, _expected((2, 3, 8, 8, 3), [(2, 2, 7), (3, 3, 6)]))
+    assert pool().flag(0).item() == 0  # the buffer it grew out of went back to the pool
+
+
+def test_pooled_batches_equal_fresh_ones_and_reuse_their_memory(data):
+    """One worker reusing its buffers (each batch dropped after use, as the trainer does) hands over the same bytes
+    as the main process building every batch in new memory, in no more buffers than the pool holds."""
+    import os
+
+    cfg = _cfg(data, samples_per_epoch=24, short_side=(48, 96))
+    reference = [b["inputs"].clone() for b in _train(cfg, batch=2).batches(0, 0)]
+    stream = _train(dataclasses.replace(cfg, num_workers=1), batch=2)
+    files, got, boxes = set(), [], set()
+    for batch in stream.batches(0, 0):
+        got.append(batch["inputs"].clone())
+        boxes.update(map(tuple, batch["extent"].tolist()))
+        fd, _ = batch["inputs"].untyped_storage()._share_fd_cpu_()
+        files.add(os.fstat(fd).st_ino)
+        del batch
+    stream.close()
+    assert len(got) == 12 and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
+    assert len(boxes) > 4  # boxes of many sizes: reused buffers held other boxes before
+    assert len(files) <= samples.POOL_BUFFERS

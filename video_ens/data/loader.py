@@ -68,7 +68,8 @@ leaves no orphans. The DataLoader gets its own torch.Generator, so iterating nev
 (which would shift dropout masks between a resumed and an uninterrupted run).
 
 Hand-over: a worker builds up to PREFETCH_PER_WORKER micro-batches ahead; clip batches are built in shared memory
-(`samples.ClipBuffer`) and cross as a handle. On CUDA they are copied into pinned memory, and the trainer's copy to
+(`samples.ClipBuffer`) and cross as a handle; a training worker reuses samples.POOL_BUFFERS such buffers, each
+again once the consumer has released it (`_hand_back_when_done`: when its frames are garbage). On CUDA they are copied into pinned memory, and the trainer's copy to
 the GPU is non-blocking. Before forking, a stream compares what its batches in flight need in /dev/shm (all ranks of
 the node) with what /dev/shm holds: more than its size is an error naming --shm-size, more than is free a warning.
 
@@ -115,6 +116,7 @@ import os
 import random
 import signal
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,7 @@ from video_ens.config import RecipeError
 from video_ens.data import schema
 from video_ens.data.crashes import InFlight, Quarantine, contain_sigchld, dead_workers, describe_exit, sample_id
 from video_ens.data.samples import (
+    POOL_BUFFERS,
     BadSample,
     BatchReport,
     ClipBuffer,
@@ -365,10 +368,12 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     )
 
 
-def check_shared_memory(batch_bytes: int, num_workers: int, what: str, *, path: str = "/dev/shm") -> None:
+def check_shared_memory(
+    batch_bytes: int, num_workers: int, what: str, *, buffers: int = PREFETCH_PER_WORKER + 1, path: str = "/dev/shm"
+) -> None:
     """RuntimeError when the batches the workers of every rank on this node keep in flight cannot fit in `path`'s
-    size, a warning when they exceed what is free now. In flight per worker: PREFETCH_PER_WORKER batches handed
-    over or queued and one being built."""
+    size, a warning when they exceed what is free now. In flight per worker (`buffers`): PREFETCH_PER_WORKER batches
+    handed over or queued and one being built; a training worker keeps samples.POOL_BUFFERS."""
     if num_workers == 0:
         return
     try:
@@ -376,10 +381,10 @@ def check_shared_memory(batch_bytes: int, num_workers: int, what: str, *, path: 
     except OSError:
         return  # no /dev/shm (not Linux): nothing to check against
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    need = ranks * num_workers * (PREFETCH_PER_WORKER + 1) * batch_bytes
+    need = ranks * num_workers * buffers * batch_bytes
     total, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
     text = (
-        f"{what}: {ranks} rank(s) x data.num_workers {num_workers} x {PREFETCH_PER_WORKER + 1} batches of "
+        f"{what}: {ranks} rank(s) x data.num_workers {num_workers} x {buffers} batches of "
         f"{_size(batch_bytes)} in flight need {_size(need)} of {path}"
     )
     advice = math.ceil(1.5 * need / (1 << 30))  # GiB, with room for the pinned copies' staging and other users
@@ -427,12 +432,15 @@ class _Stream:
     def _batch_bytes(self) -> int:
         raise NotImplementedError
 
+    def _buffers_per_worker(self) -> int:
+        return PREFETCH_PER_WORKER + 1
+
     def _iterate(self, skip: int = 0) -> Iterator[dict]:
         """The batches of one pass (every batch's "_report" folded into the stats), and how long each was waited for;
         the first `skip` items the workers hand over are dropped unseen (a pass restarted after a worker crash).
         Raises _WorkersDied when a worker died: its sample is then quarantined."""
         if self._dataloader is None:
-            check_shared_memory(self._batch_bytes(), self.num_workers, self._what)
+            check_shared_memory(self._batch_bytes(), self.num_workers, self._what, buffers=self._buffers_per_worker())
             self._dataloader = _loader(self._dataset(), self.num_workers)
         self._iterator = iter(self._dataloader)  # persistent workers: restarts them at the new position
         if self.num_workers:
@@ -449,6 +457,7 @@ class _Stream:
             except StopIteration:
                 return
             self.received += 1
+            _hand_back_when_done(batch)
             if self.received <= skip:
                 continue
             self._stats.wait_s += time.perf_counter() - start
@@ -544,6 +553,19 @@ class _Stream:
             self.close()
         except Exception:
             pass  # interpreter shutdown: the workers go with the process
+
+
+def _hand_back_when_done(batch: dict) -> None:
+    """Release a pooled batch buffer to its worker once nothing here uses its frames: when the "inputs" tensor
+    (and so every view of it, which keeps it alive) is garbage, or now if pin_memory already copied them out."""
+    lease = batch.pop("_lease", None)
+    if lease is None:
+        return
+    inputs = batch.get("inputs")
+    if inputs is None or not lease.holds(inputs):
+        lease.release()
+    else:
+        weakref.finalize(inputs, lease.release)
 
 
 class _WorkersDied(Exception):
@@ -743,7 +765,7 @@ class _MicroBatch:
         self.clips = None
         if plan.spec.kind == "clip":
             height, width = _clip_capacity(raws, plan.spec, plan.batch_size)
-            self.clips = ClipBuffer(plan.batch_size, plan.spec.frames, height=height, width=width)
+            self.clips = ClipBuffer(plan.batch_size, plan.spec.frames, height=height, width=width, pooled=True)
 
     def fill(self, g: int, raw: dict) -> None:
         r = self.plan.repeat
@@ -822,6 +844,9 @@ class TrainStream(_Stream):
 
     def _dataset(self) -> IterableDataset:
         return self._pass
+
+    def _buffers_per_worker(self) -> int:
+        return POOL_BUFFERS if self._plan.spec.kind == "clip" else PREFETCH_PER_WORKER + 1
 
     def _batch_bytes(self) -> int:
         spec = self._plan.spec

@@ -296,17 +296,94 @@ def _thread_cpu() -> float:
 # Clips
 
 
+class Lease:
+    """Hands a pooled shared-memory buffer back to the worker that filled it: `release` clears the flag byte in the
+    buffer's header, after which that worker may decode the next micro-batch into it. It travels in the batch as
+    "_lease" (an object, not a tensor, so pin_memory passes it through untouched); `loader` releases it when the
+    batch's frames are garbage."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.flag = flag  # uint8 (1,) on the buffer's own storage
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` still lives in the leased buffer (False after pin_memory copied it out)."""
+        return tensor.untyped_storage().data_ptr() == self.flag.untyped_storage().data_ptr()
+
+    def release(self) -> None:
+        self.flag.numpy()[0] = 0
+
+
+class _SharedPool:
+    """A worker's reusable shared-memory buffers for training micro-batches. Fresh shared memory costs a page fault
+    per 4 KiB on first touch, in the worker, and an unmap in the consumer: for a 64 x 224 micro-batch of 8 (~78 MB)
+    that was ~5 ms of a ~43 ms clip on one core (benchmarks/results/loader_pipeline_vm_2026-12-06_pool.csv). A
+    buffer is reused only after its consumer released it (`Lease`): byte 0 of its 64-byte header is 1 from the
+    moment the worker takes it until then. With every buffer still held, a micro-batch gets fresh memory, as before
+    the pool."""
+
+    HEADER = 64
+
+    def __init__(self, size: int):
+        self.size = size
+        self.storages: list[torch.UntypedStorage] = []
+        # Per buffer, the (shape, extents) of the batch it last held, None when unknown; () for fresh memory, which
+        # is all zeros. With the same shape, a slot's padding needs zeroing only where the last box reached beyond
+        # the new one (zeroing all of it cost ~0.9 ms per clip).
+        self.written: list[tuple[tuple[int, ...], np.ndarray | None] | None] = []
+
+    def flag(self, index: int) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8).set_(self.storages[index], 0, (1,))
+
+    def take(self, nbytes: int) -> int | None:
+        """The index of a buffer with room for nbytes after the header, now flagged as taken (a new one if need
+        be), or None when every buffer is held."""
+        free = [i for i in range(len(self.storages)) if self.flag(i).numpy()[0] == 0]
+        index = next((i for i in free if self.storages[i].nbytes() - self.HEADER >= nbytes), None)
+        if index is None:
+            if len(self.storages) < self.size:
+                index = len(self.storages)
+                self.storages.append(torch.UntypedStorage(0))
+                self.written.append(None)
+            elif free:  # a bigger box than this buffer was made for: replace it
+                index = free[0]
+            else:
+                return None
+            self.storages[index] = torch.UntypedStorage._new_shared(self.HEADER + nbytes)
+            self.written[index] = ((), None)
+        self.flag(index).numpy()[0] = 1
+        return index
+
+
+# Buffers per worker: PREFETCH_PER_WORKER (loader.py) handed over or queued, one the consumer still holds while it
+# waits for the next, one being filled.
+POOL_BUFFERS = 4
+_pool: _SharedPool | None = None
+
+
+def _worker_pool() -> _SharedPool:
+    global _pool
+    if _pool is None:
+        _pool = _SharedPool(POOL_BUFFERS)
+    return _pool
+
+
 class ClipBuffer:
     """uint8 frames (slots, T, H, W, 3) that clip boxes are decoded into, one slot per clip view, each box at the
     top left of its slot and (H, W) the largest box; with the per-slot extent, flip and colour `finish_clips` needs.
     The padding around each box is zero, so a batch is the same bytes whatever memory it was built in.
 
     shared=True allocates in shared memory (a DataLoader worker: the batch then crosses to the main process as a
-    handle, not as a pickled copy of its bytes). `ensure(h, w)` grows the slots (a copy) for a box that does not fit.
+    handle, not as a pickled copy of its bytes); pooled=True (training) reuses the worker's released buffers
+    (`_SharedPool`). `ensure(h, w)` grows the slots (a copy) for a box that does not fit.
     """
 
-    def __init__(self, slots: int, frames: int, *, height: int = 1, width: int = 1, shared: bool | None = None):
+    def __init__(
+        self, slots: int, frames: int, *, height: int = 1, width: int = 1, shared: bool | None = None,
+        pooled: bool = False,
+    ):  # fmt: skip
         self.shared = get_worker_info() is not None if shared is None else shared
+        self.pooled = pooled and self.shared
+        self._index: int | None = None  # the pool buffer in use
         self.slots, self.frames = slots, frames
         self.extent = torch.zeros((slots, 2), dtype=torch.int64)
         self.flip = torch.zeros(slots, dtype=torch.bool)
@@ -315,16 +392,31 @@ class ClipBuffer:
 
     def _allocate(self, height: int, width: int) -> None:
         shape = (self.slots, self.frames, height, width, 3)
-        if self.shared:
+        nbytes = int(np.prod(shape))
+        old, self._index = self._index, None
+        pool = _worker_pool() if self.pooled else None
+        if pool is not None:
+            self._index = pool.take(nbytes)
+        if old is not None:  # after the take, so the new buffer is another one (ensure copies the old one over)
+            pool.written[old] = None
+            pool.flag(old).numpy()[0] = 0
+        self._dirty: np.ndarray | None = None  # per slot, the box that may be left over from the last batch
+        if self._index is not None:
+            tensor = torch.empty(0, dtype=torch.uint8).set_(pool.storages[self._index], _SharedPool.HEADER, shape)
+            last = pool.written[self._index]
+            self._zeroed = last is not None and last[0] == ()
+            if last is not None and last[0] == shape:
+                self._dirty = last[1]
+        elif self.shared:
             # Straight into shared memory: share_memory_() on an ordinary tensor would copy it there once more.
-            # Fresh shared memory reads as zeros, so the padding needs no writing (a 64 x 225 x 225 slot of which
-            # a 200-pixel box is used has ~2 MB of padding; zeroing it cost ~0.9 ms per clip).
-            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            # Fresh shared memory reads as zeros, so the padding needs no writing.
+            storage = torch.UntypedStorage._new_shared(nbytes)
             tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+            self._zeroed = True
         else:
             tensor = torch.empty(shape, dtype=torch.uint8)
+            self._zeroed = False
         self.tensor = tensor
-        self._zeroed = self.shared
         # Crops are copied through numpy: a torch slice copy runs through intra-op threads (decode.py: on a busy
         # 2-core machine, 300 of them took seconds against milliseconds in numpy).
         self.array = tensor.numpy()
@@ -333,9 +425,11 @@ class ClipBuffer:
         _, _, h, w, _ = self.tensor.shape
         if height <= h and width <= w:
             return
-        old = self.array
+        old, was_zeroed = self.array, self._zeroed
         self._allocate(max(height, h), max(width, w))
         self.array[:, :, :h, :w] = old
+        # Slots not placed yet may carry a reused buffer's last pixels over: each place() zeroes all its padding.
+        self._zeroed, self._dirty = was_zeroed and self._zeroed, None
         if not self._zeroed:  # the new margin is padding for the slots placed so far
             self.array[:, :, h:] = 0
             self.array[:, :, :h, w:] = 0
@@ -343,11 +437,17 @@ class ClipBuffer:
     def clear(self, slots: slice) -> None:
         """Zero `slots` (after a decode that failed part way: whatever fills them next starts from zeros)."""
         self.array[slots] = 0
+        if self._dirty is not None:
+            self._dirty[slots] = 0
 
     def place(self, slot: int, augment: ClipAugment) -> None:
         """Record the view in `slot`, whose box has been written, and make sure its padding is zero."""
         _, _, height, width = augment.box
-        if not self._zeroed:
+        if self._dirty is not None:  # zero what is left of the last box beyond this one (the rest is zero)
+            last_h, last_w = self._dirty[slot]
+            self.array[slot, :, height:last_h, :last_w] = 0
+            self.array[slot, :, : min(height, last_h), width:last_w] = 0
+        elif not self._zeroed:
             self.array[slot, :, height:] = 0
             self.array[slot, :, :height, width:] = 0
         self.extent[slot] = torch.tensor([height, width])
@@ -355,10 +455,16 @@ class ClipBuffer:
         self.colour[slot] = torch.tensor(augment.colour, dtype=torch.float32)
 
     def batch(self, crop_size: int, *, augmented: bool) -> dict[str, Any]:
-        """The loader batch's clip entries (see `transforms.to_model_input`)."""
+        """The loader batch's clip entries (see `transforms.to_model_input`); a pooled buffer's `Lease` rides along
+        as "_lease" and the buffer is the consumer's until it releases it."""
         out: dict[str, Any] = {"inputs": self.tensor, "extent": self.extent, "crop_size": crop_size}
         if augmented:
             out.update(flip=self.flip, colour=self.colour)
+        if self._index is not None:
+            pool = _worker_pool()
+            pool.written[self._index] = (tuple(self.tensor.shape), self.extent.numpy().copy())
+            out["_lease"] = Lease(pool.flag(self._index))
+            self._index = None
         return out
 
 
