@@ -37,6 +37,13 @@ quota, file-size limit) ends the conversion, naming the shard, and publishes not
 keyframe every N frames): dense keyframes make seeking to a sampled window cheap (MMAction2's resize_videos.py
 --dense measured 2.3x faster sparse sampling). A clip whose decoding breaks off is re-encoded up to that point.
 
+Rotation and pixel shape: the loader uses stored pixels as they are, so a clip whose container says to show it
+rotated (phone videos: a display matrix, or a "rotate" tag) or whose pixels are not square (sample aspect ratio
+other than 1, e.g. anamorphic DVD/DV) is re-encoded upright with square pixels (video_ens.data.decode.read_display,
+apply_display), also without --short-side: at its own displayed size then (SAR above 1 widens, below 1 heightens),
+with a keyframe every --keyint (default 16) frames. Such clips are listed under "display" in _info.json's "extra";
+a rotation that is not a multiple of 90 degrees skips the clip.
+
 Samples are shuffled with --seed before writing (annotation files are usually sorted by class, and a streaming
 loader's shuffle buffer cannot undo class-sorted shards); --no-shuffle keeps the CSV order.
 """
@@ -56,7 +63,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from video_ens.data.decode import DecodeError, decode_frames, probe
+from video_ens.data.decode import DecodeError, Display, apply_display, decode_frames, probe, read_display
 from video_ens.data.schema import (
     VIDEO_EXTS,
     DatasetInfo,
@@ -191,12 +198,18 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction, int, int, int, str | None]:
-    """Re-encode the first video stream to H.264 (short side `short_side`, keyframe every `keyint` frames).
+def _reencode(
+    path: str, short_side: int | None, keyint: int, display: Display | None = None
+) -> tuple[bytes, Fraction, int, int, int, str | None]:
+    """Re-encode the first video stream to H.264 (short side `short_side`, keyframe every `keyint` frames), shown as
+    `display` says: resampled to square pixels, then rotated and mirrored. short_side None keeps the displayed size.
 
-    Returns (video, fps, frames, width, height, why decoding broke off early or None).
+    Returns (video, fps, frames, width, height, why decoding broke off early or None); width x height as stored now.
     """
     import av
+
+    display = display or Display()
+    turn = Display(rotation=display.rotation, mirror=display.mirror)  # what is left once the scaler made pixels square
 
     with av.open(path) as src:
         stream = src.streams.video[0]
@@ -216,11 +229,12 @@ def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction,
                     stopped = f"decoding stopped after {count} frames ({type(frame).__name__}: {frame})"
                     break
                 if out is None:
-                    w, h = frame.width, frame.height
-                    scale = short_side / min(w, h)
+                    w, h = display.square_size(frame.width, frame.height)  # square pixels, before the rotation
+                    scale = short_side / min(w, h) if short_side else 1.0
                     width, height = _even(w * scale), _even(h * scale)
                     out = dst.add_stream("libx264", rate=rate)
-                    out.width, out.height, out.pix_fmt = width, height, "yuv420p"
+                    out.width, out.height = (height, width) if display.rotation in (90, 270) else (width, height)
+                    out.pix_fmt = "yuv420p"
                     out.codec_context.thread_count = 1  # one core per worker
                     # x264's mb-tree stays on here (better quality per bit); in make_demo_data.py it is off because
                     # with it, repeated encodes of identical frames occasionally differed: re-encoded bytes are
@@ -232,7 +246,12 @@ def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction,
                         # fixed GOP: keyint = min-keyint and no scene-cut keyframes
                         "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
                     }
-                small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                if turn.identity:
+                    small = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                else:  # rotate the scaled RGB picture, then back to the encoder's format
+                    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
+                    upright = apply_display(rgb.to_ndarray(), turn)
+                    small = av.VideoFrame.from_ndarray(upright, format="rgb24").reformat(format="yuv420p")
                 small.pts = count
                 small.time_base = 1 / rate
                 for packet in out.encode(small):
@@ -242,7 +261,7 @@ def _reencode(path: str, short_side: int, keyint: int) -> tuple[bytes, Fraction,
                 raise ValueError("no decodable frames")
             for packet in out.encode(None):
                 dst.mux(packet)
-    return buf.getvalue(), rate, count, width, height, stopped
+    return buf.getvalue(), rate, count, out.width, out.height, stopped
 
 
 def _frames_until_error(frames):
@@ -306,12 +325,19 @@ def _count_frames(path: str, verify: bool) -> tuple[float, int, int, int, str | 
 def _load_clip(task: _Task) -> tuple[int, dict | None, str | None, dict | None]:
     """(index, sample, None, note) for a usable clip, (index, None, reason, None) for one to skip. Never raises.
 
-    note: {"num_frames", "why"} for a clip stored with fewer frames than it should hold (None for an intact clip).
+    note: None for an intact clip stored as shown; else {"num_frames", "why"} for a clip stored with fewer frames
+    than it should hold and/or {"display": {"rotation", "mirror", "sar"}} for one turned upright or given square
+    pixels.
     """
+    notes: dict = {}
     try:
-        if task.short_side:
-            video, rate, num_frames, width, height, note = _reencode(task.path, task.short_side, task.keyint)
+        display = read_display(task.path)
+        if task.short_side or not display.identity:
+            video, rate, num_frames, width, height, note = _reencode(task.path, task.short_side, task.keyint or 16,
+                                                                     display)
             container = "mp4"
+            if not display.identity:
+                notes["display"] = {"rotation": display.rotation, "mirror": display.mirror, "sar": str(display.sar)}
         else:
             rate, num_frames, width, height, note = _count_frames(task.path, task.verify)
             with open(task.path, "rb") as f:
@@ -338,7 +364,9 @@ def _load_clip(task: _Task) -> tuple[int, dict | None, str | None, dict | None]:
         height=height,
         source=task.relpath,
     )
-    return task.index, sample, None, None if note is None else {"num_frames": num_frames, "why": note}
+    if note is not None:
+        notes.update(num_frames=num_frames, why=note)
+    return task.index, sample, None, notes or None
 
 
 def _crashed(task: _Task, why: str) -> tuple[int, None, str, None]:
@@ -492,7 +520,7 @@ def convert(
                 _Task(len(tasks), c.path, c.relpath, c.video_id, label_index[c.label_name], short_side, keyint, verify)
             )
         sources = [c.source for c in clips if c.problem is None]
-        shortened = []
+        shortened, displayed = [], []
         results = _map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed,
                                          timeout=timeout)
         # closed on an error too, so that the error is not printed behind a progress bar
@@ -502,8 +530,11 @@ def convert(
                     skipped.append((sources[index], reason))
                 else:
                     w.write(sample)
-                    if note is not None:
-                        shortened.append({"source": sources[index], **note})
+                    if note and "why" in note:
+                        shortened.append({"source": sources[index], "num_frames": note["num_frames"],
+                                          "why": note["why"]})
+                    if note and "display" in note:
+                        displayed.append({"source": sources[index], **note["display"]})
                 bar.update(1)
         for source, reason in skipped:
             w.skip(source, reason)
@@ -512,6 +543,8 @@ def convert(
         extra = dict(extra_info or {})
         if shortened:
             extra["shortened"] = shortened
+        if displayed:
+            extra["display"] = displayed
         return w.commit(num_classes=len(label_names), label_names=label_names, extra=extra)
 
 
@@ -565,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.out}: {info.summary()}")
     if info.extra.get("shortened"):
         print(f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)")
+    if info.extra.get("display"):
+        print(f"  {len(info.extra['display'])} clips were turned upright or given square pixels (see 'display' in "
+              "_info.json)")
     print(f"  took {time.perf_counter() - start:.1f} s")
     return 0
 

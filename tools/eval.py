@@ -21,11 +21,19 @@ ranks. What is evaluated, per data.kind:
 
 Writes OUT/eval.json (training's schema plus mode, throughput and the setup: {"ensemble": {...}, "branches": [...],
 "num_samples": n, "mode": ..., "throughput": {...}, "bad_samples": n, "bad_sample_keys": {...}, ..., "recipe":
-{...}}), OUT/eval.md (the table, also printed) and with --save-scores OUT/scores.npz (per-video probabilities of
-every head, averaged over views). OUT defaults to RUN_DIR/eval/<mode>[-<hash>] (RUN_DIR: --run-dir, or the folder
-of --weights): the mode ("full", "clips10x3", "all_frames", "center_crop"), and with --set or --precision a hash of
-them, so evaluations with other settings land beside each other. Training's own RUN_DIR/eval.json is never
-overwritten: an --out that is a training run folder (one with recipe.json or checkpoints/) is refused.
+{...}}, then the per-class report: "class_names" (the evaluation set's _info.json label_names, or null), "per_class"
+(one row per class: support, top-1/top-5, precision and each branch's top-1; multi-label: positives, AP and each
+branch's AP), for single-label data "confused_pairs" (the most frequent true -> predicted mistakes) and
+"confusion_png"), OUT/eval.md (the same as tables, worst class first; the metric table is also printed),
+OUT/confusion.png (single-label data, the ensemble's confusion matrix; needs matplotlib, else a warning), with
+--save-scores OUT/scores.npz (per-video probabilities of every head, averaged over views), and with --kaggle the
+ensemble's predictions as a YouTube-8M Kaggle submission (features data): "VideoId,LabelConfidencePairs", then
+per video its 20 best "label confidence" pairs, best first (video_ens.report.kaggle_submission). Every file is
+written whole or not at all (video_ens.durable). OUT defaults to RUN_DIR/eval/<mode>[-<hash>] (RUN_DIR: --run-dir,
+or the folder of --weights): the mode ("full", "clips10x3", "all_frames", "center_crop"), and with --set or
+--precision a hash of them, so evaluations with other settings land beside each other. Training's own
+RUN_DIR/eval.json is never overwritten: an --out that is a training run folder (one with recipe.json or
+checkpoints/) is refused.
 
 Samples that cannot be evaluated (undecodable, a label outside the label map, a damaged shard) are skipped; the
 metrics cover the rest. Their count is "bad_samples"; "bad_sample_keys" names them as the training log's eval
@@ -37,17 +45,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from video_ens import dist
+from video_ens import dist, durable
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
-from video_ens.data import loader, samples
+from video_ens.data import loader
 from video_ens.evaluate import evaluate, load_weights
 from video_ens.models import create_model
+from video_ens.report import (
+    KAGGLE_TOP_K,
+    bad_sample_lines,
+    bad_sample_summary,
+    class_names,
+    class_report,
+    report_markdown,
+    write_kaggle_submission,
+)
 
 LOG = dist.get_logger("video_ens.tools.eval")
 
@@ -75,6 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "this many frames, with the one-pass result (S3D-G's gates still hold whole-clip activations, "
                         "so this lowers peak memory by ~25%%, see video_ens/evaluate.py). 0 = always one pass")
     p.add_argument("--save-scores", action="store_true", help="also write OUT/scores.npz")
+    p.add_argument("--kaggle", nargs="?", const="", type=str, metavar="CSV",
+                   help="YouTube-8M (data.kind features): also write the ensemble's predictions as a Kaggle "
+                        f"submission, the {KAGGLE_TOP_K} best label/confidence pairs per video (fewer if eval.top_k "
+                        "is smaller), to CSV (default OUT/kaggle_submission.csv)")
     p.add_argument("--log-every", type=int, default=50,
                    help="log progress (inputs done of this rank's share, %%, rate, ETA) every this many batches; "
                         "0 = never")
@@ -123,79 +146,22 @@ def _out_name(recipe, args: argparse.Namespace) -> str:
     return name
 
 
-def metric_table(result: dict) -> str:
-    """Markdown table: a row for the ensemble and each branch, a column per metric (in %)."""
-    names = list(result["ensemble"])
-    rows = [("ensemble", result["ensemble"])] + [(f"branch {i}", b) for i, b in enumerate(result["branches"])]
-    lines = ["| head | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for head, values in rows:
-        lines.append(f"| {head} | " + " | ".join(f"{100 * values[m]:.2f}" for m in names) + " |")
-    return "\n".join(lines)
-
-
-def bad_sample_lines(bad: dict | None, limit: int | None = None) -> list[str]:
-    """One line per named bad sample: "KEY (reason: detail) [rank r]", at most `limit` of them."""
-    records = (bad or {}).get("last_bad") or []
-    shown = records if limit is None else records[:limit]
-    lines = []
-    for r in shown:
-        detail = f": {r['detail']}" if r.get("detail") else ""
-        where = f" [rank {r['rank']}]" if "rank" in r else ""
-        lines.append(f"{r.get('key')} ({r.get('reason')}{detail}){where}")
-    return lines
-
-
-def bad_sample_summary(bad: dict | None) -> str:
-    """"2 (decode 1, label 1)" from a "bad_sample_keys" dict."""
-    bad = bad or {}
-    reasons = ", ".join(f"{k} {v}" for k, v in (bad.get("bad_by_reason") or {}).items())
-    return f"{bad.get('bad', 0)}" + (f" ({reasons})" if reasons else "")
-
-
-def report_markdown(out: dict) -> str:
-    t = out["throughput"]
-    bad = out.get("bad_sample_keys")
-    named = bad_sample_lines(bad)
-    bad_lines = []
-    if out["bad_samples"]:
-        if len(named) == out["bad_samples"]:
-            by_key = ", by key:"
-        elif named:
-            by_key = f", the last {len(named)} by key (each rank keeps its last {samples.LAST_BAD_KEPT}):"
-        else:
-            by_key = ""
-        bad_lines = [f"- bad samples (skipped): {bad_sample_summary(bad)}{by_key}"]
-        bad_lines += [f"  - `{line}`" for line in named]
-    lines = [
-        f"# Evaluation of {out['model']} ({out['num_branches']} branch{'es' if out['num_branches'] > 1 else ''})",
-        "",
-        f"- data: {out['dataset']} ({out['dataset_size']} samples); evaluated {out['num_samples']} "
-        f"({out['bad_samples']} bad)",
-        f"- mode: {out['mode']}" + (f", {v} views per video" if (v := out.get("views_per_video")) else ""),
-        f"- weights: {out['weights']}",
-        f"- {out['world_size']} process(es) on {out['device']}, precision {out['precision']}"
-        + (f", windows of {out['max_chunk_frames']} frames" if out.get("max_chunk_frames") else ""),
-        f"- throughput: {t['samples_per_s']:.2f} samples/s, {t['inputs_per_s']:.2f} model inputs/s "
-        f"({t['inputs']} inputs in {t['seconds']:.1f} s)",
-        *bad_lines,
-        "",
-        "Metrics in %:",
-        "",
-        metric_table(out),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def write_npz(path: Path, arrays: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    durable.write_atomic(path, buffer.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
     recipe_path, weights_path, out_dir = resolve_sources(args)
     recipe = load_recipe(recipe_path, args.overrides)
+    if args.kaggle is not None:
+        if recipe.data.kind != "features":
+            raise ValueError(f"--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind "
+                             f"is {recipe.data.kind!r}")
+        if not Path(recipe.data.val_shards).is_dir():
+            raise ValueError(f"--kaggle reads the video ids from the samples of a local dataset folder; "
+                             f"data.val_shards is {recipe.data.val_shards!r}")
     device = dist.pick_device(args.device or recipe.train.device)
     dist.init(device)
     precision = args.precision or recipe.train.precision
@@ -210,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not recipe.data.val_shards:
         raise RecipeError("data.val_shards: empty; name the evaluation dataset folder (--set data.val_shards=DIR)")
     # Only the evaluation folder is read: the training shards need not exist where the weights are evaluated.
-    paths = loader.DataPaths(train=Path(recipe.data.train_shards), val=Path(recipe.data.val_shards))
+    paths = loader.DataPaths(train=recipe.data.train_shards, val=recipe.data.val_shards)  # strings: URLs too
     stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(),
                                 world_size=dist.world_size(), root=paths)
     mode = recipe.eval.mode if recipe.data.kind == "clip" else MODE_BY_KIND[recipe.data.kind]
@@ -218,9 +184,11 @@ def run(args: argparse.Namespace) -> int:
              f"{dist.world_size()} process(es) on {device}, precision {precision}")
 
     views = recipe.eval.num_clips * recipe.eval.num_crops if mode == "clips" else 1
-    result = evaluate(model, stream, task=loader.metrics_task(recipe.data), top_k=recipe.eval.top_k, device=device,
+    task = loader.metrics_task(recipe.data)
+    result = evaluate(model, stream, task=task, top_k=recipe.eval.top_k, device=device,
                       precision=precision, max_chunk_frames=args.max_chunk_frames, keep_scores=args.save_scores,
-                      log_every=args.log_every, views_per_sample=views)
+                      log_every=args.log_every, views_per_sample=views, per_class=True,
+                      keep_top=args.kaggle is not None)
     if dist.is_main():
         out = {
             "ensemble": result["ensemble"],
@@ -243,13 +211,18 @@ def run(args: argparse.Namespace) -> int:
             "recipe": recipe_to_dict(recipe),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "eval.json", json.dumps(out, indent=2) + "\n")
-        report = report_markdown(out)
-        _write_atomic(out_dir / "eval.md", report)
+        where = "/".join(Path(str(paths.val)).parts[-2:])  # e.g. kinetics/val
+        out.update(class_report(result["per_class"], task, class_names(paths.val), out_dir,
+                                title=f"{recipe.model.name}, ensemble: {where} ({result['num_samples']} samples)"))
+        if args.kaggle is not None:
+            kaggle = Path(args.kaggle) if args.kaggle else out_dir / "kaggle_submission.csv"
+            videos = write_kaggle_submission(kaggle, result["top"], paths.val)
+            out["kaggle_submission"] = str(kaggle)
+            LOG.info(f"wrote {kaggle} ({videos} videos)")
+        durable.write_atomic(out_dir / "eval.json", json.dumps(out, indent=2) + "\n")
+        durable.write_atomic(out_dir / "eval.md", report_markdown(out))
         if "scores" in result:
-            import numpy as np
-
-            np.savez(out_dir / "scores.npz", **result["scores"])
+            write_npz(out_dir / "scores.npz", result["scores"])
         if result["num_samples"] < stream.num_samples or result["bad_samples"]:
             bad = result["bad_sample_keys"]
             named = bad_sample_lines(bad, BAD_KEYS_SHOWN)
@@ -259,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
                 more = len(bad["last_bad"]) - len(named)
                 message += ". Skipped: " + "; ".join(named) + (f"; {more} more in eval.json" if more > 0 else "")
             LOG.warning(message)
-        print(report)
+        print(report_markdown(out, with_class_table=False))  # the per-class table is in eval.md
         LOG.info(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.md'}")
     return 0
 

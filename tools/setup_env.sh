@@ -32,7 +32,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   quiet "${pip[@]}" install 'torch>=2.4,<2.15'
 else
   echo "setup_env: no GPU visible, installing the CPU build torch==2.13.0"
-  quiet "${pip[@]}" install torch==2.13.0 triton==3.7.1
+  # torchvision (the importer tests only) in the same command: its release pins the torch it pairs with.
+  quiet "${pip[@]}" install torch==2.13.0 triton==3.7.1 torchvision==0.28.0
 fi
 echo "setup_env: installing video_ens with extras [${EXTRAS:-dev,triton}]"
 quiet "${pip[@]}" install -e "$root[${EXTRAS:-dev,triton}]"

@@ -276,9 +276,28 @@ class ModelConfig:
     """Use channels-last memory format (channels_last_3d for clips): faster convolutions on recent GPUs."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    init_from: str | None = None
+    """Start from saved weights instead of random ones: a safetensors file (a run's model.safetensors, or one that
+    tools/import_weights.py wrote from torchvision/timm weights), a run folder (its model.safetensors, else its
+    newest checkpoint) or a checkpoint folder (RUN/checkpoints/step_NNNNNNNNN). Tensors match by their name within
+    the network, so a baseline initialises a multi-headed model: the base from its lower layers, every branch from
+    its upper layers (video_ens/weights.py has the rule). Strict: a tensor neither loaded nor excluded, or of another
+    shape, stops the run listing them. A resume from the run's own checkpoint never applies it; and since the
+    starting weights define a run, this field is not in RESUME_MAY_CHANGE: other weights are another run, in a run
+    folder of its own."""
+    init_exclude: list[str] = field(default_factory=list)
+    """Glob patterns (fnmatch; '*' also crosses dots) over the model's tensor names that keep their fresh
+    initialisation under init_from, e.g. the classifier to fine-tune on other classes: "branches.*.fc.*" (ResNet),
+    "branches.*.Logits.conv.*" (S3D-G), "branches.*.moe.*" (DBoF); "branches.*" takes only the base. A pattern
+    matching no tensor is an error."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "is required: name a model preset, e.g. \"s3dg_ens2\" or \"s3dg_tiny\"")
+        _check(self.init_from is None or bool(self.init_from.strip()), "init_from",
+               "is empty: give a weights file, a run folder or a checkpoint folder, or null")
+        _check(not self.init_exclude or self.init_from is not None, "init_exclude", "needs model.init_from")
+        for i, pattern in enumerate(self.init_exclude):
+            _check(bool(pattern), f"init_exclude[{i}]", "is empty: give a glob pattern such as \"branches.*.fc.*\"")
         _check(self.num_branches is None or self.num_branches >= 1, "num_branches", "must be >= 1")
         _check(self.width_ratio is None or 0 < self.width_ratio <= 4, "width_ratio", "must be in (0, 4]")
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
@@ -296,6 +315,11 @@ class ModelConfig:
         return f"model.{keyword}" if keyword in MODEL_FIELDS else f"model.options.{keyword}"
 
 
+def _is_remote(source: str) -> bool:
+    """A shard source read through a command or a URL (video_ens.data.remote reads it)."""
+    return source.startswith("pipe:") or source.lower().startswith(("http://", "https://"))
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are turned into batches."""
@@ -303,9 +327,15 @@ class DataConfig:
     kind: Literal["clip", "features", "image"] = "clip"
     """clip: Kinetics-style video shards; features: YouTube-8M frame features; image: ImageNet-style images."""
     train_shards: str = ""
-    """Training shard set: a folder with _info.json, or a brace pattern like "data/k400/train-{000000..000999}.tar"."""
+    """Training shard set: a dataset folder with _info.json; a brace pattern of local shards like
+    "data/k400/train-{000000..000999}.tar" (then samples_per_epoch is required); or remote, streamed without a local
+    copy: a `pipe:` command writing a shard to its output ("pipe:aws s3 cp s3://bucket/k400/train-{000000..000999}.tar
+    -", "pipe:gcloud storage cat gs://...") or an http(s) URL, a brace pattern or one shard, whose dataset
+    _info.json is read the same way from the shards' folder (without it, set samples_per_epoch); an http(s) URL
+    ending in "/" is a dataset folder."""
     val_shards: str = ""
-    """Evaluation dataset folder (with _info.json: evaluation splits samples across ranks by its shard counts)."""
+    """Evaluation set: a dataset folder with _info.json, or a remote source as for train_shards. Evaluation splits the
+    samples across ranks by _info.json's per-shard counts, so a remote set needs its _info.json beside the shards."""
     demo: Literal["kinetics", "yt8m", "images"] | None = None
     """launch.sh generates this demo dataset (tools/make_demo_data.py --kind ...) under data/demo when missing."""
     samples_per_epoch: int | None = None
@@ -362,12 +392,25 @@ class DataConfig:
     """A DataLoader worker that hands over no batch for this long is stuck (a decoder hung on a file: decord is known
     to, dmlc/decord#375): the sample it is decoding is quarantined like one that kills its worker, and the workers
     are replaced. A training micro-batch of 8 64-frame clips takes ~0.4 s per worker; only num_workers >= 1."""
+    read_timeout_s: float = 60.0
+    """Remote shards and _info.json (`pipe:` commands, http(s) URLs): a read that gets no byte for this long fails
+    naming the URL (the shard counts as a bad read, the command is stopped) instead of holding a worker. 60 s is
+    botocore's own read timeout; keep it below worker_timeout_s, whose watchdog would otherwise fire first."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", "must be >= 0")
         for name in ("max_member_bytes", "max_frame_pixels", "max_clip_pixels", "max_video_frames"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.worker_timeout_s >= 1, "worker_timeout_s", "must be >= 1 second")
+        _check(self.read_timeout_s > 0, "read_timeout_s", "must be > 0 seconds")
+        remote = [f for f in ("train_shards", "val_shards") if _is_remote(getattr(self, f))]
+        _check(
+            not remote or self.num_workers == 0 or self.read_timeout_s < self.worker_timeout_s,
+            "read_timeout_s",
+            f"{self.read_timeout_s:g} s is not below data.worker_timeout_s ({self.worker_timeout_s:g} s) while "
+            f"data.{remote[0] if remote else ''} is remote: a stalled read would be quarantined as a hung sample; "
+            "lower it or raise worker_timeout_s",
+        )
         _check(self.frames >= 1, "frames", "must be >= 1")
         _check(self.frame_stride >= 1, "frame_stride", "must be >= 1")
         _check(self.crop_size >= 8, "crop_size", "must be >= 8")
@@ -470,6 +513,10 @@ class OptimConfig:
         return self.lr
 
 
+TRACKERS = ("wandb", "mlflow")
+"""The values train.loggers takes (video_ens/trackers.py has an adapter for each)."""
+
+
 @dataclass
 class TrainConfig:
     """How long and how big: the batch is stated once here and DeepSpeed's fields are derived from it."""
@@ -511,6 +558,12 @@ class TrainConfig:
     """A run folder holding another run: "auto" resumes its newest checkpoint only when the recipe differs from the
     one that wrote it in nothing but the fields RESUME_MAY_CHANGE lists (length, cadence, workers, evaluation, ...)
     and otherwise stops, naming the fields; "force" resumes anyway (the log and metrics.jsonl name the changes)."""
+    loggers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get the metrics, besides metrics.jsonl and TensorBoard (always on): "wandb"
+    (Weights & Biases; WANDB_MODE=offline, WANDB_PROJECT and the rest of its environment are honoured) and/or
+    "mlflow" (MLFLOW_TRACKING_URI, else a file store in RUN_DIR/mlruns; MLFLOW_EXPERIMENT_NAME). Rank 0 logs; the
+    resolved recipe is the tracker run's config, and a resumed run continues the same tracker run. Each needs its
+    package: pip install 'video_ens[wandb]' / 'video_ens[mlflow]' (checked before launch)."""
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -539,6 +592,15 @@ class TrainConfig:
         _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
         _check(1 <= self.collective_timeout_s <= 7 * 86400, "collective_timeout_s", "must be in [1, 604800] seconds")
         _check(0 <= self.seed < INT_LIMIT, "seed", "must be in [0, 2^63)")
+        for name in self.loggers:
+            _check(
+                name in TRACKERS,
+                "loggers",
+                f"{name!r} is always on (metrics.jsonl and TensorBoard): list only extra trackers, {TRACKERS}"
+                if name in ("tensorboard", "jsonl", "metrics.jsonl")
+                else f"unknown tracker {name!r}; the trackers are {TRACKERS}",
+            )
+        _check(len(set(self.loggers)) == len(self.loggers), "loggers", f"lists a tracker twice: {self.loggers}")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro_batch_size, grad_accum_steps) for this world size; RecipeError when they cannot agree."""
@@ -916,6 +978,9 @@ RESUME_MAY_CHANGE = (
     # limits, budgets and timeouts that stop a run or skip a sample, changed to get a stopped run going again
     "train.max_bad_steps", "train.collective_timeout_s", "data.max_skip_fraction", "data.max_member_bytes",
     "data.max_frame_pixels", "data.max_clip_pixels", "data.max_video_frames", "data.worker_timeout_s",
+    "data.read_timeout_s",
+    # where the metrics also go: a dashboard added or dropped changes nothing the run computes
+    "train.loggers",
     # evaluation only
     "data.val_shards", "eval",
 )  # fmt: skip

@@ -392,6 +392,29 @@ def _load_resharded(engine, path: Path, shards: list[Path]) -> dict:
     return {k: v for k, v in saved.model.items() if k not in ("module", "optimizer")}
 
 
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's full fp32 weights and buffers, by name, from a complete checkpoint directory, read without a
+    model or an engine (model.init_from takes them; video_ens/weights.py). Stages 0-2 save the whole module in the
+    model states file; ZeRO-3 saves its parameters there empty, so they are rebuilt from the per-rank partitions
+    (`full_parameter_states`, any world size). Every file is read with `safe_torch_load`."""
+    path = Path(path)
+    if not _TAG.match(path.name) or not (path / "complete.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (expected step_NNNNNNNNN/ with complete.json)")
+    saved = safe_torch_load(str(_model_states_file(path)), "cpu")
+    weights = dict(saved["module"])
+    shapes = {name: tuple(shape) for group in saved.get("param_shapes", []) for name, shape in group.items()}
+    # Partitioned (ZeRO-3: empty here) or not kept in fp32 in the module: the fp32 masters of the optimizer hold them.
+    partial = [n for n, s in shapes.items()
+               if n not in weights or tuple(weights[n].shape) != s or weights[n].dtype != torch.float32]
+    if partial and _optimizer_shard_files(path):
+        masters = full_parameter_states(path).full["fp32"]
+        weights.update({n: masters[n] for n in partial if n in masters})
+    wrong = [n for n, s in shapes.items() if n not in weights or tuple(weights[n].shape) != s]
+    if wrong:
+        raise RuntimeError(f"{path}: no full weights for {len(wrong)} parameter(s), e.g. {', '.join(wrong[:3])}")
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
 def consolidated_state_dict(engine, checkpoint: str | Path | None = None) -> dict[str, torch.Tensor] | None:
     """Full fp32 model weights and buffers on rank 0 (None on other ranks), loadable without DeepSpeed.
 

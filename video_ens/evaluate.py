@@ -429,6 +429,8 @@ def evaluate(
     keep_scores: bool = False,
     log_every: int = 50,
     views_per_sample: int | None = None,
+    per_class: bool = False,
+    keep_top: bool = False,
 ) -> dict[str, Any]:
     """Every metric per branch and for the ensemble over the whole evaluation set; a collective on every rank.
 
@@ -445,14 +447,22 @@ def evaluate(
             share, percentage, rate and ETA.
         views_per_sample: model inputs per sample (eval.num_clips x eval.num_crops in mode "clips"), for the
             progress total; a one-view stream (aggregate "first") has 1. Unknown: the progress shows no total.
+        per_class: also return every head's per-class numbers ("per_class", see EnsembleMetrics.compute): support,
+            accuracy and the confusion matrix (single-label) or AP (multi-label). No more memory than the metrics.
+        keep_top: also return the ensemble's `top_k` classes and scores per video ("top": {"ids", "classes",
+            "scores"}, EnsembleMetrics.top_predictions), from what the metrics keep anyway: multi-label data, or a
+            multi-view stream.
 
     Returns {"ensemble", "branches", "num_samples", "inputs" (model inputs over all ranks: views in mode "clips"),
     "seconds" (reading and forward passes, slowest rank), "samples_per_s", "inputs_per_s", "metrics_seconds"
     (merging and computing the metrics), "bad_samples" (how many, all ranks), "bad_sample_keys" (all ranks:
     {"bad", "bad_by_reason", "last_bad": [{"key", "reason", "detail", "rank"}]}, see `merge_bad_samples`)} and
     "scores" ({"ids", "views" (per video), "targets", "branches" (N, V, C), "ensemble" (V, C): probabilities
-    averaged over views, ids sorted}) when asked.
+    averaged over views, ids sorted}), "per_class" and "top" when asked.
     """
+    if keep_top and task == "single_label" and stream.aggregate != "mean":
+        raise ValueError("keep_top needs multi-label data or a multi-view stream: a single-label, one-view "
+                         "evaluation keeps no scores (keep_scores=True keeps them all)")
     was_training = model.training
     model.eval()
     # Built before the loop: a rank whose share of the evaluation set is empty still joins the sync.
@@ -501,7 +511,9 @@ def evaluate(
         (seconds,) = _all_reduce([time.monotonic() - t0], device, "max")
         t1 = time.monotonic()
         acc.sync()
-        result = acc.compute()
+        result = acc.compute(per_class=per_class)
+        if keep_top:
+            result["top"] = acc.top_predictions()
         if keep_scores:
             scores = keeper.gather() if keeper is not None else _metric_scores(acc, task)
         del acc

@@ -3,7 +3,8 @@
 Two layers:
 
 * Functions on one score matrix: `topk_accuracy`, `hit_at_one`, `gap`, `mean_ap`. They take numpy arrays or
-  torch tensors (any device, any float dtype) and return a Python float.
+  torch tensors (any device, any float dtype) and return a Python float. Per class, for the reports:
+  `per_class_accuracy`, `class_average_precision` (whose mean is `mean_ap`), `confusion_matrix`, `most_confused`.
 * `EnsembleMetrics`, a streaming accumulator keyed by sample id. It takes per-batch outputs of every branch and
   of the ensemble, merges across ranks, counts each sample id once (the padding a distributed sampler adds, or the
   several clips of one video, never count twice) and reports every metric per head.
@@ -221,19 +222,31 @@ def _gap_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray
     return _average_precision(top_val.ravel()[order], top_lab.ravel()[order], int(labels.sum()))
 
 
-def _map_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> float:
+def _class_aps_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(C,) float64 AP of each class's top-k-truncated list (see `mean_ap`); NaN for a class with no positive."""
     num_classes = labels.shape[1]
     top_lab = labels[np.arange(labels.shape[0])[:, None], top_idx]  # (B, k)
     order = _push_order(top_idx)
     values, hits = top_val.ravel()[order], top_lab.ravel()[order]
     bounds = np.concatenate([[0], np.cumsum(np.bincount(top_idx.ravel(), minlength=num_classes))])
     positives = labels.sum(axis=0)  # (C,)
+    aps = np.full(num_classes, np.nan)
     # A Python loop over classes: 3862 short lists take ~0.25 s for 30k videos; the list building is vectorised.
-    aps = [
-        _average_precision(values[bounds[c] : bounds[c + 1]], hits[bounds[c] : bounds[c + 1]], int(positives[c]))
-        for c in np.flatnonzero(positives)
-    ]
-    return float(np.mean(aps)) if aps else float("nan")
+    for c in np.flatnonzero(positives):
+        aps[c] = _average_precision(values[bounds[c] : bounds[c + 1]], hits[bounds[c] : bounds[c + 1]],
+                                    int(positives[c]))
+    return aps
+
+
+def _mean_of_present(aps: np.ndarray) -> float:
+    """mAP from per-class APs: the mean over the classes that have a positive (the starter's
+    filter_empty_classes), in class order; NaN if none has one."""
+    present = aps[~np.isnan(aps)]
+    return float(np.mean(present)) if present.size else float("nan")
+
+
+def _map_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> float:
+    return _mean_of_present(_class_aps_from_top_k(top_idx, top_val, labels))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,6 +313,77 @@ def mean_ap(scores: Any, labels: Any, top_k: int = 20) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Per-class results (the reports' tables; the functions below take one score matrix, the accumulator has the same)
+
+
+def _confusion(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64: row = true class, column = predicted class."""
+    cells = target.astype(np.int64) * num_classes + predicted.astype(np.int64)
+    return np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _rate(hits: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """hits / support per class as float64, NaN where the support is 0."""
+    out = np.full(support.shape, np.nan)
+    np.divide(hits, support, out=out, where=support > 0)
+    return out
+
+
+def confusion_matrix(scores: Any, target: Any) -> np.ndarray:
+    """(C, C) int64 sample counts: row = true class, column = predicted class.
+
+    The prediction is the arg-max class, the lowest index on ties: the class top-1 accuracy counts, so the trace
+    over the number of samples is `topk_accuracy(scores, target, 1)`.
+    """
+    arr = _scores_2d(scores)
+    target_idx = _class_targets(target, arr.shape[0], arr.shape[1])
+    return _confusion(target_idx, np.argmax(arr, axis=1), arr.shape[1])
+
+
+def per_class_accuracy(scores: Any, target: Any, k: int = 1) -> np.ndarray:
+    """(C,) float64: for each class, the fraction of its samples whose target is among the k best classes (the
+    recall at k, ties as in `topk_accuracy`); NaN for a class without samples."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    arr = _scores_2d(scores)
+    target_idx = _class_targets(target, arr.shape[0], arr.shape[1])
+    hits = _topk_correct(arr, target_idx, (k,))[:, 0]
+    num_classes = arr.shape[1]
+    return _rate(np.bincount(target_idx, weights=hits, minlength=num_classes),
+                 np.bincount(target_idx, minlength=num_classes))
+
+
+def class_average_precision(scores: Any, labels: Any, top_k: int = 20) -> np.ndarray:
+    """(C,) float64 AP of each class over the videos that kept it in their `top_k`, denominator all its positives:
+    the values whose mean over the classes with a positive is `mean_ap`. NaN for a class with no positive."""
+    arr = _scores_2d(scores)
+    top_idx, top_val = _top_k_per_video(arr, top_k)
+    return _class_aps_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
+
+
+def most_confused(confusion: Any, top: int = 10) -> list[tuple[int, int, int]]:
+    """The `top` largest off-diagonal cells of a confusion matrix (rows true, columns predicted) as
+    (true class, predicted class, count), largest first.
+
+    Ties on the count go to the larger share of the true class's samples (3 of 4 before 3 of 30), then to the lower
+    (true, predicted) index pair. Empty cells are never listed, so fewer than `top` may come back.
+    """
+    matrix = _as_numpy(confusion, name="confusion")
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"confusion must be a square (C, C) matrix, got shape {matrix.shape}")
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    off = matrix.astype(np.int64)
+    np.fill_diagonal(off, 0)
+    true, pred = np.nonzero(off)
+    counts = off[true, pred]
+    support = matrix.sum(axis=1)[true]
+    # lexsort sorts by the last key first: count descending, share descending, then (true, pred) ascending
+    order = np.lexsort((pred, true, -(counts / support), -counts))[:top]
+    return [(int(true[i]), int(pred[i]), int(counts[i])) for i in order]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Streaming accumulator
 
 _TASKS = ("single_label", "multi_label")
@@ -323,6 +407,8 @@ class EnsembleMetrics:
 
     Metrics: `task="single_label"` reports "top1", "top5" (one per entry of `accuracy_ks`); `task="multi_label"`
     reports "gap" and "map" (both at `top_k`, see `gap` and `mean_ap`) and "hit_at_one".
+    `compute(per_class=True)` adds each head's per-class numbers and `top_predictions()` gives each video's kept
+    classes (the reports of tools/eval.py).
 
     Pass probabilities for every head (the ensemble is a mean of probabilities, so its branches should be compared
     on the same footing; `aggregate="mean"` averages whatever it is given).
@@ -507,7 +593,9 @@ class EnsembleMetrics:
         """What the metrics need from each row, per head: heads (H, B, C) -> fields with rows first."""
         if self.task == "single_label":
             correct = np.stack([_topk_correct(s, target, self.accuracy_ks) for s in heads], axis=1)
-            return {"correct": correct}  # (B, H, len(ks))
+            # the arg-max class per head, for the per-class report's confusion matrix: 4 bytes per row and head
+            pred = np.stack([np.argmax(s, axis=1) for s in heads], axis=1).astype(np.int32)
+            return {"correct": correct, "pred": pred}  # (B, H, len(ks)), (B, H)
         tops = [_top_k_per_video(s, self.top_k) for s in heads]
         return {
             "top_idx": np.stack([i for i, _ in tops], axis=1),  # (B, H, k)
@@ -615,14 +703,21 @@ class EnsembleMetrics:
 
     # ---- results ----------------------------------------------------------------------------------------------------
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, *, per_class: bool = False) -> dict[str, Any]:
         """{"ensemble": {metric: value}, "branches": [{metric: value}] * N, "num_samples": distinct ids}.
 
         Uses the rows this process holds: call `sync()` first in a distributed run. Samples are ordered by id, so
         the result does not depend on the number of ranks or on the batch size.
+
+        per_class: also "per_class": {"ensemble": {...}, "branches": [{...}] * N}, numpy arrays per class c:
+            single-label: "support" (C,) samples of class c; "top1", "top5" (one per `accuracy_ks`) (C,) the share
+            of them with the target among the k best classes (NaN without samples); "confusion" (C, C) counts,
+            row = true class, column = arg-max class; "predicted" (C,) its column sums.
+            multi-label: "support" (C,) positive labels of c; "ap" (C,) the AP whose mean over the classes with a
+            positive is "map" (NaN without one).
         """
         if self.aggregate == "mean":
-            return self._compute_mean()
+            return self._compute_mean(per_class)
         state = self._consolidate()
         if state is None:
             raise _no_samples_error()
@@ -634,10 +729,10 @@ class EnsembleMetrics:
         results = []
         for head in range(self.num_branches + 1):
             summary = {key: value[first, head] for key, value in state.items() if key in _SUMMARY_FIELDS}
-            results.append(self._metrics(summary, target))
-        return {"ensemble": results[-1], "branches": results[:-1], "num_samples": int(first.size)}
+            results.append(self._metrics(summary, target, per_class))
+        return self._result(results, int(first.size), per_class)
 
-    def _compute_mean(self) -> dict[str, Any]:
+    def _compute_mean(self, per_class: bool = False) -> dict[str, Any]:
         views = self._views
         if not len(views):
             raise _no_samples_error()
@@ -648,8 +743,48 @@ class EnsembleMetrics:
             # One head at a time: a copy of every head at once would double the sums held.
             mean = views.head_sums(head, order) / counts[:, None]
             summary = {k: v[:, 0] for k, v in self._summarise(mean[None], target).items()}
-            results.append(self._metrics(summary, target))
-        return {"ensemble": results[-1], "branches": results[:-1], "num_samples": int(order.size)}
+            results.append(self._metrics(summary, target, per_class))
+        return self._result(results, int(order.size), per_class)
+
+    @staticmethod
+    def _result(results: list[tuple[dict, dict | None]], num_samples: int, per_class: bool) -> dict[str, Any]:
+        out = {"ensemble": results[-1][0], "branches": [m for m, _ in results[:-1]], "num_samples": num_samples}
+        if per_class:
+            out["per_class"] = {"ensemble": results[-1][1], "branches": [c for _, c in results[:-1]]}
+        return out
+
+    def top_predictions(self, head: int = -1) -> dict[str, np.ndarray]:
+        """Each sample's `top_k` best classes and their scores for one head (-1, the default: the ensemble; 0..N-1 a
+        branch), ids sorted as in `compute`: {"ids" (V,), "classes" (V, k) int32, "scores" (V, k)}, k = min(top_k,
+        C), every row sorted by score, highest first (the lower class index first on ties).
+
+        Multi-label accumulators keep exactly this (it is what GAP and mAP read); aggregate="mean" ones compute it
+        from the averaged scores. A single-label, aggregate="first" accumulator keeps only hit flags and refuses.
+        Call `sync()` first in a distributed run.
+        """
+        if not -(self.num_branches + 1) <= head <= self.num_branches:
+            raise ValueError(f"head must be in [-1, {self.num_branches}] (-1: the ensemble), got {head}")
+        head %= self.num_branches + 1
+        if self.aggregate == "mean":
+            views = self._views
+            if not len(views):
+                raise _no_samples_error()
+            order, counts, _ = views.by_id()
+            classes, scores = _top_k_per_video(views.head_sums(head, order) / counts[:, None], self.top_k)
+            ids = views.ids()[order]
+        elif self.task == "multi_label":
+            state = self._consolidate()
+            if state is None:
+                raise _no_samples_error()
+            _, first = np.unique(state["ids"], return_index=True)
+            ids = state["ids"][first]
+            classes, scores = state["top_idx"][first, head], state["top_val"][first, head]
+        else:
+            raise ValueError("top_predictions needs a multi-label accumulator or aggregate='mean': a single-label "
+                             "aggregate='first' one keeps only whether each sample was a hit")
+        order = np.lexsort((classes, -scores))  # per row: score descending, then class index ascending
+        return {"ids": ids, "classes": np.take_along_axis(classes, order, axis=1).astype(np.int32),
+                "scores": np.take_along_axis(scores, order, axis=1)}
 
     def _unpacked(self, stored: np.ndarray) -> np.ndarray:
         if self.task == "single_label":
@@ -672,18 +807,35 @@ class EnsembleMetrics:
             scores[:, head] = views.head_sums(head, order) / counts[:, None]
         return {"ids": views.ids()[order], "views": counts, "targets": self._unpacked(stored), "scores": scores}
 
-    def _metrics(self, summary: dict[str, np.ndarray], target: np.ndarray) -> dict[str, float]:
+    def _metrics(self, summary: dict[str, np.ndarray], target: np.ndarray,
+                 per_class: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+        """One head's metrics, and with `per_class` its per-class arrays (see `compute`)."""
+        num_classes = self.num_classes
         if self.task == "single_label":
             accuracy = summary["correct"].mean(axis=0)
-            return {f"top{k}": float(a) for k, a in zip(self.accuracy_ks, accuracy, strict=True)}
-        return {
+            metrics = {f"top{k}": float(a) for k, a in zip(self.accuracy_ks, accuracy, strict=True)}
+            if not per_class:
+                return metrics, None
+            support = np.bincount(target, minlength=num_classes)
+            classes: dict[str, np.ndarray] = {"support": support}
+            for j, k in enumerate(self.accuracy_ks):
+                hits = np.bincount(target, weights=summary["correct"][:, j], minlength=num_classes)
+                classes[f"top{k}"] = _rate(hits, support)
+            classes["confusion"] = _confusion(target, summary["pred"], num_classes)
+            classes["predicted"] = classes["confusion"].sum(axis=0)
+            return metrics, classes
+        aps = _class_aps_from_top_k(summary["top_idx"], summary["top_val"], target)
+        metrics = {
             "gap": _gap_from_top_k(summary["top_idx"], summary["top_val"], target),
-            "map": _map_from_top_k(summary["top_idx"], summary["top_val"], target),
+            "map": _mean_of_present(aps),
             "hit_at_one": float(summary["hit1"].mean()),
         }
+        if not per_class:
+            return metrics, None
+        return metrics, {"support": target.sum(axis=0).astype(np.int64), "ap": aps}
 
 
-_SUMMARY_FIELDS = ("correct", "top_idx", "top_val", "hit1")
+_SUMMARY_FIELDS = ("correct", "pred", "top_idx", "top_val", "hit1")
 
 
 def _conflict_error(sample_id: Any) -> ValueError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, engine
+from . import dist, engine, trackers
 from .config import RecipeError, default_run_dir, dump_recipe, load_recipe, recipe_to_dict, resume_differences
 from .data import loader
 from .models import create_model
@@ -42,6 +43,7 @@ from .models.size import model_size_report
 from .objective import loss_for
 from .optim import create_optimizer, peak_lr
 from .trainer import StopRequested, Trainer, all_reduce_bn_stats
+from .weights import InitReport, check_init, init_model
 
 LOG = dist.get_logger("video_ens.train")
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             own = None if args.dry_run or args.node_rank != 0 else run_dir  # a dry run writes nothing
             check_before_launch(recipe, meta.input_spec, world_size=args.world_size, run_dir=own)
+            check_init_source(recipe, meta, run_dir=None if args.dry_run else run_dir)
             return 0
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -130,6 +133,7 @@ def check_before_launch(recipe, input_spec: dict, *, world_size: int, run_dir: P
     no run holds the folder and that its recipe.json allows a resume (check_resume). Builds rank 0's data streams
     without starting a worker, and writes nothing."""
     micro, _ = recipe.batch_layout(world_size)
+    trackers.check_available(recipe.train.loggers)
     loader.check_compatible(recipe.data, recipe.model.name, input_spec)
     root = loader.resolve_paths(recipe.data)
     train_data = loader.train_stream(recipe.data, input_spec=input_spec, micro_batch_size=micro, rank=0,
@@ -267,11 +271,13 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         _own_run_folder(run_dir)
         _check_recorded_recipe(recipe, run_dir)
     world = dist.world_size()
+    trackers.check_available(recipe.train.loggers if dist.is_main() else [])  # only rank 0 logs to them
     ds_config = engine.deepspeed_config(recipe, world_size=world, device=device)  # fails fast on bad batch fields
     micro = ds_config["train_micro_batch_size_per_gpu"]
 
     _seed_everything(recipe.train.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts)
     model = build_model(recipe)
+    init_report = _initialise(recipe, model, None if dry_run else run_dir)  # every rank reads the weights
     if recipe.train.bn_sync == "sync_bn":
         if device.type != "cuda" and dry_run:
             # A dry run on a machine without a GPU (a login node) still checks everything else of a GPU recipe.
@@ -307,7 +313,9 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
 
         if dry_run:  # the trainer's logs go to a scratch folder that is removed again: a dry run writes nothing
             with tempfile.TemporaryDirectory(prefix="video_ens_dry_run_") as scratch:
-                trainer = Trainer(recipe=recipe, run_dir=Path(scratch), engine=eng, criterion=criterion,
+                # no tracker run either: W&B or MLflow would keep a run of the dry run
+                quiet = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, loggers=[]))
+                trainer = Trainer(recipe=quiet, run_dir=Path(scratch), engine=eng, criterion=criterion,
                                   train_data=train_data, eval_data=None, device=device,
                                   metrics_task=loader.metrics_task(recipe.data))
                 trainer.total_steps = 1
@@ -339,6 +347,8 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
             LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
         else:
             _log_model_table(recipe, size, run_dir, model)
+            if init_report is not None:
+                trainer.log.write("init", 0, init_report.record())
 
         def save(t: Trainer) -> None:
             all_reduce_bn_stats(eng.module)
@@ -380,6 +390,35 @@ def build_model(recipe, *, device: str | torch.device | None = None, source: str
             f"{where}{', '.join(paths)}: model {recipe.model.name} cannot be built: {text} "
             "(fix these fields of the recipe's model section)"
         ) from None
+
+
+def check_init_source(recipe, model, *, run_dir: Path | None) -> None:
+    """model.init_from against `model` (the meta build) from shapes alone, before any process starts: RecipeError
+    listing what does not fit. Skipped when `run_dir` holds a checkpoint: the resume wins over init_from."""
+    if recipe.model.init_from is None:
+        return
+    if run_dir is not None and engine.latest_checkpoint(Path(run_dir) / "checkpoints") is not None:
+        return
+    check_init(model, recipe.model.init_from, exclude=recipe.model.init_exclude)
+
+
+def _initialise(recipe, model, run_dir: Path | None) -> InitReport | None:
+    """Apply model.init_from to the freshly built `model` and log what was loaded, per part; None when there is
+    nothing to apply. A run folder holding a checkpoint resumes from it instead, which holds every weight: a
+    resume never re-initialises (the log says so)."""
+    if recipe.model.init_from is None:
+        return None
+    latest = engine.latest_checkpoint(run_dir / "checkpoints") if run_dir is not None else None
+    if latest is not None:
+        LOG.info(f"model.init_from ({recipe.model.init_from}) is not applied: this run resumes from its own "
+                 f"checkpoint {latest[1].name}, whose weights win")
+        return None
+    report = init_model(model, recipe.model.init_from, exclude=recipe.model.init_exclude)
+    LOG.info(report.summary())
+    if dist.is_main():
+        for warning in report.warnings():
+            LOG.warning(warning)
+    return report
 
 
 def check_num_classes(recipe, dataset_classes: int, dataset: str | Path) -> None:

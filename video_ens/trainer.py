@@ -9,7 +9,8 @@ rank beginning at micro-batch `start`, and `micro_batches_per_epoch`. The stream
 one, since the trainer restarts the epoch's iterator at the exact micro-batch the checkpoint recorded. The eval
 stream yields every evaluation sample once across ranks (`batches()`) and knows `num_classes`.
 
-Run folder: recipe.json (resolved), metrics.jsonl, tb/, checkpoints/, eval.json, model.safetensors.
+Run folder: recipe.json (resolved), metrics.jsonl, tb/, checkpoints/, eval.json, model.safetensors (and with
+train.loggers the trackers' trackers.json, wandb/, mlruns/).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as tdist
 
 from . import dist
-from .config import RecipeError
+from .config import RecipeError, recipe_to_dict
 from .data.transforms import to_model_input
 from .evaluate import evaluate, format_duration, gather_bad_samples
 from .optim import lr_at, set_lr
@@ -48,12 +49,16 @@ class StopRequested(Exception):
 
 
 class MetricsLog:
-    """metrics.jsonl (append, one JSON object per line, flushed) and TensorBoard scalars, on rank 0 only."""
+    """metrics.jsonl (append, one JSON object per line, flushed) and TensorBoard scalars, on rank 0 only; the same
+    scalars also go to the trackers of train.loggers (video_ens/trackers.py: W&B, MLflow), which get `config`, the
+    resolved recipe, as their run's config."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, loggers: list[str] | tuple[str, ...] = (), config: dict | None = None) -> None:
         self.enabled = dist.is_main()
         self._file = None
         self._tb = None
+        self._trackers: list[tuple[str, Any]] = []
+        self._failed: set[str] = set()  # trackers whose log() raised: not asked again
         if not self.enabled:
             return
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -63,15 +68,30 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:  # tensorboard is a dependency; a stripped environment still gets the JSON lines
             LOG.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+        if loggers:
+            from . import trackers
+
+            self._trackers = list(zip(loggers, trackers.open_trackers(loggers, run_dir=run_dir, config=config or {}),
+                                      strict=True))  # fmt: skip
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        scalars = {f"{kind}/{key}": value for key, value in _flatten(values).items()
+                   if isinstance(value, int | float) and math.isfinite(value)}  # fmt: skip
         if self._tb is not None:
-            for key, value in _flatten(values).items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        for name, tracker in self._trackers if scalars else ():  # a record without numbers (a resume) is jsonl only
+            if name in self._failed:
+                continue
+            try:
+                tracker.log(scalars, step)
+            except Exception as e:  # a dashboard that is down must not stop training: metrics.jsonl has everything
+                LOG.warning(f"train.loggers: {name} failed at step {step} ({type(e).__name__}: {e}); it gets no "
+                            "more metrics in this run, metrics.jsonl and TensorBoard go on")  # fmt: skip
+                self._failed.add(name)
 
     def resumed(self, step: int, values: dict[str, Any]) -> None:
         """Mark a resume at `step`: a "resume" line, and TensorBoard drops what an earlier attempt logged after
@@ -91,6 +111,12 @@ class MetricsLog:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for name, tracker in self._trackers:
+            try:
+                tracker.close()
+            except Exception as e:
+                LOG.warning(f"train.loggers: {name} failed to finish its run ({type(e).__name__}: {e})")
+        self._trackers = []
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -196,7 +222,7 @@ class Trainer:
         # An evaluation that was due at the step a stop signal ended on: skipped then (the scheduler's grace is for
         # the checkpoint), carried in the checkpoint and run first thing after the resume.
         self._eval_pending = False
-        self.log = MetricsLog(self.run_dir)
+        self.log = MetricsLog(self.run_dir, loggers=t.loggers, config=recipe_to_dict(recipe))
 
     # ------------------------------------------------------------------ state carried in checkpoints
     def client_state(self) -> dict:
@@ -407,10 +433,10 @@ def resume_changes(client_state: dict, recipe: dict, world_size: int) -> list[st
     """What differs between the run a checkpoint was written by and this one: "field: old -> new" for every
     recipe field (dotted) and for the world size. `description` and the run-length fields (epochs, max_steps,
     checkpoint/eval/log cadence) are not reported: extending or re-pacing a run is what a resume is for; nor are
-    train.resume and the timeouts, which change nothing a run computes."""
+    train.resume, the timeouts and the trackers, which change nothing a run computes."""
     ignore = {"description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
               "train.eval_every", "train.log_every", "train.resume", "train.collective_timeout_s",
-              "data.worker_timeout_s"}  # fmt: skip
+              "data.worker_timeout_s", "data.read_timeout_s", "train.loggers"}  # fmt: skip
     changes = []
     if client_state.get("recipe") is not None:
         old, new = _flatten_recipe(client_state["recipe"]), _flatten_recipe(recipe)

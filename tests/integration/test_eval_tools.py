@@ -258,6 +258,33 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     assert "| ensemble |" in table and "| branch 1 |" in table and "top5" in table
     assert f"{100 * a['ensemble']['top1']:.2f}" in out.stdout  # the table is printed too
 
+    # The per-class report, from the same hand-computed ranks: the class names of _info.json, support, top-1 / top-5
+    # per class, the arg-max confusion and the pairs it makes; identical over two ranks.
+    names = read_info(kinetics / "val").label_names
+    assert a["class_names"] == b["class_names"] == names and len(names) == 8
+    assert a["per_class"] == b["per_class"] and a["confused_pairs"] == b["confused_pairs"]
+    ensemble = np.stack([probs[k][-1] for k in keys])
+    rank = _rank_of_target(ensemble, target)
+    predicted = np.argmax(ensemble, axis=1)
+    for c, row in enumerate(a["per_class"]):
+        mine = target == c
+        assert (row["class"], row["name"], row["support"]) == (c, names[c], int(mine.sum()))
+        if mine.any():
+            assert row["top1"] == pytest.approx(np.mean(rank[mine] < 1))
+            assert row["top5"] == pytest.approx(np.mean(rank[mine] < 5))
+        else:
+            assert row["top1"] is None and row["top5"] is None
+        assert row["predicted"] == int((predicted == c).sum())
+        hits = int(((predicted == c) & mine).sum())
+        assert row["precision"] == (pytest.approx(hits / row["predicted"]) if row["predicted"] else None)
+    mistakes: dict[tuple[int, int], int] = {}
+    for t, p in zip(target, predicted, strict=True):
+        if t != p:
+            mistakes[(int(t), int(p))] = mistakes.get((int(t), int(p)), 0) + 1
+    assert {(q["true"], q["predicted"]): q["count"] for q in a["confused_pairs"]} == mistakes  # < 10 of them here
+    assert a["confusion_png"] == "confusion.png" and _is_png(one / "confusion.png")
+    assert "## Per class (ensemble)" in table and "## Per class" not in out.stdout  # printed: all but that table
+
 
 def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, kinetics):
     recipe = recipe_from_dict(_recipe_dict(kinetics, mode="clips", num_clips=10, num_crops=3, batch_size=7))
@@ -314,6 +341,97 @@ def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kine
     assert f"`{keys[1]} (decode" in report and f"`{keys[4]} (label" in report
 
 
+@pytest.fixture(scope="module")
+def yt8m_run(tmp_path_factory) -> Path:
+    """A tiny DBoF run folder (random weights) on a small demo YouTube-8M set, made by the real converter."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("data") / "yt8m"
+    _tool("make_demo_data").make_yt8m(str(root), num_train=8, num_validate=16, shard_size=4)
+    run = tmp_path_factory.mktemp("runs") / "tiny_dbof"
+    run.mkdir()
+    recipe = {
+        "description": "test: tiny DBoF evaluation",
+        "model": {"name": "dbof_tiny_ens2"},
+        "data": {"kind": "features", "train_shards": str(root / "train"), "val_shards": str(root / "val"),
+                 "frames": 25, "num_workers": 0},
+        "objective": {"structure": "codistillation", "weight": 2.0, "loss": "sigmoid_bce"},
+        "train": {"precision": "fp32", "device": "cpu"},
+        "eval": {"batch_size": 3, "top_k": 20},
+    }
+    dump_recipe(recipe_from_dict(recipe), run / "recipe.json")
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in create_model("dbof_tiny_ens2").state_dict().items()}
+    save_file(state, str(run / "model.safetensors"), metadata={"model": "dbof_tiny_ens2"})
+    return run
+
+
+def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
+    """The CSV holds every evaluated video under the dataset's own id with its 16 (all) classes, best first, at the
+    probabilities of a forward pass here; the per-class report carries the vocabulary's names and per-class AP."""
+    out_dir = tmp_path / "eval"
+    _run([str(TOOLS / "eval.py"), "--run-dir", str(yt8m_run), "--out", str(out_dir), "--kaggle"])
+    result = json.loads((out_dir / "eval.json").read_text())
+    csv_path = out_dir / "kaggle_submission.csv"
+    assert result["kaggle_submission"] == str(csv_path)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "VideoId,LabelConfidencePairs" and len(lines) == 1 + result["num_samples"]
+
+    # Independent expectation: the dataset's video ids read from the shards here, scores from one forward pass.
+    recipe = load_recipe(yt8m_run / "recipe.json")
+    val = Path(recipe.data.val_shards)
+    import tarfile
+
+    from video_ens.data.schema import shard_paths
+
+    video_id = {}
+    for shard in shard_paths(val):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    video_id[member.name.split(".")[0]] = json.loads(tar.extractfile(member).read())["video_id"]
+    model = create_model("dbof_tiny_ens2")
+    load_weights(model, yt8m_run / "model.safetensors")
+    model.eval()
+    stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
+                                root=loader.DataPaths(train=recipe.data.train_shards, val=str(val)))
+    expected, labels, scores = {}, [], []
+    with torch.no_grad():
+        for batch in stream.batches():
+            ens = model(to_model_input(batch), lengths=batch["lengths"]).ensemble.float().numpy()  # (B, 16)
+            for key, row, target in zip(batch["ids"], ens, batch["target"].numpy(), strict=True):
+                order = sorted(range(16), key=lambda c: (-row[c], c))
+                expected[video_id[key]] = (order, row[order])
+                labels.append(target)
+                scores.append(row)
+    assert len(expected) == result["num_samples"] == len(lines) - 1
+    for line in lines[1:]:
+        vid, pairs = line.split(",")
+        words = pairs.split(" ")
+        order, values = expected.pop(vid)
+        assert [int(w) for w in words[::2]] == order
+        np.testing.assert_allclose([float(w) for w in words[1::2]], values, rtol=1e-5)  # "%g": 6 digits
+    assert not expected
+
+    from video_ens.metrics import class_average_precision
+
+    info = read_info(val)
+    assert result["class_names"] == info.label_names and result["class_names"][3] == "topic_03"
+    labels, scores = np.stack(labels), np.stack(scores)
+    aps = class_average_precision(scores, labels, top_k=20)
+    for c, row in enumerate(result["per_class"]):
+        assert row["support"] == int(labels[:, c].sum())
+        assert row["ap"] == (None if np.isnan(aps[c]) else pytest.approx(aps[c]))
+    assert "confused_pairs" not in result and "confusion_png" not in result  # single-label only
+    assert "| class | name | positives | AP | branches' AP |" in (out_dir / "eval.md").read_text()
+
+
+def test_kaggle_option_needs_features_data(run_dir, capsys):
+    assert _tool("eval").main(["--run-dir", str(run_dir), "--kaggle", "x.csv"]) == 2
+    assert "--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind is 'clip'" in (
+        capsys.readouterr().err)
+
+
 def test_load_weights_is_strict(run_dir):
     with pytest.raises(ValueError, match="holds weights of model 's3dg_tiny_ens2' but the recipe builds 's3dg_tiny'"):
         load_weights(create_model("s3dg_tiny"), run_dir / "model.safetensors", expect_model="s3dg_tiny")
@@ -339,26 +457,71 @@ def _fake_run(parent: Path, name: str, *, model: str, structure: str, weight: fl
     return run
 
 
-def test_training_curves_png(run_dir, tmp_path):
+def _curves_run(parent: Path, name: str, evals: dict[int, float]) -> Path:
+    """A run folder with the trainer's own metrics.jsonl (8 steps, an evaluation at each step of `evals` with that
+    ensemble top-1; top-5 at 100%) and a recipe.json of the co-distillation demo."""
     from video_ens.trainer import MetricsLog
 
-    run = tmp_path / "curves_run"
+    run = parent / name
     run.mkdir()
+    (run / "recipe.json").write_text(json.dumps({"model": {"name": "s3dg_tiny_ens2"},
+                                                 "objective": {"structure": "codistillation", "weight": 2.0}}))
     log = MetricsLog(run)  # the trainer's own writer, so the format is the one training produces
     for step in range(1, 9):
         log.write("train", step, {"loss": 6.0 - 0.3 * step, "ensemble": 2.0 - 0.1 * step,
                                   "branch": [2.0 - 0.1 * step, 2.1 - 0.1 * step], "lr": 0.1 * (1 - step / 9)})
-        if step % 4 == 0:
-            log.write("eval", step, {"ensemble": {"top1": 0.1 * step, "top5": 0.5}, "num_samples": 6,
-                                     "branches": [{"top1": 0.05 * step, "top5": 0.4}] * 2})
+        if step in evals:
+            log.write("eval", step, {"ensemble": {"top1": evals[step], "top5": 1.0}, "num_samples": 6,
+                                     "branches": [{"top1": 0.5, "top5": 1.0}, {"top1": 0.25, "top5": 0.75}]})
     log.close()
+    return run
+
+
+def _final_panel(fig) -> list[str]:
+    (ax,) = [a for a in fig.axes if a.get_title().startswith("final evaluation")]
+    return [t.get_text() for t in ax.texts], ax
+
+
+def test_training_curves_png(tmp_path):
+    from video_ens.plots import curves_figure
+
+    run = _curves_run(tmp_path, "curves_run", {4: 0.4, 8: 0.8})
     png = tmp_path / "curves.png"
     out = _run([str(TOOLS / "plot.py"), "curves", str(run), "--out", str(png)])
     assert _is_png(png) and str(png) in out.stdout
     from PIL import Image
 
     with Image.open(png) as im:
-        assert im.width > 500 and im.height > 500  # four panels: loss, lr, top1, top5
+        assert im.width > 500 and im.height > 500  # six panels: loss, lr, top1, top5, final bars
+
+    fig = curves_figure(run)
+    assert fig.get_suptitle() == "s3dg_tiny_ens2 (2 branches), co-distillation μ=2\nrun: curves_run"
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"training loss", "learning rate", "validation top1", "validation top5",
+                           "final evaluation (step 8, 6 samples)"}
+    # top-5 sits at 100%: the autoscale margin ran that axis to 104%; every percentage axis stays within 0-100
+    for title in ("validation top1", "validation top5", "final evaluation (step 8, 6 samples)"):
+        lo, hi = panels[title].get_ylim()
+        assert 0 <= lo < hi <= 100, (title, lo, hi)
+    assert panels["validation top5"].get_ylim()[1] == 100
+    ensemble = panels["validation top1"].get_lines()[0]
+    assert list(ensemble.get_xdata()) == [4, 8] and list(ensemble.get_ydata()) == [40.0, 80.0]
+    labels, ax = _final_panel(fig)
+    # ensemble, branch 0, branch 1 for top1 then top5: the last evaluation's values in %
+    assert labels == ["80.0", "100.0", "50.0", "100.0", "25.0", "75.0"]
+    assert sorted(round(b.get_height(), 6) for b in ax.patches) == [25.0, 50.0, 75.0, 80.0, 100.0, 100.0]
+
+
+def test_training_curves_of_a_run_that_evaluated_once_show_bars_not_dots(tmp_path):
+    from video_ens.plots import curves_figure
+
+    fig = curves_figure(_curves_run(tmp_path, "once", {8: 0.9375}))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["training loss", "learning rate", "final evaluation (step 8, 6 samples)"]  # no lone dots
+    assert _final_panel(fig)[0][0] == "93.8"
+    no_recipe = _curves_run(tmp_path, "bare", {8: 0.5})
+    (no_recipe / "recipe.json").unlink()
+    assert curves_figure(no_recipe).get_suptitle() == "bare (no recipe.json)"
 
 
 def test_sweep_png_and_points(tmp_path):
@@ -371,12 +534,16 @@ def test_sweep_png_and_points(tmp_path):
     png = tmp_path / "sweep.png"
     _run([str(TOOLS / "plot.py"), "sweep", *map(str, runs), "--metric", "top1", "--out", str(png)])
     assert _is_png(png)
-    plot = _tool("plot")
-    metric, points, baselines = plot.sweep_points([plot.read_run(r) for r in runs], None)
+    from video_ens.plots import read_run, sweep_figure, sweep_points
+
+    metric, points, baselines = sweep_points([read_run(r) for r in runs], None)
     assert metric == "top1"
     assert baselines == {"s3dg": [(pytest.approx(70.0), "base")]}
     assert [(w, round(e, 6)) for w, e, _, _ in points["ensembling"]["s3dg_ens2"]] == [(0.0, 72.0), (0.5, 71.0)]
     assert [(w, round(b, 6)) for w, _, b, _ in points["codistillation"]["s3dg_ens2"]] == [(2.0, 71.0)]  # branch mean
+    for ax in sweep_figure(runs, "top1").axes:  # a percentage axis, within 0-100
+        lo, hi = ax.get_ylim()
+        assert 0 <= lo < hi <= 100
 
 
 def test_compare_sizes_and_metrics(run_dir, tmp_path):

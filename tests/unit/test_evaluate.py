@@ -150,3 +150,37 @@ def test_multi_view_scores_are_per_video_averages():
     np.testing.assert_allclose(scores["ensemble"], mean[-1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(scores["branches"], mean[:-1], rtol=0, atol=1e-6)
     assert scores["branches"].dtype == scores["ensemble"].dtype == np.float32
+
+
+def test_per_class_and_top_predictions_of_a_multi_view_stream():
+    """evaluate(per_class=True, keep_top=True) on 5-view videos: per-class accuracy, confusion and each video's best
+    classes from the per-video averages computed here."""
+    videos, views = 12, 5
+    stream = _Stream(videos=videos, views=views, batch=4)
+    model = _LinearEnsemble()
+    result = evaluate(model, stream, task="single_label", top_k=3, device=torch.device("cpu"), log_every=0,
+                      views_per_sample=views, per_class=True, keep_top=True)
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.stack([r[2] for r in stream.rows])))
+    ensemble = out.ensemble.numpy().reshape(videos, views, CLASSES).astype(np.float64).mean(1)  # (V, C)
+    target = np.arange(videos) % CLASSES
+    predicted = ensemble.argmax(1)
+    per_class = result["per_class"]["ensemble"]
+    np.testing.assert_array_equal(per_class["support"], np.bincount(target, minlength=CLASSES))
+    np.testing.assert_allclose(per_class["top1"], [np.mean(predicted[target == c] == c) for c in range(CLASSES)])
+    expected = np.zeros((CLASSES, CLASSES), dtype=np.int64)
+    np.add.at(expected, (target, predicted), 1)
+    np.testing.assert_array_equal(per_class["confusion"], expected)
+    assert np.trace(expected) / videos == result["ensemble"]["top1"]
+    assert len(result["per_class"]["branches"]) == BRANCHES
+    top = result["top"]
+    assert list(top["ids"]) == [f"vid{v:02d}" for v in range(videos)]
+    np.testing.assert_array_equal(top["classes"], np.argsort(-ensemble, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(top["scores"], -np.sort(-ensemble, axis=1)[:, :3], rtol=1e-6)
+
+
+def test_keep_top_of_a_one_view_single_label_stream_is_refused_before_the_pass():
+    stream = _Stream(videos=3, views=1, batch=3)
+    with pytest.raises(ValueError, match="keep_top needs multi-label data or a multi-view stream"):
+        evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_top=True)
+    assert stream.stats == {}  # refused before reading a batch

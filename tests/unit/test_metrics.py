@@ -493,7 +493,22 @@ def _evaluate(rank, world):
         video, clip = rows // DIST_CLIPS, rows % DIST_CLIPS
         clip_ens = clip_scores[:, rows].mean(0)
         clips.update(video, clip_scores[:, rows], clip_ens, clip_target[video], view_ids=clip)
-    return {"videos": videos.sync().compute(), "clips": clips.sync().compute()}
+    return {"videos": _jsonable(videos.sync().compute(per_class=True)),
+            "clips": _jsonable(clips.sync().compute(per_class=True))}
+
+
+def _jsonable(result: dict) -> dict:
+    """compute(per_class=True) as JSON values: arrays as lists, NaN (a class without samples) as None."""
+    def convert(value):
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, np.ndarray):
+            return [None if isinstance(v, float) and np.isnan(v) else v for v in value.ravel().tolist()]
+        return value
+
+    return convert(result)
 
 
 def _gloo_worker(rank, world, init_file, out_dir):
@@ -517,5 +532,135 @@ def test_sync_across_two_gloo_ranks_equals_single_process(tmp_path):
     assert single["videos"]["num_samples"] == DIST_VIDEOS and single["clips"]["num_samples"] == DIST_VIDEOS
     _, ensemble, labels, _, _ = _dist_data()
     assert single["videos"]["ensemble"]["gap"] == gap(ensemble, labels, DIST_TOP_K)
+    assert sum(single["clips"]["per_class"]["ensemble"]["confusion"]) == DIST_VIDEOS  # every video once
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-class numbers, confusion and the kept predictions (the reports of tools/eval.py)
+
+# Six samples of classes 0, 0, 0, 1, 1, 2 over four classes (class 3 has none), with ties at the top of s2, s3, s5:
+# the lower class index wins a tie, as in topk_accuracy.
+#                        c0    c1    c2    c3     target  arg-max  target's rank
+PC_SCORES = np.array([[0.60, 0.30, 0.10, 0.00],  # 0     0        0
+                      [0.20, 0.50, 0.30, 0.00],  # 0     1        2
+                      [0.40, 0.40, 0.20, 0.00],  # 0     0 (tie)  0
+                      [0.10, 0.45, 0.45, 0.00],  # 1     1 (tie)  0
+                      [0.10, 0.30, 0.60, 0.00],  # 1     2        1
+                      [0.45, 0.10, 0.45, 0.00]])  # 2    0 (tie)  1
+PC_TARGET = np.array([0, 0, 0, 1, 1, 2])
+PC_TOP1 = [2 / 3, 1 / 2, 0 / 1, np.nan]  # class 0: s0, s2 of three; class 1: s3 of two; class 2: s5 missed
+PC_TOP2 = [2 / 3, 2 / 2, 1 / 1, np.nan]  # s1's target ranks third
+PC_CONFUSION = [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_per_class_accuracy_and_confusion_by_hand():
+    from video_ens.metrics import confusion_matrix, per_class_accuracy
+
+    np.testing.assert_array_equal(per_class_accuracy(PC_SCORES, PC_TARGET, k=1), PC_TOP1)
+    np.testing.assert_array_equal(per_class_accuracy(PC_SCORES, PC_TARGET, k=2), PC_TOP2)
+    confusion = confusion_matrix(PC_SCORES, PC_TARGET)
+    np.testing.assert_array_equal(confusion, PC_CONFUSION)
+    # identities with the overall numbers: the trace is the top-1 hits, the support-weighted mean the accuracy
+    assert np.trace(confusion) / len(PC_TARGET) == topk_accuracy(PC_SCORES, PC_TARGET, 1) == 0.5
+    support = np.bincount(PC_TARGET, minlength=4)
+    weighted = np.nansum(np.asarray(PC_TOP2) * support) / support.sum()
+    assert weighted == pytest.approx(topk_accuracy(PC_SCORES, PC_TARGET, 2))
+
+
+def _per_class_expectation(per_class: dict) -> None:
+    np.testing.assert_array_equal(per_class["support"], [3, 2, 1, 0])
+    np.testing.assert_array_equal(per_class["top1"], PC_TOP1)
+    np.testing.assert_array_equal(per_class["top2"], PC_TOP2)
+    np.testing.assert_array_equal(per_class["confusion"], PC_CONFUSION)
+    np.testing.assert_array_equal(per_class["predicted"], [3, 2, 1, 0])
+
+
+@pytest.mark.parametrize("aggregate", ["first", "mean"])
+def test_accumulator_per_class_single_label_by_hand(aggregate):
+    other = PC_SCORES[:, ::-1].copy()  # branch 1: classes reversed; its arg-max is class 3 for s0, s1 ...
+    acc = EnsembleMetrics(task="single_label", num_classes=4, num_branches=2, accuracy_ks=(1, 2), aggregate=aggregate)
+    ids = np.arange(6)
+    if aggregate == "first":
+        acc.update(ids[:4], np.stack([PC_SCORES[:4], other[:4]]), PC_SCORES[:4], PC_TARGET[:4])
+        acc.update(ids[4:], np.stack([PC_SCORES[4:], other[4:]]), PC_SCORES[4:], PC_TARGET[4:])
+        wrong = PC_SCORES[[0]][:, ::-1].copy()  # a padded repeat of s0 with other scores: the first row counts
+        acc.update(ids[:1], np.stack([wrong, wrong]), wrong, PC_TARGET[:1])
+    else:  # two views per sample, +-0.25 on a whole row: their mean is the hand-made row, ties kept bit for bit
+        for shift, view in ((0.25, 0), (-0.25, 1)):
+            acc.update(ids, np.stack([PC_SCORES + shift, other + shift]), PC_SCORES + shift, PC_TARGET,
+                       view_ids=np.full(6, view))
+    result = acc.compute(per_class=True)
+    assert result["ensemble"] == {"top1": 0.5, "top2": pytest.approx(5 / 6)}
+    assert set(result["per_class"]) == {"ensemble", "branches"}
+    _per_class_expectation(result["per_class"]["ensemble"])
+    _per_class_expectation(result["per_class"]["branches"][0])
+    np.testing.assert_array_equal(result["per_class"]["branches"][1]["confusion"], _confusion_by_hand(other, PC_TARGET))
+    assert "per_class" not in acc.compute()
+
+
+def _confusion_by_hand(scores, target):
+    num_classes = scores.shape[1]
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for row, t in zip(scores, target, strict=True):
+        best = max(range(num_classes), key=lambda c: (row[c], -c))  # highest score, lowest index on ties
+        out[t, best] += 1
+    return out
+
+
+def test_class_average_precision_by_hand_and_its_mean_is_map():
+    from video_ens.metrics import class_average_precision
+
+    # the cases of test_mean_ap_by_hand_drops_classes_without_positives: c0 1, c1 1/2, c2 0 (cut off), c3 no positive
+    aps = class_average_precision(HAND_SCORES, HAND_LABELS, top_k=2)
+    np.testing.assert_array_equal(aps, [1.0, 0.5, 0.0, np.nan])
+    assert np.nanmean(aps) == mean_ap(HAND_SCORES, HAND_LABELS, top_k=2)
+    acc = EnsembleMetrics(task="multi_label", num_classes=4, num_branches=1, top_k=2)
+    acc.update(["v0", "v1", "v2"], HAND_SCORES[None], HAND_SCORES, HAND_LABELS)
+    result = acc.compute(per_class=True)
+    per_class = result["per_class"]["ensemble"]
+    np.testing.assert_array_equal(per_class["ap"], aps)
+    np.testing.assert_array_equal(per_class["support"], [2, 1, 1, 0])
+    assert result["ensemble"]["map"] == acc.compute()["ensemble"]["map"] == mean_ap(HAND_SCORES, HAND_LABELS, 2)
+
+
+def test_most_confused_orders_by_count_then_share_then_index():
+    from video_ens.metrics import most_confused
+
+    confusion = np.array([[5, 3, 0], [2, 6, 2], [0, 3, 9]])
+    # count 3: (0 -> 1) is 3 of 8 samples of class 0, (2 -> 1) 3 of 12; count 2: (1 -> 0) and (1 -> 2) both 2 of 10
+    assert most_confused(confusion, top=3) == [(0, 1, 3), (2, 1, 3), (1, 0, 2)]
+    assert most_confused(confusion, top=10) == [(0, 1, 3), (2, 1, 3), (1, 0, 2), (1, 2, 2)]  # no empty cell
+    assert most_confused(np.diag([4, 5]), top=5) == []  # the diagonal is never a confusion
+    # on the hand-made predictions every mistake happens once: the larger share of its class first
+    assert most_confused(PC_CONFUSION, top=10) == [(2, 0, 1), (1, 2, 1), (0, 1, 1)]
+    with pytest.raises(ValueError, match="square"):
+        most_confused(np.zeros((2, 3)))
+
+
+def test_top_predictions_sorted_per_video_with_ids_in_order():
+    scores = np.vstack([HAND_SCORES, [[0.2, 0.5, 0.1, 0.5]]]).astype(np.float32)  # v3: classes 1 and 3 tie
+    labels = np.vstack([HAND_LABELS, [[0, 1, 0, 0]]])
+    branch = scores[:, ::-1].copy()
+    acc = EnsembleMetrics(task="multi_label", num_classes=4, num_branches=1, top_k=2)
+    acc.update(["v2", "v0"], branch[[2, 0]][None], scores[[2, 0]], labels[[2, 0]])
+    acc.update(["v1", "v3"], branch[[1, 3]][None], scores[[1, 3]], labels[[1, 3]])
+    top = acc.top_predictions()
+    assert list(top["ids"]) == ["v0", "v1", "v2", "v3"]
+    np.testing.assert_array_equal(top["classes"], [[0, 1], [1, 2], [2, 0], [1, 3]])
+    np.testing.assert_array_equal(top["scores"], np.float32([[0.9, 0.8], [0.7, 0.6], [0.95, 0.5], [0.5, 0.5]]))
+    assert top["scores"].dtype == np.float32 and top["classes"].dtype == np.int32
+    # head 0, the branch: v0 reversed is [0.3, 0.1, 0.8, 0.9] -> classes 3, 2
+    np.testing.assert_array_equal(acc.top_predictions(0)["classes"][0], [3, 2])
+    # aggregate="mean" computes them from the averaged views
+    mean = EnsembleMetrics(task="multi_label", num_classes=4, num_branches=1, top_k=2, aggregate="mean")
+    for shift in (0.25, -0.25):
+        mean.update(["v0", "v1", "v2", "v3"], (branch + shift)[None], scores + shift, labels)
+    np.testing.assert_array_equal(mean.top_predictions()["classes"], top["classes"])
+    single = EnsembleMetrics(task="single_label", num_classes=4, num_branches=1)
+    single.update([0], PC_SCORES[None, :1], PC_SCORES[:1], PC_TARGET[:1])
+    with pytest.raises(ValueError, match="keeps only whether"):
+        single.top_predictions()
+    with pytest.raises(ValueError, match="head must be"):
+        acc.top_predictions(2)

@@ -10,4 +10,5 @@ model code never pulls in WebDataset or a video decoder):
     transforms.py clip and image transforms: clip parameters drawn in the loader, pixels worked on the device
     samples.py    one shard sample into model inputs, per kind; bad-sample and decoding accounting
     loader.py     WebDataset training and evaluation streams over the shards, their workers and hand-over
+    remote.py     shards and _info.json from `pipe:` commands and http(s) URLs, with read timeouts
 """

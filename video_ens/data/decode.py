@@ -28,6 +28,9 @@ than a DecodeError: the loader would otherwise skip every trimmed clip, and with
 decodes perfectly well. The extra demux pass costs about 2 ms a call on a 10 s 340x256 clip (decord, best of 25:
 a 64-frame window 41 -> 43 ms, one frame 4.5 -> 6.6 ms).
 
+Frames come as stored: `read_display` reads a video's rotation metadata and sample aspect ratio and `apply_display`
+turns stored frames into the picture a player shows (tools/predict.py and the Kinetics converter apply them).
+
 Every failure to deliver the requested frames (unreadable or truncated file, no video stream, zero frames, an index
 past the end) raises `DecodeError`, which names the source and the reason; the loader turns it into a skipped
 sample. Every decode loop carries a packet budget, so a pathological file ends in an error, never in a hang.
@@ -39,10 +42,12 @@ from __future__ import annotations
 
 import bisect
 import io
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Union
 
 import numpy as np
@@ -109,7 +114,8 @@ class VideoInfo:
         (not the container's claim). A damaged tail can hold packets that no longer decode; decode_frames then
         raises DecodeError for those indices.
     fps: average frame rate; 0.0 when the container states none.
-    width, height: coded picture size in pixels (sample aspect ratio and rotation metadata are not applied).
+    width, height: coded picture size in pixels (sample aspect ratio and rotation metadata are not applied:
+        see `read_display`).
     duration: seconds; from the stream, else the container, else num_frames / fps.
     """
 
@@ -240,6 +246,155 @@ def probe(src: Source) -> VideoInfo:
         else:
             duration = table.num_frames / fps if fps > 0 else 0.0
         return VideoInfo(table.num_frames, fps, video.width, video.height, duration)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# How a picture is meant to be shown: rotation metadata and the sample aspect ratio
+
+
+@dataclass(frozen=True)
+class Display:
+    """How the stored pictures of a video are meant to be shown (`read_display`); `apply_display` shows them so.
+
+    rotation: degrees the picture turns counter-clockwise for display: 0, 90, 180 or 270. This is FFmpeg's
+        av_display_rotation_get and PyAV's VideoFrame.rotation, modulo 360; a phone held upright usually stores
+        landscape frames with 270 (the old "rotate" tag's 90, which counts clockwise). `ffmpeg -i` applies it.
+    mirror: after the rotation, the picture is mirrored left-right (a display matrix with a negative determinant).
+    sar: sample aspect ratio, the width of a stored pixel over its height: 1 for square pixels; anamorphic DVD and
+        DV video store 720 x 576 frames with 16/15 or 64/45. `ffmpeg -i` does not resample it; players do.
+    """
+
+    rotation: int = 0
+    mirror: bool = False
+    sar: Fraction = Fraction(1)
+
+    @property
+    def identity(self) -> bool:
+        return self.rotation == 0 and not self.mirror and self.sar == 1
+
+    def square_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a stored width x height picture resampled to square pixels, before the rotation: the
+        SAR stretches the width when above 1 and the height when below, so no stored pixel is dropped."""
+        if self.sar > 1:
+            return max(1, round(width * self.sar)), height
+        if self.sar < 1:
+            return width, max(1, round(height / self.sar))
+        return width, height
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the displayed picture of a stored width x height one: square pixels, then rotated."""
+        w, h = self.square_size(width, height)
+        return (h, w) if self.rotation in (90, 270) else (w, h)
+
+
+def _orientation(matrix: Sequence[int], name: str) -> tuple[int, bool]:
+    """(rotation, mirror) of an FFmpeg display matrix (9 int32, a b u / c d v / x y w; a b c d in 16.16 fixed point).
+
+    FFmpeg maps a stored pixel (p, q) (column, row) to p' = a p + c q, q' = b p + d q (libavutil/display.h). Only
+    axis-aligned matrices (multiples of 90 degrees, scaling ignored) are accepted; the one of the eight rotations and
+    mirrors that moves the pixels of a small grid the way the matrix does is returned.
+    """
+    a, b, c, d = (float(matrix[i]) / 65536.0 for i in (0, 1, 3, 4))
+    scale = max(abs(a), abs(b), abs(c), abs(d))
+    if scale == 0 or not (max(abs(b), abs(c)) < 1e-3 * scale or max(abs(a), abs(d)) < 1e-3 * scale):
+        angle = math.degrees(math.atan2(b, a)) if scale else float("nan")
+        raise DecodeError(f"{name}: the display matrix turns the picture by {-angle:.1f} degrees; only multiples "
+                          "of 90 are applied (re-encode the video upright, e.g. with ffmpeg -i, which rotates it)")
+    sa, sb, sc, sd = (int(np.sign(round(v / scale, 3))) for v in (a, b, c, d))
+    grid = np.arange(6).reshape(2, 3)  # (rows q, columns p)
+    q, p = np.indices(grid.shape)
+    rows, cols = sb * p + sd * q, sa * p + sc * q
+    shown = np.empty((rows.max() - rows.min() + 1, cols.max() - cols.min() + 1), dtype=grid.dtype)
+    shown[rows - rows.min(), cols - cols.min()] = grid
+    for rotation in (0, 90, 180, 270):
+        for mirror in (False, True):
+            candidate = np.rot90(grid, rotation // 90)  # np.rot90 turns counter-clockwise
+            if mirror:
+                candidate = candidate[:, ::-1]
+            if candidate.shape == shown.shape and np.array_equal(candidate, shown):
+                return rotation, mirror
+    raise AssertionError(f"no orientation matches display matrix {list(matrix)}")
+
+
+def _stream_sar(stream: Any) -> Fraction:
+    """The stream's sample aspect ratio (the container's, else the codec's); 1 when unset or 0 (unknown)."""
+    for owner in (stream, stream.codec_context):
+        value = getattr(owner, "sample_aspect_ratio", None)
+        if value:  # None and Fraction(0) both mean "not stated"
+            return Fraction(value)
+    return Fraction(1)
+
+
+def read_display(src: Source) -> Display:
+    """The rotation, mirroring and sample aspect ratio of the first video stream of `src`.
+
+    The rotation comes from the display matrix FFmpeg attaches to decoded frames (mp4/mov `tkhd` matrix, Matroska
+    projection, and the like), so the first frame is decoded (a few ms); a stream without one falls back to the
+    stream's "rotate" tag (clockwise degrees, any letter case), which some tools write instead (FFmpeg itself now
+    ignores that tag; older FFmpeg reported phones' matrices as it). Raises DecodeError for a video that
+    does not open or decode, and for a rotation that is not a multiple of 90 degrees.
+    """
+    name = describe_source(src)
+    with _AvVideo(src, name) as video:
+        sar = _stream_sar(video.stream)
+        matrix = None
+        try:
+            # The first frame needs at most the reorder delay's worth of packets (see REORDER_SLACK).
+            for packet in video.packets(4 * REORDER_SLACK):
+                frames = packet.decode()
+                if frames:
+                    for side in frames[0].side_data:
+                        if getattr(side.type, "name", "") == "DISPLAYMATRIX":
+                            matrix = np.frombuffer(bytes(side), dtype=np.int32)[:9].tolist()
+                    break
+            else:
+                raise DecodeError(f"{name}: no frame decoded to read the display matrix from")
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"{name}: decoding the first frame failed ({type(exc).__name__}: {exc})") from exc
+        if matrix is not None:
+            rotation, mirror = _orientation(matrix, name)
+        else:
+            tags = {k.lower(): v for k, v in (video.stream.metadata or {}).items()}  # Matroska writes "ROTATE"
+            tag = tags.get("rotate", "0")
+            try:
+                degrees = float(tag)
+            except ValueError:
+                raise DecodeError(f"{name}: the stream's rotate tag {tag!r} is not a number") from None
+            if degrees % 90:
+                raise DecodeError(f"{name}: the rotate tag turns the picture by {degrees:g} degrees; only multiples "
+                                  "of 90 are applied")
+            rotation, mirror = int(-degrees) % 360, False
+    return Display(rotation=rotation, mirror=mirror, sar=sar)
+
+
+def apply_display(frames: torch.Tensor | np.ndarray, display: Display) -> torch.Tensor | np.ndarray:
+    """Frames (..., H, W, 3) uint8 as they are meant to be shown (same type as given): resampled to square pixels
+    (`Display.square_size`; antialiased bilinear, as the transforms resize), then rotated and mirrored.
+
+    Frames already scaled by the decoder (decode_frames' short_side) are fine: the SAR is a ratio. Rotation and
+    mirroring are exact (a view); only a SAR other than 1 resamples.
+    """
+    as_numpy = isinstance(frames, np.ndarray)
+    x = torch.from_numpy(frames) if as_numpy else frames
+    if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (..., H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    height, width = x.shape[-3:-1]
+    new_width, new_height = display.square_size(width, height)
+    if (new_width, new_height) != (width, height):
+        lead = x.shape[:-3]
+        planes = x.reshape(-1, height, width, 3).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
+        planes = torch.nn.functional.interpolate(planes, size=(new_height, new_width), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+        x = planes.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(*lead, new_height, new_width, 3)
+    if display.rotation:
+        x = torch.rot90(x, display.rotation // 90, dims=(-3, -2))  # counter-clockwise, as np.rot90
+    if display.mirror:
+        x = x.flip(-2)
+    if as_numpy:
+        return np.ascontiguousarray(x.numpy())
+    return x.contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -116,6 +116,7 @@ import os
 import random
 import signal
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from video_ens import dist
 from video_ens.config import RecipeError
-from video_ens.data import schema
+from video_ens.data import remote, schema
 from video_ens.data.crashes import InFlight, Quarantine, contain_sigchld, dead_workers, describe_exit, sample_id
 from video_ens.data.samples import (
     POOL_BUFFERS,
@@ -193,10 +194,16 @@ SCHEMA_KIND = {"clip": "video", "features": "yt8m", "image": "image"}
 
 @dataclass(frozen=True)
 class DataPaths:
-    """The training source (a dataset folder, or a brace pattern of local shards) and the evaluation folder."""
+    """data.train_shards and data.val_shards (None: no evaluation) as the recipe gives them: a dataset folder, a
+    brace pattern of local shards (training only), or a `pipe:` command or http(s) URL (see `resolve_paths`)."""
 
-    train: Path
-    val: Path | None
+    train: str
+    val: str | None
+
+    def __post_init__(self) -> None:  # Path objects are welcome; a URL must stay a string ("https://" would lose a /)
+        object.__setattr__(self, "train", os.fspath(self.train))
+        if self.val is not None:
+            object.__setattr__(self, "val", os.fspath(self.val))
 
 
 def metrics_task(data_cfg) -> str:
@@ -208,58 +215,146 @@ def _is_pattern(text: str) -> bool:
     return "{" in text and ".." in text
 
 
-def _info_or_error(folder: Path, field_name: str, kind: str) -> schema.DatasetInfo:
-    try:
-        info = schema.read_info(folder)
-    except (FileNotFoundError, ValueError) as e:
-        raise RecipeError(f"data.{field_name}: {e}") from None
+def _check_kind(info: schema.DatasetInfo, where: str, field_name: str, kind: str) -> schema.DatasetInfo:
     if info.kind != SCHEMA_KIND[kind]:
         raise RecipeError(
-            f"data.{field_name}: {folder} holds a {info.kind!r} dataset but data.kind is {kind!r}, which reads "
+            f"data.{field_name}: {where} holds a {info.kind!r} dataset but data.kind is {kind!r}, which reads "
             f"{SCHEMA_KIND[kind]!r} shards: point it at a {SCHEMA_KIND[kind]} dataset or change data.kind"
         )
     return info
 
 
-def _expand(pattern: str) -> list[str]:
-    import braceexpand  # a dependency of webdataset
+def _info_or_error(folder: str | Path, field_name: str, kind: str) -> schema.DatasetInfo:
+    try:
+        info = schema.read_info(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(f"data.{field_name}: {e}") from None
+    return _check_kind(info, str(folder), field_name, kind)
 
-    return list(braceexpand.braceexpand(pattern))
+
+def _expand(pattern: str) -> list[str]:
+    return remote.expand(pattern)
+
+
+@dataclass(frozen=True)
+class _ShardList:
+    """The shards of data.train_shards or data.val_shards in order, with what their _info.json says (if read)."""
+
+    shards: tuple[str, ...]
+    counts: tuple[int, ...] | None  # samples per shard; None when no _info.json lists them
+    info: schema.DatasetInfo | None
+
+
+# _info.json files fetched from remote sources in this process, by URL: the launch check, the training and the
+# evaluation stream each list the shards, and a `pipe:aws s3 cp` costs about a second of CLI start-up per fetch.
+_REMOTE_INFO: dict[str, schema.DatasetInfo] = {}
+
+
+def _remote_info(url: str, field_name: str, data_cfg) -> schema.DatasetInfo:
+    """The _info.json at `url` (RecipeError when it is malformed or of another kind; RemoteError when unreadable)."""
+    if url not in _REMOTE_INFO:
+        raw = remote.fetch(url, timeout_s=data_cfg.read_timeout_s)
+        try:
+            info = schema.DatasetInfo.from_json(raw.decode("utf-8", "replace"), where=remote.describe(url))
+        except ValueError as e:
+            raise RecipeError(f"data.{field_name}: {e}") from None
+        _REMOTE_INFO[url] = _check_kind(info, remote.describe(url), field_name, data_cfg.kind)
+    return _REMOTE_INFO[url]
+
+
+def _list_shards(text: str, field_name: str, data_cfg) -> _ShardList:
+    """The shard list of one recipe field (see `resolve_paths`); RecipeError naming the field and the fix."""
+    evaluation = field_name == "val_shards"
+    if remote.is_remote(text):
+        return _list_remote(text, field_name, data_cfg, evaluation)
+    if _is_pattern(text):
+        if evaluation:
+            raise RecipeError(
+                f"data.val_shards: {text!r} is a brace pattern of local shards; evaluation needs a dataset folder "
+                "with _info.json (its per-shard counts let each rank take a disjoint share): name the folder"
+            )
+        if data_cfg.samples_per_epoch is None:
+            raise RecipeError(
+                f"data.samples_per_epoch: required when data.train_shards is a brace pattern ({text!r}), "
+                "which has no _info.json to give the dataset size; set it, or point train_shards at the folder"
+            )
+        shards = _expand(text)
+        missing = [p for p in shards if not os.path.isfile(p)]
+        if missing:
+            raise RecipeError(f"data.train_shards: {len(missing)} shard(s) of {text!r} do not exist, e.g. {missing[0]}")
+        return _ShardList(tuple(shards), None, None)
+    info = _info_or_error(text, field_name, data_cfg.kind)
+    return _ShardList(tuple(os.path.join(text, s.name) for s in info.shards), tuple(s.count for s in info.shards), info)
+
+
+def _list_remote(text: str, field_name: str, data_cfg, evaluation: bool) -> _ShardList:
+    """Shards behind `pipe:` commands or http(s) URLs, and their _info.json, read the same way from their folder.
+
+    A URL ending in "/" is a dataset folder: its _info.json names the shards. Otherwise the text (a brace pattern
+    or one shard) names them and _info.json gives their counts by file name. Training may do without it when
+    data.samples_per_epoch is set; evaluation cannot (its rank split needs the counts)."""
+    field = f"data.{field_name}"
+    info, why = None, "its shards lie in more than one folder, so no one _info.json describes them"
+    if text.endswith("/") and not text.startswith("pipe:"):
+        shards, info_url = None, text + schema.INFO_NAME
+    else:
+        shards = _expand(text)
+        try:
+            folders = {remote.sibling(s, schema.INFO_NAME) for s in shards}
+        except ValueError as e:  # a command in which no one word names the shard
+            if evaluation or data_cfg.samples_per_epoch is None:
+                raise RecipeError(f"{field}: {e}") from None
+            folders, why = set(), str(e)
+        info_url = folders.pop() if len(folders) == 1 else None
+    optional = not evaluation and shards is not None and data_cfg.samples_per_epoch is not None
+    if info_url is not None:
+        try:
+            info = _remote_info(info_url, field_name, data_cfg)
+        except remote.RemoteError as e:
+            why = str(e)
+    if info is None:
+        if optional:
+            return _ShardList(tuple(shards), None, None)
+        need = ("evaluation gives each rank its share by the per-shard sample counts of the dataset's _info.json"
+                if evaluation else "a remote training set takes its size and label map from the dataset's _info.json")
+        fix = "put the converter's _info.json beside the shards"
+        if not evaluation:  # a folder URL names no shards: without its _info.json they must be named
+            fix += ", or set data.samples_per_epoch" + (" and name the shards (a brace pattern)" if shards is None else "")
+        raise RecipeError(f"{field}: no _info.json for {text!r} ({why}): {need}; {fix}")
+    by_name = {s.name: s.count for s in info.shards}
+    if shards is None:
+        shards = [text + urllib.parse.quote(s.name) for s in info.shards]
+        return _ShardList(tuple(shards), tuple(s.count for s in info.shards), info)
+    names = [remote.shard_name(s) for s in shards]
+    unlisted = [n for n in names if n not in by_name]
+    if unlisted and not optional:
+        raise RecipeError(
+            f"{field}: {len(unlisted)} shard(s) of {text!r} are not listed in {remote.describe(info_url)}, e.g. "
+            f"{unlisted[0]}: name shards of that dataset" + ("" if evaluation else ", or set data.samples_per_epoch")
+        )
+    counts = None if unlisted else tuple(by_name[n] for n in names)
+    return _ShardList(tuple(shards), counts, info)
 
 
 def resolve_paths(data_cfg) -> DataPaths:
-    """Check data.train_shards and data.val_shards and return them as paths.
+    """Check data.train_shards and data.val_shards (RecipeError naming the field and the fix) and return them.
 
-    train_shards: a dataset folder with _info.json, or a brace pattern of local shards ("dir/train-{000000..000099}
-    .tar"), which has no sample count, so data.samples_per_epoch must then be set. val_shards: a dataset folder
-    (evaluation needs the per-shard counts of _info.json to give every sample to exactly one rank), or "" for none.
+    Either field may be a local dataset folder with _info.json, or remote: a `pipe:` command that writes a shard to
+    its standard output ("pipe:aws s3 cp s3://bucket/k400/train-{000000..000999}.tar -") or an http(s) URL, each a
+    brace pattern or one shard, with the dataset's _info.json read the same way from the shards' folder; an http(s)
+    URL ending in "/" names a dataset folder whose _info.json lists the shards. train_shards may also be a brace
+    pattern of local shards ("dir/train-{000000..000099}.tar"), which reads no _info.json. Where training has no
+    _info.json for its size, data.samples_per_epoch must be set. Evaluation always needs one: its per-shard counts
+    give every sample to exactly one rank. val_shards "" means no evaluation.
     """
     train_text = data_cfg.train_shards
     if not train_text:
         raise RecipeError("data.train_shards: is empty; name a dataset folder (demo recipes: data/demo/<kind>/train, made by launch.sh)")
-    if _is_pattern(train_text):
-        if data_cfg.samples_per_epoch is None:
-            raise RecipeError(
-                f"data.samples_per_epoch: required when data.train_shards is a brace pattern ({train_text!r}), "
-                "which has no _info.json to give the dataset size; set it, or point train_shards at the folder"
-            )
-        missing = [p for p in _expand(train_text) if not os.path.isfile(p)]
-        if missing:
-            raise RecipeError(
-                f"data.train_shards: {len(missing)} shard(s) of {train_text!r} do not exist, e.g. {missing[0]}"
-            )
-    else:
-        _info_or_error(Path(train_text), "train_shards", data_cfg.kind)
-    val = None
-    if data_cfg.val_shards:
-        if _is_pattern(data_cfg.val_shards):
-            raise RecipeError(
-                f"data.val_shards: {data_cfg.val_shards!r} is a brace pattern; evaluation needs a dataset folder "
-                "with _info.json (its per-shard counts let each rank take a disjoint share): name the folder"
-            )
-        val = Path(data_cfg.val_shards)
-        _info_or_error(val, "val_shards", data_cfg.kind)
-    return DataPaths(train=Path(train_text), val=val)
+    _list_shards(train_text, "train_shards", data_cfg)
+    val = data_cfg.val_shards or None
+    if val is not None:
+        _list_shards(val, "val_shards", data_cfg)
+    return DataPaths(train=train_text, val=val)
 
 
 def check_compatible(data_cfg, model_name: str, input_spec: dict) -> None:
@@ -476,7 +571,7 @@ class _Stream:
                 # A batch whose worker died after sending it fails to arrive (its shared memory is passed through a
                 # connection to the sender: ConnectionResetError), before the death itself is visible.
                 timed_out = self.num_workers and isinstance(exc, RuntimeError) and "timed out" in str(exc)
-                self._worker_died(exc, wait_s=0.0 if timed_out else 3.0)
+                self._worker_died(exc, wait_s=3.0 if self.num_workers and not timed_out else 0.0)  # none to die
                 if not timed_out:
                     raise
                 self._worker_stuck(exc, time.perf_counter() - start)
@@ -652,7 +747,9 @@ class _TrainPass(IterableDataset):
         """Raw samples of this slot's shards in pass `cycle`; `dead` collects shards that yield nothing."""
         for shard in self._slot_shards(stream, cycle):
             count = 0
-            for sample in read_shard(self.plan.shards[shard], self._errors, self.plan.spec.max_member_bytes):
+            spec = self.plan.spec
+            for sample in read_shard(self.plan.shards[shard], self._errors, spec.max_member_bytes,
+                                     read_timeout_s=spec.read_timeout_s):  # fmt: skip
                 count += 1
                 yield sample
             if count == 0:
@@ -730,7 +827,8 @@ class _TrainPass(IterableDataset):
         while True:
             tried_before = tried
             for shard in order:
-                for raw in read_shard(p.shards[shard], errors, p.spec.max_member_bytes):
+                for raw in read_shard(p.shards[shard], errors, p.spec.max_member_bytes,
+                                      read_timeout_s=p.spec.read_timeout_s):  # fmt: skip
                     if tried == SPARE_LIMIT:
                         raise RuntimeError(
                             f"micro-batch {k}: its {len(builder.keys)} videos and {SPARE_LIMIT} spares were all bad "
@@ -914,17 +1012,12 @@ def train_stream(
             f"data.repeat_samples: {repeat} clips per decoded video must fill micro-batches of {micro_batch_size} "
             f"(train.micro_batch_size for this world size) exactly; choose a divisor of {micro_batch_size}"
         )
-    train = str(root.train)
-    if _is_pattern(train):
-        shards = _expand(train)
-        num_samples = None
-        num_classes = None
-        if root.val is not None:  # the label map of the evaluation set is the one the labels index
-            num_classes = _info_or_error(root.val, "val_shards", data_cfg.kind).num_classes
-    else:
-        info = _info_or_error(root.train, "train_shards", data_cfg.kind)
-        shards = [os.path.join(train, s.name) for s in info.shards]
-        num_samples, num_classes = info.num_samples, info.num_classes
+    listed = _list_shards(root.train, "train_shards", data_cfg)
+    shards = listed.shards
+    num_samples = sum(listed.counts) if listed.counts is not None else None
+    num_classes = listed.info.num_classes if listed.info is not None else None
+    if num_classes is None and root.val is not None:  # the label map of the evaluation set is the one labels index
+        num_classes = _list_shards(root.val, "val_shards", data_cfg).info.num_classes
     if data_cfg.kind == "features" and num_classes is None:
         num_classes = schema.YT8M_NUM_CLASSES
     nominal = data_cfg.samples_per_epoch or num_samples
@@ -1004,7 +1097,8 @@ class _EvalPass(IterableDataset):
             begin, offset = offset, offset + count
             if offset <= lo or begin >= hi:
                 continue
-            for position, raw in enumerate(read_shard(url, bad, self.plan.spec.max_member_bytes)):
+            shard = read_shard(url, bad, p.spec.max_member_bytes, read_timeout_s=p.spec.read_timeout_s)
+            for position, raw in enumerate(shard):
                 index = begin + position
                 if position >= count:
                     bad.append(
@@ -1019,6 +1113,7 @@ class _EvalPass(IterableDataset):
                     break
                 if index >= lo:  # earlier ones are read but never decoded
                     yield raw
+            shard.close()  # stops a `pipe:` command at once where this share ends mid-shard
 
     def __iter__(self) -> Iterator[dict]:
         p = self.plan
@@ -1034,7 +1129,12 @@ class _EvalPass(IterableDataset):
             pending, report = [], BatchReport()
             return out
 
-        for raw in self._samples(lo, hi, report.bad):
+        # Read errors of _samples go into the batch being built when they happen: a list of one report's would be
+        # handed over with that batch and miss a shard that fails later in the pass.
+        read_errors: list[dict] = []
+        for raw in self._samples(lo, hi, read_errors):
+            report.bad += read_errors
+            read_errors.clear()
             report.seen += 1
             try:
                 self.guard.admit(raw)
@@ -1056,6 +1156,7 @@ class _EvalPass(IterableDataset):
                 pending.append(item)
                 if len(pending) == p.batch_size:
                     yield flush()
+        report.bad += read_errors
         if pending:
             yield flush()
         elif report.bad or report.seen:
@@ -1120,7 +1221,8 @@ def eval_stream(
     _check_rank(rank, world_size)
     if root.val is None:
         return None
-    info = _info_or_error(root.val, "val_shards", data_cfg.kind)
+    listed = _list_shards(root.val, "val_shards", data_cfg)
+    info = listed.info
     max_frames = eval_cfg.max_frames
     if data_cfg.kind == "features":
         max_frames = min(max_frames, input_spec.get("max_frames", max_frames))
@@ -1135,8 +1237,8 @@ def eval_stream(
             short_side=short_side,
             crop_size=crop_size,
         ),
-        shards=tuple(os.path.join(str(root.val), s.name) for s in info.shards),
-        counts=tuple(s.count for s in info.shards),
+        shards=listed.shards,
+        counts=listed.counts,
         rank=rank,
         world_size=world_size,
         batch_size=eval_cfg.batch_size,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from video_ens.data import schema
+from video_ens.data import remote, schema
 from video_ens.data.decode import Budget, DecodeError, open_video
 from video_ens.data.transforms import (
     ClipAugment,
@@ -60,6 +60,10 @@ __all__ = [
     "train_clips",
     "train_item",
 ]
+
+# Seconds a remote shard (a `pipe:` command, an http(s) URL) may stay silent before its read fails: botocore's
+# default read timeout (what `aws s3 cp` waits) is 60 s too. config.DataConfig.read_timeout_s has the same default.
+READ_TIMEOUT_S = 60.0
 
 # Bad sample records kept in SampleStats' "last_bad".
 LAST_BAD_KEPT = 10
@@ -91,6 +95,7 @@ class SampleSpec:
     max_frame_pixels: int = 4096 * 2304
     max_clip_pixels: int = 1 << 28
     max_video_frames: int = 1_000_000
+    read_timeout_s: float = READ_TIMEOUT_S  # a remote shard (pipe: or http) silent this long is a read error
 
     @classmethod
     def from_config(cls, data_cfg, num_classes: int | None) -> SampleSpec:
@@ -111,6 +116,7 @@ class SampleSpec:
             max_frame_pixels=data_cfg.max_frame_pixels,
             max_clip_pixels=data_cfg.max_clip_pixels,
             max_video_frames=data_cfg.max_video_frames,
+            read_timeout_s=data_cfg.read_timeout_s,
         )
 
     def budget(self) -> Budget:
@@ -165,25 +171,28 @@ def sample_key(raw: dict) -> str:
 OVER_BUDGET = "__over_budget__"
 
 
-def read_shard(url: str, errors: list[dict], max_member_bytes: int = 256 << 20):
+def read_shard(url: str, errors: list[dict], max_member_bytes: int = 256 << 20, *,
+               read_timeout_s: float = READ_TIMEOUT_S):  # fmt: skip
     """Raw samples of one tar, in order: {"__key__", "__url__", field: bytes}. Read errors land in `errors`.
 
-    A member larger than max_member_bytes is not read (its size is in its tar header): its sample carries
-    OVER_BUDGET instead, so it is counted once, as a bad sample with its key, where its position in the shard still
-    counts (evaluation splits shards across ranks by position).
+    `url`: a local path, a `pipe:` command or an http(s) URL (remote.open_stream: a command that fails, a 404, a
+    connection that drops or stays silent for read_timeout_s end the shard with an error record naming it).
+    A member larger than max_member_bytes is not read into memory (its size is in its tar header; a stream passes
+    over its bytes in 10 KiB records): its sample carries OVER_BUDGET instead, so it is counted once, as a bad
+    sample with its key, where its position in the shard still counts (evaluation splits shards by position).
     """
-    from webdataset.tariterators import group_by_keys, url_opener
+    from webdataset.tariterators import group_by_keys
 
     def handler(exn: Exception) -> bool:
         errors.append({"key": url, "reason": "shard", "detail": f"{type(exn).__name__}: {exn}"[:300]})
         return True  # go on with the next member, or the next shard
 
     def members():
-        for source in url_opener([{"url": url}], handler=handler):
-            try:
-                yield from _tar_members(source["stream"], url, max_member_bytes)
-            except Exception as exn:  # a damaged tar (truncated, bad header): what was read so far stays used
-                handler(exn)
+        try:
+            with remote.open_stream(url, timeout_s=read_timeout_s) as stream:
+                yield from _tar_members(stream, url, max_member_bytes)
+        except Exception as exn:  # unreadable, or a damaged tar (truncated, bad header): what was read stays used
+            handler(exn)
 
     yield from group_by_keys(members(), handler=handler)
 

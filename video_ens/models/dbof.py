@@ -161,10 +161,17 @@ class DBoFBranch(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.moe = MoE(hidden_size, num_classes, num_mixtures)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, C) probabilities
+    def features(self, h: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, H): the MoE's input, before dropout
         h = F.relu6(self.hidden_bn(self.hidden(h)))
-        h = self.context_gate(h)
-        return self.moe(self.dropout(h))
+        return self.context_gate(h)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, C) probabilities
+        return self.moe(self.dropout(self.features(h)))
+
+    def embed(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, H), probabilities (B, C)); the probabilities are forward's, bit for bit."""
+        f = self.features(h)
+        return f, self.moe(self.dropout(f))
 
 
 def _positive(name: str, value: int) -> int:

@@ -9,6 +9,10 @@ the model is exactly the single (baseline) network, so every family builds its b
 
 Model code is single-device and loss-free: the loss (video_ens.objective) consumes `ModelOutput.branches` and
 the declared `output_type`.
+
+`EnsembleNet.embed(x)` returns the same output plus pooled representations (retrieval, linear probes): the base's
+output averaged over every axis but (B, C), and each branch's classifier input (every branch module has
+`embed(h) -> (features, output)`, its output bit for bit what its forward returns).
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ class ModelOutput(NamedTuple):
     ensemble: torch.Tensor  # (B, C): p_ens, the mean of the branch probabilities
 
 
+class Embeddings(NamedTuple):
+    output: ModelOutput  # what forward returns for the same input
+    base: torch.Tensor  # (B, D_base): the shared base's output, averaged over time and space
+    branches: torch.Tensor  # (N, B, D): each branch's pooled representation, the input of its classifier
+
+
+def pool_features(h: torch.Tensor) -> torch.Tensor:
+    """(B, C, ...) -> (B, C): the mean over every axis after the channels; (B, C) passes through."""
+    return h if h.dim() == 2 else h.mean(dim=tuple(range(2, h.dim())))
+
+
 def branch_probs(branches: torch.Tensor, output_type: OutputType, activation: str) -> torch.Tensor:
     """Per-branch probabilities (N, B, C) from raw branch outputs.
 
@@ -67,7 +82,8 @@ class EnsembleNet(nn.Module):
 
     Args:
         base: the shared lower part. Called as `base(x, **inputs)`.
-        branches: N modules, each mapping the base output to (B, C).
+        branches: N modules, each mapping the base output to (B, C), with `embed(h)` returning (features (B, D),
+            the same (B, C)) for `EnsembleNet.embed`.
         output_type: "logits" when branches emit logits, "probs" when they emit probabilities (DBoF's MoE).
         activation: how logits become probabilities: "softmax" or "sigmoid".
         input_spec: what the model consumes, e.g. {"kind": "clip", "frames": 64, "size": 224}; the data
@@ -104,3 +120,14 @@ class EnsembleNet(nn.Module):
         outs = torch.stack([branch(h) for branch in self.branches], dim=0)  # (N, B, C)
         probs = branch_probs(outs, self.output_type, self.activation)  # (N, B, C), fp32
         return ModelOutput(branches=outs, ensemble=self.ensembler(probs))
+
+    def embed(self, x: torch.Tensor, **inputs) -> Embeddings:
+        """forward's output plus the pooled base and branch representations, from one pass; call in eval mode
+        (in training mode a branch's dropout would still act on its output, never on its features)."""
+        h = self.base(x, **inputs)
+        pairs = [branch.embed(h) for branch in self.branches]
+        outs = torch.stack([out for _, out in pairs], dim=0)  # (N, B, C), as forward stacks them
+        probs = branch_probs(outs, self.output_type, self.activation)  # (N, B, C), fp32
+        output = ModelOutput(branches=outs, ensemble=self.ensembler(probs))
+        features = torch.stack([f for f, _ in pairs], dim=0)  # (N, B, D)
+        return Embeddings(output=output, base=pool_features(h), branches=features)

@@ -145,6 +145,22 @@ def _stem(width: int) -> nn.Sequential:
     )
 
 
+class ResNetBranch(nn.Sequential):
+    """The blocks after the fork, then pool, flatten, dropout, fc; a plain Sequential to forward and to the
+    checkpoint format."""
+
+    def embed(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features (B, C_last): the output of flatten, before dropout; logits (B, classes)); the logits are
+        forward's, bit for bit."""
+        features = None
+        for name, layer in self.named_children():
+            h = layer(h)
+            if name == "flatten":
+                features = h
+        assert features is not None, "a ResNet branch ends in pool, flatten, dropout, fc"
+        return features, h
+
+
 def _check_widths(name: str, values, count: int) -> tuple[int, ...]:
     values = tuple(int(v) for v in values)
     if len(values) != count or any(v < 1 for v in values):
@@ -223,7 +239,7 @@ def build(
         base[f"block{i + 1}"] = _block(channels, widths[i], units[i], strides[i], **unit_kw)
         channels = EXPANSION * widths[i]
 
-    def make_branch() -> nn.Sequential:
+    def make_branch() -> ResNetBranch:
         layers = OrderedDict()
         cin = channels
         for j, width in enumerate(branch_widths):
@@ -234,7 +250,7 @@ def build(
         layers["flatten"] = nn.Flatten(1)  # (B, C)
         layers["dropout"] = nn.Dropout(dropout)
         layers["fc"] = nn.Linear(cin, num_classes)
-        return nn.Sequential(layers)
+        return ResNetBranch(layers)
 
     model = EnsembleNet(
         nn.Sequential(base),

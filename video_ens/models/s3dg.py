@@ -188,15 +188,34 @@ class Logits(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv = nn.Conv3d(cin, num_classes, 1, bias=True)
 
+    @staticmethod
+    def _windows(x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C, T', H', W'): 7x1x1 at 224
+        t, h, w = x.shape[-3:]
+        return F.avg_pool3d(x, (min(2, t), min(7, h), min(7, w)), stride=1)
+
     def per_timestep(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, classes, T'), T' = T - 1 for T >= 2: one logit vector per pooled window."""
-        t, h, w = x.shape[-3:]
-        x = F.avg_pool3d(x, (min(2, t), min(7, h), min(7, w)), stride=1)  # (B, C, T', H', W'): 7x1x1 at 224
-        x = self.conv(self.dropout(x))  # (B, classes, T', H', W')
+        x = self.conv(self.dropout(self._windows(x)))  # (B, classes, T', H', W')
         return x.mean(dim=(3, 4))  # (B, classes, T')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, classes)
         return self.per_timestep(x).mean(dim=2)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, C): the classifier's input averaged over the windows its logits are averaged
+        over. The 1x1x1 conv is linear, so in eval mode forward(x) = conv(pooled(x)) up to rounding."""
+        return self._windows(x).mean(dim=(2, 3, 4))
+
+
+class S3DGBranch(nn.Sequential):
+    """The layers after the fork, then Logits; a plain Sequential to forward and to the checkpoint format."""
+
+    def embed(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features (B, C_last), logits (B, classes)); the logits are forward's, bit for bit."""
+        *trunk, head = self.children()
+        for layer in trunk:
+            h = layer(h)
+        return head.pooled(h), head(h)
 
 
 def _make_layer(name: str, cin: int, width: Callable[[int], int]) -> tuple[nn.Module, int]:
@@ -285,7 +304,7 @@ def build(
             LAYER_NAMES[split:], fork_channels, lambda c: _scaled(_scaled(c, widths_scale), width_ratio)
         )
         layers.append(("Logits", Logits(cout, num_classes, dropout)))
-        branches.append(nn.Sequential(OrderedDict(layers)))
+        branches.append(S3DGBranch(OrderedDict(layers)))
     model = EnsembleNet(
         nn.Sequential(OrderedDict(base_layers)),
         branches,
