@@ -55,14 +55,13 @@ import torch
 
 from video_ens import dist, durable
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
-from video_ens.data import loader
+from video_ens.data import loader, sources
 from video_ens.evaluate import evaluate, load_weights
 from video_ens.models import create_model
 from video_ens.report import (
     KAGGLE_TOP_K,
     bad_sample_lines,
     bad_sample_summary,
-    class_names,
     class_report,
     report_markdown,
     write_kaggle_submission,
@@ -212,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         where = "/".join(Path(str(paths.val)).parts[-2:])  # e.g. kinetics/val
-        out.update(class_report(result["per_class"], task, class_names(paths.val), out_dir,
+        names = sources.list_shards(paths.val, "val_shards", recipe.data).info.label_names  # remote: fetched once
+        out.update(class_report(result["per_class"], task, names, out_dir,
                                 title=f"{recipe.model.name}, ensemble: {where} ({result['num_samples']} samples)"))
         if args.kaggle is not None:
             kaggle = Path(args.kaggle) if args.kaggle else out_dir / "kaggle_submission.csv"

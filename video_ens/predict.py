@@ -44,7 +44,7 @@ import torch
 
 from . import dist
 from .config import load_recipe
-from .data import loader, schema
+from .data import loader, schema, sources
 from .data.decode import Display, apply_display, decode_frames, probe, read_display
 from .data.samples import EvalView, Item, SampleSpec, collate
 from .data.transforms import ClipEvalTransform, ImageEvalTransform, to_model_input, uniform_clips
@@ -300,28 +300,17 @@ def load_features(path: str, *, rgb_dim: int, audio_dim: int, max_frames: int) -
 
 def class_names(recipe, num_classes: int, labels: str | os.PathLike | None = None) -> tuple[list[str], str]:
     """(names, where they came from): `labels` when given (a text file with one name per line, a dataset folder or
-    its _info.json), else the label map of the run's training dataset (data.train_shards; a brace pattern's folder),
-    else of data.val_shards; else the class indices as text, with a warning. ValueError when the names found do not
+    its _info.json), else the label map of the run's datasets (`sources.label_names`); else the class indices as
+    text, with a warning. ValueError when the names found do not
     number `num_classes`."""
     if labels is not None:
         names, source = schema.load_label_names(labels), os.fspath(labels)
     else:
-        names, source = None, ""
-        tried = []
-        for text in (recipe.data.train_shards, recipe.data.val_shards):
-            if not text or text.startswith("pipe:") or "://" in text:
-                continue  # a remote source: its _info.json is not read here
-            folder = os.path.dirname(text) if "{" in text else text
-            tried.append(folder)
-            if os.path.isfile(os.path.join(folder, schema.INFO_NAME)):
-                info = schema.read_info(folder)
-                if info.label_names:
-                    names, source = info.label_names, os.path.join(folder, schema.INFO_NAME)
-                    break
+        names, source = sources.label_names(recipe.data)
         if names is None:
-            where = " or ".join(tried) or "no local dataset in the recipe"
-            LOG.warning(f"no class names found ({where}: no _info.json with label_names here); showing class indices. "
-                        "Pass --labels (a names file, or the training dataset folder)")
+            LOG.warning("no class names found (data.train_shards and data.val_shards: no readable _info.json with "
+                        "label_names); showing class indices. Pass --labels (a names file, or the training dataset "
+                        "folder)")
             return [str(i) for i in range(num_classes)], "class indices"
     if len(names) != num_classes:
         raise ValueError(f"{source}: {len(names)} class names, but the model predicts {num_classes} classes; pass "

@@ -31,7 +31,6 @@ __all__ = [
     "KAGGLE_TOP_K",
     "bad_sample_lines",
     "bad_sample_summary",
-    "class_names",
     "class_report",
     "class_rows",
     "class_table",
@@ -115,14 +114,6 @@ def confused_pairs(confusion: Any, names: Sequence[str] | None, top: int = CONFU
          "predicted_name": names[p] if names else None, "count": n, "share": n / int(support[t])}
         for t, p, n in most_confused(matrix, top)
     ]
-
-
-def class_names(dataset: str | os.PathLike) -> list[str] | None:
-    """The evaluation set's class names (_info.json label_names); None when it has none (YouTube-8M) or is not a
-    local folder (a `pipe:` or URL source: the report then names classes by index)."""
-    if not Path(dataset).is_dir():
-        return None
-    return schema.read_info(dataset).label_names
 
 
 def class_report(per_class: dict, task: str, names: Sequence[str] | None, out_dir: str | os.PathLike, *,

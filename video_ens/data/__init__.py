@@ -9,6 +9,7 @@ model code never pulls in WebDataset or a video decoder):
     decode.py     decoding frames from encoded clips (whole, or straight into a caller's buffer)
     transforms.py clip and image transforms: clip parameters drawn in the loader, pixels worked on the device
     samples.py    one shard sample into model inputs, per kind; bad-sample and decoding accounting
+    sources.py    what data.train_shards / val_shards name: shard lists, `_info.json`, fit to the model
     loader.py     WebDataset training and evaluation streams over the shards, their workers and hand-over
     remote.py     shards and _info.json from `pipe:` commands and http(s) URLs, with read timeouts
 """
