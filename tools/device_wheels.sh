@@ -2,7 +2,7 @@
 # Collect, into .whl/, the wheels that a GPU machine without network access needs for the training path, for its
 # Python (3.12 by default, x86-64 Linux): DeepSpeed and what it needs beyond torch/numpy/tqdm/psutil/... (hjson and
 # the pydantic stack), and WebDataset (with braceexpand). Versions are those of this checkout's .venv, the ones the
-# tests ran against. torch, triton, numpy, einops, safetensors, protobuf and pillow are expected on the machine.
+# tests ran against. torch, triton, numpy, safetensors, protobuf and pillow are expected on the machine.
 #
 #   bash tools/device_wheels.sh                      # -> .whl/ (ignored by git, about 5 MB)
 #   PYVER=3.11 DEST=/tmp/whl bash tools/device_wheels.sh

@@ -80,9 +80,11 @@ SCRIPT = textwrap.dedent(
     except FloatingPointError as e:
         outcome = f"stopped: {e}"
     finite = all(torch.isfinite(t.float()).all().item() for t in [*eng.module.parameters(), *eng.module.buffers()])
-    print(json.dumps({"rank": dist.rank(), "outcome": outcome, "finite": finite, "step": trainer.step,
-                      "unchanged_steps": unchanged,
-                      "final_unchanged": torch.equal(snap(), prev)}), flush=True)
+    # One write of the whole line: print() writes the text and its newline apart, and with unbuffered output the
+    # other rank's line once landed between the two (CI: '{"rank": 0, ...}{"rank": 1, ...}').
+    sys.stdout.write(json.dumps({"rank": dist.rank(), "outcome": outcome, "finite": finite, "step": trainer.step,
+                                 "unchanged_steps": unchanged, "final_unchanged": torch.equal(snap(), prev)}) + "\\n")
+    sys.stdout.flush()
     trainer.log.close()
     dist.shutdown()
     """
