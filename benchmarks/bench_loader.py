@@ -30,7 +30,7 @@ Pipeline mode (--mode pipeline): the training input pipeline end to end, as trai
     python benchmarks/bench_loader.py --mode pipeline --videos DIR --reencode 256 16   # converted the README's way
 
 Shards: --shards DIR (any converted clip dataset, tools/convert_kinetics.py), or the synthetic videos (or --videos
-DIR) converted by tools/convert_kinetics.py into a temp dir (--reencode SHORT_SIDE KEYINT as the README converts),
+DIR) converted by video_ens.data.convert_kinetics into a temp dir (--reencode SHORT_SIDE KEYINT as the README converts),
 listed --dataset-size / videos times (identical bytes then, but decoding never caches across samples: each opens its
 own decoder). `loader.train_stream(...).batches(epoch)` then runs with the recipe's data settings from the command
 line (frames, stride, crop, short-side range, flip, colour jitter, decoder = data.decoder, data.repeat_samples =
@@ -86,7 +86,9 @@ import numpy as np
 import torch
 from _common import git_sha  # benchmarks/ is on sys.path when a script runs
 
-from video_ens.data.decode import BACKENDS, DecodeError, decode_frames, probe, resized_size
+from video_ens.data import convert_kinetics
+from video_ens.data.decode import BACKENDS, DecodeError, backend_version, decode_frames, probe, resized_size
+from video_ens.data.encode import H264Settings, H264Writer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov"}
@@ -99,8 +101,6 @@ CLIP_FRAMES = 64
 
 def make_videos(folder: Path, count: int, seconds: float = 10.0, fps: int = 30) -> list[Path]:
     """Kinetics-like clips: 340x256 H.264 (x264 defaults: preset medium, CRF 23, keyframe every 250 frames)."""
-    import av
-
     width, height = 340, 256
     rng = np.random.default_rng(0)
     x = np.arange(width, dtype=np.float32)[None, :]
@@ -108,25 +108,22 @@ def make_videos(folder: Path, count: int, seconds: float = 10.0, fps: int = 30) 
     paths = []
     for v in range(count):
         path = folder / f"synthetic_{v}.mp4"
-        with av.open(str(path), mode="w") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for i in range(int(seconds * fps)):
-                # A panning gradient, three moving discs and mild sensor noise: about 210 kbit/s at CRF 23, and
-                # the discs wrapping round trigger scene-cut keyframes (3-4 per clip) as real footage does.
-                image = np.empty((height, width, 3), dtype=np.float32)
-                image[..., 0] = 128 + 100 * np.sin((x + 3 * i + 40 * v) / 37.0)
-                image[..., 1] = 128 + 90 * np.cos((y + 2 * i) / 23.0)
-                image[..., 2] = 0.5 * (x + y) % 256
-                for k in range(3):
-                    cx = (60 + 80 * k + 4 * i * (k + 1)) % width
-                    cy = 128 + 80 * math.sin(i / (10.0 + 5 * k) + k)
-                    disc = (x - cx) ** 2 + (y - cy) ** 2 < (18 + 6 * k) ** 2
-                    image[disc] = (255 * (k == 0), 255 * (k == 1), 255 * (k == 2))
-                image += rng.normal(0, 3, image.shape)
-                frame = av.VideoFrame.from_ndarray(image.clip(0, 255).astype(np.uint8), format="rgb24")
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
+        writer = H264Writer(fps=fps, width=width, height=height, settings=H264Settings())
+        for i in range(int(seconds * fps)):
+            # A panning gradient, three moving discs and mild sensor noise: about 210 kbit/s at CRF 23, and
+            # the discs wrapping round trigger scene-cut keyframes (3-4 per clip) as real footage does.
+            image = np.empty((height, width, 3), dtype=np.float32)
+            image[..., 0] = 128 + 100 * np.sin((x + 3 * i + 40 * v) / 37.0)
+            image[..., 1] = 128 + 90 * np.cos((y + 2 * i) / 23.0)
+            image[..., 2] = 0.5 * (x + y) % 256
+            for k in range(3):
+                cx = (60 + 80 * k + 4 * i * (k + 1)) % width
+                cy = 128 + 80 * math.sin(i / (10.0 + 5 * k) + k)
+                disc = (x - cx) ** 2 + (y - cy) ** 2 < (18 + 6 * k) ** 2
+                image[disc] = (255 * (k == 0), 255 * (k == 1), 255 * (k == 2))
+            image += rng.normal(0, 3, image.shape)
+            writer.write(image.clip(0, 255).astype(np.uint8))
+        path.write_bytes(writer.finish())
         paths.append(path)
     return paths
 
@@ -220,25 +217,6 @@ def probe_size(path: Path) -> tuple[int, int]:
 # Provenance
 
 
-def backend_version(backend: str) -> str | None:
-    """The backend's version, or None when it cannot be imported."""
-    try:
-        if backend == "pyav":
-            import av
-
-            return av.__version__
-        if backend == "decord":
-            import decord
-
-            return decord.__version__
-        import torchcodec
-        import torchcodec.decoders  # noqa: F401  (loads its FFmpeg libraries: fails without them)
-
-        return torchcodec.__version__
-    except Exception:
-        return None
-
-
 def ffmpeg_version_line() -> str | None:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
@@ -283,12 +261,7 @@ PRESETS = {  # recipe-like data settings: frames, crop_size, short_side range
 
 
 def convert_videos(paths: list[Path], videos: Path, out: Path, size: int, shard_size: int, reencode) -> Path:
-    """A clip dataset of `size` samples (the videos listed in turn) through tools/convert_kinetics.py."""
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
-    if tools not in sys.path:  # the converters are scripts, not package modules
-        sys.path.insert(0, tools)
-    import convert_kinetics
-
+    """A clip dataset of `size` samples (the videos listed in turn) through video_ens.data.convert_kinetics."""
     annotations = out.parent / "annotations.csv"
     with annotations.open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -1,6 +1,7 @@
 """video_ens: EnsembleNet (shared base, N light branches, co-distillation) for video and images at scale.
 
-Imports flow one way: config, dist, durable -> kernels -> models, data -> objective, metrics -> engine -> trainer -> train.
+Imports flow one way: typed_json, dist, durable -> model_options -> sections -> config -> kernels -> models, data
+-> objective, metrics -> engine -> trainer -> train.
 Importing the package pulls in none of DeepSpeed, Triton, WebDataset or a video decoder.
 """
 

@@ -1,44 +1,15 @@
 """Evaluation metrics: top-k accuracy, hit@1, GAP@20 and mAP@20, per branch and for the ensemble.
 
-Two layers:
+* Functions on one score matrix (numpy or torch, any float dtype): `topk_accuracy`, `hit_at_one`, `gap`, `mean_ap`,
+  and per class `per_class_accuracy`, `class_average_precision` (whose mean is `mean_ap`), `confusion_matrix`.
+* `EnsembleMetrics`, a streaming accumulator keyed by sample id: per-batch outputs of every branch and the
+  ensemble in, every metric per head out, after an all-gather over ranks.
 
-* Functions on one score matrix: `topk_accuracy`, `hit_at_one`, `gap`, `mean_ap`. They take numpy arrays or
-  torch tensors (any device, any float dtype) and return a Python float. Per class, for the reports:
-  `per_class_accuracy`, `class_average_precision` (whose mean is `mean_ap`), `confusion_matrix`, `most_confused`.
-* `EnsembleMetrics`, a streaming accumulator keyed by sample id. It takes per-batch outputs of every branch and
-  of the ensemble, merges across ranks, counts each sample id once (the padding a distributed sampler adds, or the
-  several clips of one video, never count twice) and reports every metric per head.
-
-GAP and mAP follow the YouTube-8M starter code (google/youtube-8m `eval_util.py`, `average_precision_calculator.py`,
-`mean_average_precision_calculator.py`, run by `eval.py --top_k=20`); design/architecture.md section 5 states the
-semantics in prose:
-
-1. Each video keeps its `top_k` highest-scoring classes, picked with `np.argpartition` (which classes survive a tie
-   at the cut is numpy's choice, as it is in the starter code).
-2. AP of a ranked list = (1/P) * sum over the positives in it of (positives at or above it) / (its rank), where P is
-   the number of positive labels in the whole evaluation set, including those cut off by step 1 (no min(P, n) cap).
-3. GAP: one list pooling the kept (score, label) pairs of all videos; P = all positive labels.
-   mAP: one list per class (the videos where that class was kept); P_c = positives of the class; classes with
-   P_c = 0 are left out of the mean (`filter_empty_classes=True`).
-
-Ties. The starter code pushes the pairs onto a heap, shuffles the heap's array with `random.seed(0)` and
-`random.sample`, then stably sorts by score, descending: tied pairs land in a seeded pseudo-random order. When no tie
-mixes a positive with a negative, every order gives the same AP and we use one `np.argsort`. Otherwise we replay
-the heap, the shuffle and the sort exactly (with a private `random.Random(0)`, so the global `random` state is left
-alone). That costs ~2 s for a 2M-entry list (100k videos x 20), plus ~6 s the first time a list length is seen, to
-draw the shuffle, which all heads then share (measured on a shared 2-core CPU). It is the common case: float32 sigmoid
-outputs of 30k synthetic videos (600k kept pairs) already tie across labels. The pairs are pushed in the starter's order: class by class, videos in row order
-within a class (`top_k_by_class` then `flatten`). For mAP this order does not depend on batching; for GAP the starter's
-streaming `EvaluationMetrics` pushes batch by batch, so with ties its value depends on the batch size, whereas ours is
-that of a single batch holding all videos (sorted by sample id in `EnsembleMetrics`).
+GAP and mAP are the YouTube-8M starter code's, bit for bit, ties included (video_ens.starter_ap).
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import heapq
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,10 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Rows per np.argpartition call: argpartition returns int64 indices for the whole block, so 100k x 3862 in one call
-# would allocate 3 GB; 4096 rows cap it at ~130 MB.
-_ROWS_PER_BLOCK = 4096
-
+from .starter_ap import class_aps_from_top_k, gap_from_top_k, mean_of_present, top_k_per_video
 
 # --------------------------------------------------------------------------------------------------------------------
 # Input conversion
@@ -133,122 +101,6 @@ def _hits_at_one(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return labels[np.arange(scores.shape[0]), np.argmax(scores, axis=1)]
 
 
-def _top_k_per_video(scores: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (B, k) int32 and scores (B, k) of each row's k best classes, k = min(top_k, C).
-
-    Same selection as the starter's `top_k_triplets`: `np.argpartition(row, -k)[-k:]`. The order inside a row is
-    irrelevant, only the set is used.
-    """
-    if top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    k = min(top_k, scores.shape[1])
-    idx = np.empty((scores.shape[0], k), dtype=np.int32)
-    for start in range(0, scores.shape[0], _ROWS_PER_BLOCK):
-        block = scores[start : start + _ROWS_PER_BLOCK]
-        idx[start : start + len(block)] = np.argpartition(block, -k, axis=1)[:, -k:]
-    return idx, np.take_along_axis(scores, idx, axis=1)
-
-
-def _ties_mix_labels(ranked_values: np.ndarray, ranked_labels: np.ndarray) -> bool:
-    """Does any run of equal scores (in a list sorted by score) hold both a positive and a negative?"""
-    if ranked_values.size < 2:
-        return False
-    starts_run = np.empty(ranked_values.size, dtype=bool)
-    starts_run[0] = True
-    np.not_equal(ranked_values[1:], ranked_values[:-1], out=starts_run[1:])
-    if starts_run.all():
-        return False
-    run = np.cumsum(starts_run) - 1
-    positives = np.bincount(run, weights=ranked_labels)
-    sizes = np.bincount(run)
-    return bool(((positives > 0) & (positives < sizes)).any())
-
-
-@functools.lru_cache(maxsize=4)
-def _starter_shuffle(n: int) -> np.ndarray:
-    """The permutation `random.seed(0); random.sample(range(n), n)` draws (`AveragePrecisionCalculator._shuffle`).
-
-    It depends on n alone, and the GAP lists of all heads have the same length (videos x top_k), so it is drawn once:
-    `random.sample` is a Python loop, ~3 s per million entries here.
-    """
-    perm = np.fromiter(random.Random(0).sample(range(n), n), dtype=np.int64, count=n)
-    perm.flags.writeable = False
-    return perm
-
-
-def _starter_ranking(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Labels in the order the starter code ranks them: heap, seeded shuffle, stable sort by score descending.
-
-    `values`/`labels` are in push order. The heap's array order is what `peek_ap_at_n` hands on, so we build the
-    same heap. Its (score, label) tuples are replaced by the int 2 * rank(score) + label, which orders the same way
-    (pairs with equal keys are interchangeable); pushing ints is 2x faster and reads back 7x faster than tuples.
-    """
-    _, score_rank = np.unique(values, return_inverse=True)
-    keys = score_rank.reshape(-1).astype(np.int64) * 2 + labels
-    heap: list[int] = []
-    push = heapq.heappush
-    for key in keys.tolist():
-        push(heap, key)
-    shuffled = np.fromiter(heap, dtype=np.int64, count=len(heap))[_starter_shuffle(len(heap))]
-    order = np.argsort(-(shuffled >> 1), kind="stable")
-    return (shuffled[order] & 1).astype(bool)
-
-
-def _average_precision(values: np.ndarray, labels: np.ndarray, num_positives: int) -> float:
-    """`AveragePrecisionCalculator.ap_at_n(n=None, total_num_positives=num_positives)` of one list in push order."""
-    if num_positives <= 0 or values.size == 0:
-        return 0.0  # the starter returns 0 for an empty heap and for numpos == 0
-    values = values.astype(np.float64, copy=False)
-    order = np.argsort(-values, kind="stable")
-    ranked = labels[order]
-    if _ties_mix_labels(values[order], ranked):
-        ranked = _starter_ranking(values, labels)
-    hit_ranks = np.flatnonzero(ranked) + 1.0  # 1-based ranks of the positives
-    if hit_ranks.size == 0:
-        return 0.0
-    precision = np.arange(1, hit_ranks.size + 1, dtype=np.float64) / hit_ranks
-    # cumsum adds left to right like the starter's loop (np.sum would add pairwise), so the bits match.
-    return float(np.cumsum(precision * (1.0 / num_positives))[-1])
-
-
-def _push_order(top_idx: np.ndarray) -> np.ndarray:
-    """Permutation of the flattened (B, k) top-k entries into class-major, video-minor order (`top_k_by_class`)."""
-    return np.argsort(top_idx.ravel(), kind="stable")
-
-
-def _gap_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> float:
-    top_lab = labels[np.arange(labels.shape[0])[:, None], top_idx]  # (B, k)
-    order = _push_order(top_idx)
-    return _average_precision(top_val.ravel()[order], top_lab.ravel()[order], int(labels.sum()))
-
-
-def _class_aps_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(C,) float64 AP of each class's top-k-truncated list (see `mean_ap`); NaN for a class with no positive."""
-    num_classes = labels.shape[1]
-    top_lab = labels[np.arange(labels.shape[0])[:, None], top_idx]  # (B, k)
-    order = _push_order(top_idx)
-    values, hits = top_val.ravel()[order], top_lab.ravel()[order]
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(top_idx.ravel(), minlength=num_classes))])
-    positives = labels.sum(axis=0)  # (C,)
-    aps = np.full(num_classes, np.nan)
-    # A Python loop over classes: 3862 short lists take ~0.25 s for 30k videos; the list building is vectorised.
-    for c in np.flatnonzero(positives):
-        aps[c] = _average_precision(values[bounds[c] : bounds[c + 1]], hits[bounds[c] : bounds[c + 1]],
-                                    int(positives[c]))
-    return aps
-
-
-def _mean_of_present(aps: np.ndarray) -> float:
-    """mAP from per-class APs: the mean over the classes that have a positive (the starter's
-    filter_empty_classes), in class order; NaN if none has one."""
-    present = aps[~np.isnan(aps)]
-    return float(np.mean(present)) if present.size else float("nan")
-
-
-def _map_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.ndarray) -> float:
-    return _mean_of_present(_class_aps_from_top_k(top_idx, top_val, labels))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Public functions
 
@@ -297,8 +149,8 @@ def gap(scores: Any, labels: Any, top_k: int = 20) -> float:
     module docstring for tie handling. Returns 0.0 when there is no positive label.
     """
     arr = _scores_2d(scores)
-    top_idx, top_val = _top_k_per_video(arr, top_k)
-    return _gap_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
+    top_idx, top_val = top_k_per_video(arr, top_k)
+    return gap_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
 
 
 def mean_ap(scores: Any, labels: Any, top_k: int = 20) -> float:
@@ -308,8 +160,8 @@ def mean_ap(scores: Any, labels: Any, top_k: int = 20) -> float:
     in `labels`. Classes with no positive are left out of the mean; NaN if no class has one.
     """
     arr = _scores_2d(scores)
-    top_idx, top_val = _top_k_per_video(arr, top_k)
-    return _map_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
+    top_idx, top_val = top_k_per_video(arr, top_k)
+    return mean_of_present(class_aps_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -357,30 +209,8 @@ def class_average_precision(scores: Any, labels: Any, top_k: int = 20) -> np.nda
     """(C,) float64 AP of each class over the videos that kept it in their `top_k`, denominator all its positives:
     the values whose mean over the classes with a positive is `mean_ap`. NaN for a class with no positive."""
     arr = _scores_2d(scores)
-    top_idx, top_val = _top_k_per_video(arr, top_k)
-    return _class_aps_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
-
-
-def most_confused(confusion: Any, top: int = 10) -> list[tuple[int, int, int]]:
-    """The `top` largest off-diagonal cells of a confusion matrix (rows true, columns predicted) as
-    (true class, predicted class, count), largest first.
-
-    Ties on the count go to the larger share of the true class's samples (3 of 4 before 3 of 30), then to the lower
-    (true, predicted) index pair. Empty cells are never listed, so fewer than `top` may come back.
-    """
-    matrix = _as_numpy(confusion, name="confusion")
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"confusion must be a square (C, C) matrix, got shape {matrix.shape}")
-    if top < 0:
-        raise ValueError(f"top must be >= 0, got {top}")
-    off = matrix.astype(np.int64)
-    np.fill_diagonal(off, 0)
-    true, pred = np.nonzero(off)
-    counts = off[true, pred]
-    support = matrix.sum(axis=1)[true]
-    # lexsort sorts by the last key first: count descending, share descending, then (true, pred) ascending
-    order = np.lexsort((pred, true, -(counts / support), -counts))[:top]
-    return [(int(true[i]), int(pred[i]), int(counts[i])) for i in order]
+    top_idx, top_val = top_k_per_video(arr, top_k)
+    return class_aps_from_top_k(top_idx, top_val, _multi_hot(labels, arr.shape))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,9 +218,7 @@ def most_confused(confusion: Any, top: int = 10) -> list[tuple[int, int, int]]:
 
 _TASKS = ("single_label", "multi_label")
 _AGGREGATES = ("first", "mean")
-
-# aggregate="mean": the latest views held apart, unsummed, until sync/merge (see EnsembleMetrics, "Duplicates").
-HELD_VIEWS = 256
+_SUMMARY_FIELDS = ("correct", "pred", "top_idx", "top_val", "hit1")
 
 
 class EnsembleMetrics:
@@ -406,41 +234,23 @@ class EnsembleMetrics:
         result = metrics.compute()  # {"ensemble": {...}, "branches": [{...}, ...], "num_samples": n}
 
     Metrics: `task="single_label"` reports "top1", "top5" (one per entry of `accuracy_ks`); `task="multi_label"`
-    reports "gap" and "map" (both at `top_k`, see `gap` and `mean_ap`) and "hit_at_one".
-    `compute(per_class=True)` adds each head's per-class numbers and `top_predictions()` gives each video's kept
-    classes (the reports of tools/eval.py).
+    reports "gap" and "map" (both at `top_k`, see `gap` and `mean_ap`) and "hit_at_one". `compute(per_class=True)`
+    adds each head's per-class numbers and `top_predictions()` each video's kept classes (tools/eval.py's reports).
+    Pass probabilities for every head: the ensemble is a mean of probabilities, so its branches compare on that footing.
 
-    Pass probabilities for every head (the ensemble is a mean of probabilities, so its branches should be compared
-    on the same footing; `aggregate="mean"` averages whatever it is given).
+    Repeated ids. `aggregate="first"` counts a repeated id once, its first row (update order; ranks in rank order
+    after `sync`). `aggregate="mean"` averages the scores of an id's rows: multi-clip (or multi-crop) evaluation,
+    where every view of a video arrives under the video's id; with `view_ids` (the view index, a small int >= 0) a
+    view that arrives twice raises, since it would weigh twice in the average (the loader's evaluation streams give
+    each (sample, view) once and keep a sample's views on one rank). Rows sharing an id must carry the same target;
+    a mismatch raises, since it means the ids are not global (e.g. a per-rank batch index).
 
-    Duplicates. A sample id seen more than once (in one accumulator, across `merge`, or across ranks) counts once:
-      * `aggregate="first"` keeps the first occurrence (update order; ranks in rank order after `sync`). For the
-        padding a distributed sampler appends, whose rows repeat real samples.
-      * `aggregate="mean"` averages the scores of all occurrences: multi-clip (or multi-crop) evaluation, where
-        each clip of a video arrives under the video's id. Pass `view_ids` (the clip index, a small int >= 0) as
-        well when a distributed sampler may pad: rows with the same (id, view) then count once (the first one, in
-        update order, ranks in rank order), so a padded clip does not weigh twice in the average. Without
-        `view_ids` every row enters the average.
-    Rows sharing an id must carry the same target; a mismatch raises, since it means the ids are not global
-    (e.g. a per-rank batch index).
-
-    How "mean" keeps that exact without holding every view: each id keeps the float64 sum of its views' scores,
-    their count and the set of its views (a bit mask); a repeated (id, view) is dropped when it arrives. Sums and
-    counts of disjoint views add exactly across ranks (a video's views may straddle ranks). A repeat from another
-    rank or accumulator, though, is only known at `sync`/`merge`, when it may already be summed. So the latest
-    `held_views` rows are held apart, unsummed, until then: a distributed sampler's padding comes last on its rank
-    (DistributedSampler appends it), so its repeats are still held and are dropped exactly. A repeat that was
-    summed together with views the other side lacks cannot be taken out again and raises (raise `held_views`); one
-    whose every view the other side already counted is dropped whole. The project's evaluation streams neither pad
-    nor split a video across ranks. Row by row float64 sums in arrival order give the bits summing all the stored
-    rows at the end gave; parts from several ranks are added part by part (equal to float rounding).
-
-    Memory per unique row and head (N + 1 heads): with `aggregate="first"` only what the metrics need is kept:
-    multi-label, the top-k class indices and scores (20 x (4 + 4) bytes for float32) and a hit@1 flag, plus the
-    packed labels once per row (3862 / 8 = 483 bytes); single-label, one flag per k. With `aggregate="mean"` the
-    sum of the scores: C x 8 bytes per id whatever the number of views (Kinetics-400 at 10 x 3 views: 19.8k videos
-    x 3 heads x 400 x 8 B = 190 MB, where holding every view took 2.9 GB), plus `held_views` rows of C x 4 bytes
-    per head; `sync` copies every rank's share to every rank.
+    Memory per unique id and head (H = N + 1 heads): "first" keeps only what the metrics read: multi-label, the
+    top-k class indices and scores (20 x (4 + 4) bytes for float32) and a hit@1 flag, plus the packed labels once
+    (3862 / 8 = 483 bytes); single-label, one flag per k and the arg-max class. "mean" keeps the float64 sum of the
+    views' scores, C x 8 bytes whatever the number of views (Kinetics-400 at 10 x 3 views: 19.8k videos x 3 heads x
+    400 x 8 B = 190 MB, where holding every view would take 2.9 GB). Sums are added row by row in arrival order;
+    `sync` all-gathers every rank's state to every rank and adds the parts in rank order.
     """
 
     def __init__(
@@ -452,18 +262,15 @@ class EnsembleMetrics:
         aggregate: str = "first",
         top_k: int = 20,
         accuracy_ks: Sequence[int] = (1, 5),
-        held_views: int = HELD_VIEWS,
     ) -> None:
         """
         Args:
             task: "single_label" (Kinetics, ImageNet) or "multi_label" (YouTube-8M).
             num_classes: C, the width of every score row.
             num_branches: N, the number of branch heads (the ensemble is reported besides them).
-            aggregate: "first" (drop repeated ids) or "mean" (average the scores of repeated ids).
+            aggregate: "first" (count a repeated id once) or "mean" (average the scores of an id's rows).
             top_k: predictions kept per video for GAP and mAP (multi-label).
             accuracy_ks: the k of each reported top-k accuracy (single-label).
-            held_views: aggregate="mean" with view_ids: how many of the latest rows are held apart until
-                sync/merge, so that another rank's repeat of them can be dropped exactly (class docstring).
         """
         if task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
@@ -478,21 +285,13 @@ class EnsembleMetrics:
         accuracy_ks = tuple(int(k) for k in accuracy_ks)
         if not accuracy_ks or min(accuracy_ks) < 1:
             raise ValueError(f"accuracy_ks must be a non-empty list of k >= 1, got {accuracy_ks}")
-        if held_views < 0:
-            raise ValueError(f"held_views must be >= 0, got {held_views}")
         self.task = task
         self.num_classes = num_classes
         self.num_branches = num_branches
         self.aggregate = aggregate
         self.top_k = top_k
         self.accuracy_ks = accuracy_ks
-        self.held_views = held_views
-        # aggregate="first": chunks mapping field -> array whose first axis is the row. Fields: "ids", the target
-        # ("target" (R,) int64 or "labels" (R, ceil(C/8)) packed bits) and the per-head summary (see _summarise).
-        self._chunks: list[dict[str, np.ndarray]] = []
-        # aggregate="mean": per-id sums of the views' scores.
-        self._views = self._new_view_sums() if aggregate == "mean" else None
-        self._has_views: bool | None = None  # fixed by the first update that brings rows
+        self.reset()
 
     # ---- configuration ----------------------------------------------------------------------------------------------
 
@@ -513,13 +312,10 @@ class EnsembleMetrics:
         elif self._has_views != has_views:
             raise ValueError("pass view_ids to every update() of an aggregate='mean' accumulator, or to none")
 
-    def _new_view_sums(self, held: int | None = None) -> _ViewSums:
+    def _new_sums(self) -> _MeanSums:
         if self.task == "single_label":
-            target_shape, target_dtype = (), np.int64
-        else:
-            target_shape, target_dtype = ((self.num_classes + 7) // 8,), np.uint8  # packed bits
-        return _ViewSums(self.num_branches + 1, self.num_classes, target_shape, target_dtype,
-                         self.held_views if held is None else held)
+            return _MeanSums(self.num_branches + 1, self.num_classes, (), np.int64)
+        return _MeanSums(self.num_branches + 1, self.num_classes, ((self.num_classes + 7) // 8,), np.uint8)  # packed
 
     # ---- accumulation -----------------------------------------------------------------------------------------------
 
@@ -539,7 +335,7 @@ class EnsembleMetrics:
             branch_scores: (N, B, C), or a sequence of N tensors (B, C).
             ensemble_scores: (B, C).
             targets: single-label: (B,) class indices or (B, C) one-hot; multi-label: (B, C) multi-hot.
-            view_ids: (B,) int clip / crop index >= 0, used by aggregate="mean" (see the class docstring).
+            view_ids: (B,) int clip / crop index >= 0, for aggregate="mean": a repeated (id, view) raises.
         """
         ids = _as_numpy(sample_ids, name="sample_ids")
         if ids.ndim != 1:
@@ -568,7 +364,7 @@ class EnsembleMetrics:
         if num_rows:
             self._check_views(view_ids is not None)
             scores = np.ascontiguousarray(heads.transpose(1, 0, 2), dtype=np.result_type(heads, np.float32))
-            self._views.add(ids.tolist(), None if views is None else views.tolist(), scores, stored_target)
+            self._sums.add(ids.tolist(), None if views is None else views.tolist(), scores, stored_target)
 
     def _heads(self, branch_scores: Any, ensemble_scores: Any, num_rows: int) -> np.ndarray:
         """(H, B, C) scores of the N branches then the ensemble."""
@@ -596,41 +392,21 @@ class EnsembleMetrics:
             # the arg-max class per head, for the per-class report's confusion matrix: 4 bytes per row and head
             pred = np.stack([np.argmax(s, axis=1) for s in heads], axis=1).astype(np.int32)
             return {"correct": correct, "pred": pred}  # (B, H, len(ks)), (B, H)
-        tops = [_top_k_per_video(s, self.top_k) for s in heads]
+        tops = [top_k_per_video(s, self.top_k) for s in heads]
         return {
             "top_idx": np.stack([i for i, _ in tops], axis=1),  # (B, H, k)
             "top_val": np.stack([v for _, v in tops], axis=1),  # (B, H, k), the input dtype: no new ties
             "hit1": np.stack([_hits_at_one(s, target) for s in heads], axis=1),  # (B, H)
         }
 
-    def merge(self, other: EnsembleMetrics) -> EnsembleMetrics:
-        """Add `other`'s rows to this accumulator (repeated ids are resolved as in `update`, this accumulator's
-        first); returns self. With aggregate="mean" this accumulator's held rows are summed."""
-        if not isinstance(other, EnsembleMetrics):
-            raise TypeError(f"can only merge another EnsembleMetrics, got {type(other).__name__}")
-        if other._config() != self._config():
-            raise ValueError(
-                f"cannot merge accumulators with different settings: {self._config()} vs {other._config()}"
-            )
-        self._check_views(other._has_views)
-        if self.aggregate == "first":
-            self._chunks.extend(other._chunks)
-        else:
-            self._views.flush()
-            self._views.absorb(other._views.export(), has_views=bool(self._has_views))
-        return self
-
     def sync(self, group: Any = None) -> EnsembleMetrics:
-        """All-gather every rank's rows (aggregate="mean": per-id sums, counts and held rows) so that each rank
+        """All-gather every rank's state (aggregate="mean": per-id sums, counts and views seen) so that each rank
         holds the union; a no-op unless torch.distributed is initialised. A collective: call it on every rank of
         `group`, once, after the last update. With NCCL, `all_gather_object` needs `torch.cuda.set_device` to have
         been called. Returns self."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        if self.aggregate == "first":
-            state = self._consolidate()
-        else:
-            state = self._views.export() if len(self._views) else None
+        state = self._consolidate() if self.aggregate == "first" else self._sums.export()
         payload = {"config": self._config(), "has_views": self._has_views, "state": state}
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, payload, group=group)
@@ -643,33 +419,32 @@ class EnsembleMetrics:
             self._chunks = [part["state"] for part in gathered if part["state"] is not None]
             self._consolidate()
             return self
-        self._views = self._new_view_sums(held=0)  # this rank's own part is in `gathered`
+        self._sums = self._new_sums()  # this rank's own part is in `gathered`
         for rank in range(len(gathered)):
             part, gathered[rank] = gathered[rank], None  # free each part once it is added
-            if part["state"] is not None:
-                self._views.absorb(part["state"], has_views=bool(self._has_views))
-        self._views.held = self.held_views
+            self._sums.absorb(part["state"])
         return self
 
     def reset(self) -> None:
-        self._chunks = []
-        self._views = self._new_view_sums() if self.aggregate == "mean" else None
-        self._has_views = None
+        # aggregate="first": chunks mapping field -> array whose first axis is the row. Fields: "ids", the target
+        # ("target" (R,) int64 or "labels" (R, ceil(C/8)) packed bits) and the per-head summary (see _summarise).
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._sums = self._new_sums() if self.aggregate == "mean" else None  # aggregate="mean": per-id sums
+        self._has_views: bool | None = None  # fixed by the first update that brings rows
 
     def __len__(self) -> int:
         """Number of distinct sample ids held."""
         if self.aggregate == "mean":
-            return len(self._views)
+            return len(self._sums)
         state = self._consolidate()
         return 0 if state is None else int(np.unique(state["ids"]).size)
 
     @property
     def rows_held(self) -> int:
-        """Rows of per-sample state in memory: aggregate="mean", one per distinct id plus the held views (at most
-        `held_views`), whatever the number of views; aggregate="first", every row added since the last
-        de-duplication (`sync`, `compute`, `len`)."""
+        """Rows of per-sample state in memory: aggregate="mean", one per distinct id whatever the number of views;
+        aggregate="first", every row added since the last de-duplication (`sync`, `compute`, `len`)."""
         if self.aggregate == "mean":
-            return self._views.rows_held
+            return len(self._sums)
         return sum(len(chunk["ids"]) for chunk in self._chunks)
 
     # ---- de-duplication ---------------------------------------------------------------------------------------------
@@ -733,15 +508,14 @@ class EnsembleMetrics:
         return self._result(results, int(first.size), per_class)
 
     def _compute_mean(self, per_class: bool = False) -> dict[str, Any]:
-        views = self._views
-        if not len(views):
+        if not len(self._sums):
             raise _no_samples_error()
-        order, counts, stored = views.by_id()
+        _, _, stored, order = self._sums.by_id()
         target = self._unpacked(stored)
         results = []
         for head in range(self.num_branches + 1):
             # One head at a time: a copy of every head at once would double the sums held.
-            mean = views.head_sums(head, order) / counts[:, None]
+            mean = self._sums.mean(head, order)
             summary = {k: v[:, 0] for k, v in self._summarise(mean[None], target).items()}
             results.append(self._metrics(summary, target, per_class))
         return self._result(results, int(order.size), per_class)
@@ -766,12 +540,10 @@ class EnsembleMetrics:
             raise ValueError(f"head must be in [-1, {self.num_branches}] (-1: the ensemble), got {head}")
         head %= self.num_branches + 1
         if self.aggregate == "mean":
-            views = self._views
-            if not len(views):
+            if not len(self._sums):
                 raise _no_samples_error()
-            order, counts, _ = views.by_id()
-            classes, scores = _top_k_per_video(views.head_sums(head, order) / counts[:, None], self.top_k)
-            ids = views.ids()[order]
+            ids, _, _, order = self._sums.by_id()
+            classes, scores = top_k_per_video(self._sums.mean(head, order), self.top_k)
         elif self.task == "multi_label":
             state = self._consolidate()
             if state is None:
@@ -800,12 +572,11 @@ class EnsembleMetrics:
         """
         if self.aggregate != "mean":
             raise ValueError("mean_scores needs an aggregate='mean' accumulator (the 'first' one keeps no scores)")
-        views = self._views
-        order, counts, stored = views.by_id()
+        ids, counts, stored, order = self._sums.by_id()
         scores = np.empty((order.size, self.num_branches + 1, self.num_classes), dtype=dtype)
         for head in range(self.num_branches + 1):
-            scores[:, head] = views.head_sums(head, order) / counts[:, None]
-        return {"ids": views.ids()[order], "views": counts, "targets": self._unpacked(stored), "scores": scores}
+            scores[:, head] = self._sums.mean(head, order)
+        return {"ids": ids, "views": counts, "targets": self._unpacked(stored), "scores": scores}
 
     def _metrics(self, summary: dict[str, np.ndarray], target: np.ndarray,
                  per_class: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
@@ -824,18 +595,15 @@ class EnsembleMetrics:
             classes["confusion"] = _confusion(target, summary["pred"], num_classes)
             classes["predicted"] = classes["confusion"].sum(axis=0)
             return metrics, classes
-        aps = _class_aps_from_top_k(summary["top_idx"], summary["top_val"], target)
+        aps = class_aps_from_top_k(summary["top_idx"], summary["top_val"], target)
         metrics = {
-            "gap": _gap_from_top_k(summary["top_idx"], summary["top_val"], target),
-            "map": _mean_of_present(aps),
+            "gap": gap_from_top_k(summary["top_idx"], summary["top_val"], target),
+            "map": mean_of_present(aps),
             "hit_at_one": float(summary["hit1"].mean()),
         }
         if not per_class:
             return metrics, None
         return metrics, {"support": target.sum(axis=0).astype(np.int64), "ap": aps}
-
-
-_SUMMARY_FIELDS = ("correct", "pred", "top_idx", "top_val", "hit1")
 
 
 def _conflict_error(sample_id: Any) -> ValueError:
@@ -845,42 +613,34 @@ def _conflict_error(sample_id: Any) -> ValueError:
     )
 
 
+def _repeat_error(sample_id: Any, mask: int) -> ValueError:
+    views = [i for i in range(mask.bit_length()) if mask >> i & 1]
+    return ValueError(
+        f"sample id {sample_id!r}: view(s) {views} arrived twice, and a repeat would weigh twice in the average; "
+        "an evaluation stream gives each (sample, view) once, on one rank (video_ens.data.loader.eval_stream), "
+        "whereas a DistributedSampler pads by repeating rows"
+    )
+
+
 def _no_samples_error() -> ValueError:
     return ValueError("no samples to evaluate: call update() (and sync() on every rank) before compute()")
 
 
-def _bits(mask: int) -> list[int]:
-    return [i for i in range(mask.bit_length()) if mask >> i & 1]
+class _MeanSums:
+    """The state of an aggregate="mean" accumulator. Per sample id, in the order ids first arrive: the float64 sum
+    of its views' scores (H, C), how many views were summed, its target (stored form) and the bit mask of the view
+    ids seen (0 without view ids)."""
 
-
-class _ViewSums:
-    """The state of an aggregate="mean" accumulator (see EnsembleMetrics, "Duplicates"). Per sample id, in the
-    order ids first arrive: the float64 sum of its views' scores (H, C), how many views were summed, its target
-    (stored form) and the bit mask of its views seen (summed or held). `pending` holds the latest rows with view
-    ids, unsummed, in arrival order: (row, view, scores (H, C)), at most `held` of them."""
-
-    def __init__(self, heads: int, num_classes: int, target_shape: tuple, target_dtype: Any, held: int) -> None:
-        self.held = held
+    def __init__(self, heads: int, num_classes: int, target_shape: tuple, target_dtype: Any) -> None:
         self.keys: list[Any] = []
         self.index: dict[Any, int] = {}
         self.sums = np.zeros((0, heads, num_classes), dtype=np.float64)
         self.counts = np.zeros(0, dtype=np.int64)
         self.targets = np.zeros((0, *target_shape), dtype=target_dtype)
         self.masks: list[int] = []
-        self.pending: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def rows_held(self) -> int:
-        return len(self.keys) + len(self.pending)
-
-    # ---- adding rows ----
-
-    def _check_target(self, key: Any, row: int, target: np.ndarray) -> None:
-        if not np.array_equal(self.targets[row], target):
-            raise _conflict_error(key)
 
     def _row(self, key: Any, target: np.ndarray) -> int:
         """The row of `key`, added (with `target`) if new."""
@@ -901,109 +661,49 @@ class _ViewSums:
         self.masks.append(0)
         return row
 
-    def _sum(self, row: int, scores: np.ndarray, count: int = 1) -> None:
-        self.sums[row] += scores  # float64: row by row in arrival order, as np.add.reduceat over stored rows
+    def _add(self, key: Any, target: np.ndarray, scores: np.ndarray, count: int, mask: int) -> None:
+        row = self._row(key, target)
+        self.sums[row] += scores  # float64, in arrival order
         self.counts[row] += count
+        self.masks[row] |= mask
 
     def add(self, keys: list, views: list[int] | None, scores: np.ndarray, targets: np.ndarray) -> None:
         """One batch in arrival order: keys (B), views (B) or None, scores (B, H, C), targets (B, ...) stored form."""
-        batch_targets: dict[Any, int] = {}
-        for b, key in enumerate(keys):  # check every target before changing anything
-            row = self.index.get(key)
-            if row is not None:
-                self._check_target(key, row, targets[b])
-            elif key in batch_targets and not np.array_equal(targets[batch_targets[key]], targets[b]):
-                raise _conflict_error(key)
-            batch_targets.setdefault(key, b)
+        seen: dict[Any, tuple[np.ndarray, int]] = {}  # key -> (its target, its views so far): checked before any change
         for b, key in enumerate(keys):
-            row = self._row(key, targets[b])
-            if views is None:
-                self._sum(row, scores[b])
-                continue
-            bit = 1 << views[b]
-            if self.masks[row] & bit:
-                continue  # this (id, view) is already counted: a padded repeat
-            self.masks[row] |= bit
-            self.pending.append((row, views[b], scores[b].copy()))  # a copy: the batch need not outlive it
-            if len(self.pending) > self.held:
-                self._sum_oldest()
-
-    def _sum_oldest(self) -> None:
-        row, _, scores = self.pending.popleft()
-        self._sum(row, scores)
-
-    def flush(self) -> None:
-        """Sum the held rows."""
-        while self.pending:
-            self._sum_oldest()
-
-    # ---- combining parts (merge, sync) ----
+            row = self.index.get(key)
+            target, mask = seen.get(key) or ((targets[b], 0) if row is None else (self.targets[row], self.masks[row]))
+            if not np.array_equal(target, targets[b]):
+                raise _conflict_error(key)
+            if views is not None:
+                if mask >> views[b] & 1:
+                    raise _repeat_error(key, 1 << views[b])
+                mask |= 1 << views[b]
+            seen[key] = (target, mask)
+        for b, key in enumerate(keys):
+            self._add(key, targets[b], scores[b], 1, 0 if views is None else 1 << views[b])
 
     def export(self) -> dict[str, Any]:
-        """This state as plain data: the sums with the views they cover, and the held rows apart."""
         n = len(self.keys)
-        summed_masks = list(self.masks)
-        for row, view, _ in self.pending:
-            summed_masks[row] &= ~(1 << view)
-        return {
-            "keys": self.keys,
-            "sums": self.sums[:n],
-            "counts": self.counts[:n],
-            "targets": self.targets[:n],
-            "masks": summed_masks,
-            "pending": [(row, view, scores) for row, view, scores in self.pending],  # rows index "keys"
-        }
+        return {"keys": self.keys, "sums": self.sums[:n], "counts": self.counts[:n], "targets": self.targets[:n],
+                "masks": self.masks}
 
-    def absorb(self, part: dict[str, Any], *, has_views: bool) -> None:
-        """Add an exported state after everything this one holds (held rows included: `flush` first)."""
-        keys, targets = part["keys"], part["targets"]
-        for u, key in enumerate(keys):
+    def absorb(self, part: dict[str, Any]) -> None:
+        """Add another rank's exported state after everything this one holds."""
+        for u, key in enumerate(part["keys"]):
             row = self.index.get(key)
             if row is not None:
-                self._check_target(key, row, targets[u])
-            count = int(part["counts"][u])
-            if count == 0:
-                continue  # only held rows, added below
-            mask = part["masks"][u]
-            if row is None:
-                row = self._row(key, targets[u])
-            elif has_views:
-                seen = self.masks[row] & mask
-                if seen == mask:
-                    continue  # every one of these views is counted already: the first occurrences win
-                if seen:
-                    raise ValueError(
-                        f"sample id {key!r}: view(s) {_bits(seen)} arrive twice (from two ranks or accumulators), "
-                        f"and the later copies were summed with view(s) {_bits(mask & ~seen)} before the repeat "
-                        f"could be told apart; hold more rows apart (held_views, now {self.held} per part) or keep "
-                        "each (id, view) on one rank"
-                    )
-            self._sum(row, part["sums"][u], count)
-            self.masks[row] |= mask
-        for u, view, scores in part["pending"]:
-            row = self._row(keys[u], targets[u])
-            bit = 1 << view
-            if self.masks[row] & bit:
-                continue  # a repeat of a view counted already (a distributed sampler's padding)
-            self.masks[row] |= bit
-            self._sum(row, scores)
+                if not np.array_equal(self.targets[row], part["targets"][u]):
+                    raise _conflict_error(key)
+                if self.masks[row] & part["masks"][u]:
+                    raise _repeat_error(key, self.masks[row] & part["masks"][u])
+            self._add(key, part["targets"][u], part["sums"][u], int(part["counts"][u]), part["masks"][u])
 
-    # ---- results ----
+    def by_id(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, view counts, targets, rows): every id once, sorted, with the rows of `sums` in that order."""
+        order = np.argsort(np.asarray(self.keys), kind="stable")
+        return np.asarray(self.keys)[order], self.counts[: len(self.keys)][order], self.targets[order], order
 
-    def ids(self) -> np.ndarray:
-        return np.asarray(self.keys)
-
-    def by_id(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(order of the rows by id, counts in that order (held rows included), targets in that order)."""
-        order = np.argsort(self.ids(), kind="stable")
-        counts = self.counts[: len(self.keys)].copy()
-        for row, _, _ in self.pending:
-            counts[row] += 1
-        return order, counts[order], self.targets[order]
-
-    def head_sums(self, head: int, order: np.ndarray) -> np.ndarray:
-        """(V, C) float64 sums of one head, rows in `order`, held rows added after the summed ones."""
-        sums = self.sums[: len(self.keys), head].copy()
-        for row, _, scores in self.pending:
-            sums[row] += scores[head]
-        return sums[order]
+    def mean(self, head: int, order: np.ndarray) -> np.ndarray:
+        """(V, C) float64: one head's scores averaged over each id's views, rows in `order`."""
+        return self.sums[: len(self.keys), head][order] / self.counts[: len(self.keys)][order][:, None]

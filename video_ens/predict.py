@@ -49,9 +49,10 @@ from .data.decode import Display, apply_display, decode_frames, probe, read_disp
 from .data.samples import EvalView, Item, SampleSpec, collate
 from .data.transforms import ClipEvalTransform, ImageEvalTransform, to_model_input, uniform_clips
 from .durable import write_atomic
-from .evaluate import autocast, format_duration, load_weights
+from .evaluate import autocast, load_weights
 from .models import builder_arguments, create_model
 from .models.ensemble import EnsembleNet, branch_probs
+from .progress import format_duration
 
 LOG = dist.get_logger("video_ens.predict")
 

@@ -20,7 +20,6 @@ import numpy as np
 from . import dist, durable
 from .data import schema
 from .data.samples import LAST_BAD_KEPT
-from .metrics import most_confused
 from .plots import PlotUnavailable, plot_confusion
 
 LOG = dist.get_logger("video_ens.report")
@@ -38,6 +37,7 @@ __all__ = [
     "confused_table",
     "kaggle_submission",
     "metric_table",
+    "most_confused",
     "read_video_ids",
     "report_markdown",
     "write_kaggle_submission",
@@ -103,9 +103,31 @@ def class_rows(per_class: dict, task: str, names: Sequence[str] | None) -> list[
     return rows
 
 
+def most_confused(confusion: Any, top: int = 10) -> list[tuple[int, int, int]]:
+    """The `top` largest off-diagonal cells of a confusion matrix (rows true, columns predicted) as
+    (true class, predicted class, count), largest first.
+
+    Ties on the count go to the larger share of the true class's samples (3 of 4 before 3 of 30), then to the lower
+    (true, predicted) index pair. Empty cells are never listed, so fewer than `top` may come back.
+    """
+    matrix = np.asarray(confusion)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"confusion must be a square (C, C) matrix, got shape {matrix.shape}")
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    off = matrix.astype(np.int64)
+    np.fill_diagonal(off, 0)
+    true, pred = np.nonzero(off)
+    counts = off[true, pred]
+    support = matrix.sum(axis=1)[true]
+    # lexsort sorts by the last key first: count descending, share descending, then (true, pred) ascending
+    order = np.lexsort((pred, true, -(counts / support), -counts))[:top]
+    return [(int(true[i]), int(pred[i]), int(counts[i])) for i in order]
+
+
 def confused_pairs(confusion: Any, names: Sequence[str] | None, top: int = CONFUSED_PAIRS) -> list[dict[str, Any]]:
     """eval.json's "confused_pairs": the `top` most frequent mistakes, true class -> predicted class
-    (video_ens.metrics.most_confused): [{"true", "true_name", "predicted", "predicted_name", "count", "share"
+    (`most_confused`): [{"true", "true_name", "predicted", "predicted_name", "count", "share"
     (of the true class's samples)}]."""
     matrix = np.asarray(confusion)
     support = matrix.sum(axis=1)

@@ -29,8 +29,9 @@ import torch.distributed as tdist
 from . import dist
 from .config import RecipeError, recipe_to_dict
 from .data.transforms import to_model_input
-from .evaluate import evaluate, format_duration, gather_bad_samples
+from .evaluate import evaluate
 from .optim import lr_at, set_lr
+from .progress import format_duration, gather_bad_samples
 
 LOG = dist.get_logger("video_ens.trainer")
 

@@ -1,9 +1,10 @@
-"""Converter round trips: small raw inputs -> tools/convert_*.py -> tar members read back with tarfile + schema."""
+"""Converter round trips: small raw inputs -> video_ens.data.convert_* (and tools/convert_*.py, their command lines)
+-> tar members read back with tarfile + schema."""
 
 import builtins
 import csv
 import errno
-import importlib
+import importlib.util
 import io
 import json
 import os
@@ -20,24 +21,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from video_ens.data import schema
+from video_ens.data import convert_images, convert_kinetics, convert_yt8m, schema
 from video_ens.data import tfrecord as tfr
 from video_ens.data.decode import decode_frames
+from video_ens.data.writer import map_surviving_crashes
 
 pytestmark = pytest.mark.integration
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def _tool(name):
-    if str(TOOLS) not in sys.path:  # also inherited by spawned workers, which import the tool by name
-        sys.path.insert(0, str(TOOLS))
-    return importlib.import_module(name)
-
-
-convert_kinetics = _tool("convert_kinetics")
-convert_yt8m = _tool("convert_yt8m")
-convert_images = _tool("convert_images")
+def _cli(name):
+    """tools/<name>.py loaded from its file: tools/ is no package and never on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_samples(folder) -> list[dict]:
@@ -189,10 +188,10 @@ def test_kinetics_rerun_is_safe(kinetics_inputs, tmp_path, monkeypatch, capsys):
     root = kinetics_inputs
     out = tmp_path / "train"
     args = ["--annotations", str(root / "train.csv"), "--videos", str(root / "videos"), "--out", str(out)]
-    assert convert_kinetics.main(args + ["--split", "train", "--workers", "1"]) == 0
+    assert _cli("convert_kinetics").main(args + ["--split", "train", "--workers", "1"]) == 0
     assert "2 samples" in capsys.readouterr().out
     before = (out / "_info.json").read_bytes()
-    assert convert_kinetics.main(args + ["--workers", "1"]) == 2
+    assert _cli("convert_kinetics").main(args + ["--workers", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
     calls = []
@@ -337,7 +336,7 @@ def test_kinetics_without_any_clip_fails_and_publishes_nothing(kinetics_inputs, 
         "--out",
         str(tmp_path / "out"),
     ]
-    assert convert_kinetics.main(args + ["--workers", "1"]) == 2
+    assert _cli("convert_kinetics").main(args + ["--workers", "1"]) == 2
     assert "no clip was converted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["gone.csv"]  # no dataset and no partial folder
 
@@ -351,7 +350,7 @@ def test_kinetics_worker_crash_skips_that_clip_only():
     def crashed(item, why):
         return ("crashed", "BrokenProcessPool" in why)
 
-    run = convert_kinetics._map_surviving_crashes
+    run = map_surviving_crashes
     got = list(run(signal.raise_signal, items, workers=2, chunksize=1, crashed=crashed))
     assert got == [("crashed", True) if item == dies else None for item in items]
     # Workers that die on every item are not one bad file: that still ends the conversion.
@@ -368,7 +367,7 @@ def test_kinetics_hung_decoder_skips_that_clip_after_the_timeout():
         return ("skipped", why)
 
     start = time.monotonic()
-    got = list(convert_kinetics._map_surviving_crashes(time.sleep, items, workers=2, chunksize=1, crashed=crashed,
+    got = list(map_surviving_crashes(time.sleep, items, workers=2, chunksize=1, crashed=crashed,
                                                        timeout=2))  # fmt: skip
     assert [g is None for g in got] == [item == 0 for item in items]
     assert got[2][0] == "skipped" and "--timeout 2 s" in got[2][1]
@@ -485,7 +484,7 @@ def test_yt8m_without_any_video_fails_and_publishes_nothing(tmp_path, capsys):
         convert_yt8m.convert(inputs=[str(tmp_path / "junk.tfrecord")], out=str(tmp_path / "out"), progress=False)
     assert "junk.tfrecord" in str(err.value) and "1 record(s) or file(s) skipped" in str(err.value)
     assert "length CRC mismatch" in str(err.value) and "512 bytes" in str(err.value)
-    assert convert_yt8m.main(["--inputs", str(tmp_path / "junk.tfrecord"), "--out", str(tmp_path / "out")]) == 2
+    assert _cli("convert_yt8m").main(["--inputs", str(tmp_path / "junk.tfrecord"), "--out", str(tmp_path / "out")]) == 2
     assert "no video was written" in capsys.readouterr().err
     # A holdout that ends up empty fails too, and neither dataset is published.
     _write_records(tmp_path / "v.tfrecord", [_video_record("v0", [1], 2, 0)[0]])
@@ -588,7 +587,7 @@ def test_images_without_any_image_fail_and_publish_nothing(tmp_path):
     with pytest.raises(ValueError, match="no image was converted") as err:
         convert_images.convert(root=str(tmp_path / "tree"), out=str(tmp_path / "out"), progress=False)
     assert "all 1 files" in str(err.value) and "cat/a.jpg" in str(err.value)
-    assert convert_images.main(["--root", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]) == 2
+    assert _cli("convert_images").main(["--root", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]) == 2
     assert sorted(os.listdir(tmp_path)) == ["tree"]
 
 
@@ -648,7 +647,7 @@ def test_yt8m_no_space_for_a_new_shard_is_not_an_unreadable_input(tmp_path, monk
 
     monkeypatch.setattr(builtins, "open", open_without_space)
     args = ["--inputs", str(tmp_path / "in*.tfrecord"), "--out", str(tmp_path / "out"), "--workers", "1"]
-    assert convert_yt8m.main([*args, "--shard-size", "2"]) == 1
+    assert _cli("convert_yt8m").main([*args, "--shard-size", "2"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "part000000-000001.tar" in err, err
     assert "unreadable" not in err and "nothing was published" in err, err

@@ -1,22 +1,19 @@
-"""tools/make_demo_data.py at small sizes: counts, _info.json, determinism, and the generators' class signal."""
+"""video_ens.data.demo (tools/make_demo_data.py) at small sizes: counts, _info.json, determinism, and the generators'
+class signal."""
 
-import importlib
+import importlib.util
 import io
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from video_ens.data import schema
+from video_ens.data import demo, schema
 
 pytestmark = pytest.mark.integration
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-demo = importlib.import_module("make_demo_data")
 
 
 def _samples(folder):
@@ -118,7 +115,10 @@ def test_images_demo_is_byte_deterministic(tmp_path):
 
 
 def test_cli_writes_the_folder_layout(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--kind", "images", "--workers", "1"]) == 0
+    spec = importlib.util.spec_from_file_location("cli_make_demo_data", TOOLS / "make_demo_data.py")
+    cli = importlib.util.module_from_spec(spec)  # loaded from its file: tools/ is never on sys.path
+    spec.loader.exec_module(cli)
+    assert cli.main(["--out", str(tmp_path), "--kind", "images", "--workers", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["train", "val"]
     assert (tmp_path / "images" / "train" / "_info.json").is_file()
     assert "500 samples" in capsys.readouterr().out

@@ -100,7 +100,8 @@ def _is_png(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def kinetics(tmp_path_factory) -> Path:
-    demo = _tool("make_demo_data")
+    from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("data") / "kinetics"
     demo.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=CLIP_FRAMES, shard_size=2)
     return root
@@ -346,8 +347,10 @@ def yt8m_run(tmp_path_factory) -> Path:
     """A tiny DBoF run folder (random weights) on a small demo YouTube-8M set, made by the real converter."""
     from safetensors.torch import save_file
 
+    from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("data") / "yt8m"
-    _tool("make_demo_data").make_yt8m(str(root), num_train=8, num_validate=16, shard_size=4)
+    demo.make_yt8m(str(root), num_train=8, num_validate=16, shard_size=4)
     run = tmp_path_factory.mktemp("runs") / "tiny_dbof"
     run.mkdir()
     recipe = {

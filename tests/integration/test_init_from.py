@@ -8,7 +8,6 @@ and is resumed once.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -32,11 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
+    from video_ens.data import demo
     root = tmp_path_factory.mktemp("images")
-    importlib.import_module("make_demo_data").make_images(str(root), num_train=32, num_val=12, shard_size=8)
+    demo.make_images(str(root), num_train=32, num_val=12, shard_size=8)
     return root
 
 

@@ -62,7 +62,9 @@ def _tool(name: str):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "kinetics"
-    _tool("make_demo_data").make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=24, shard_size=2)
+    from video_ens.data import demo as demo_data
+
+    demo_data.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=24, shard_size=2)
     return root
 
 
@@ -276,7 +278,7 @@ def test_a_phone_video_is_turned_upright_and_anamorphic_pixels_made_square(run_d
 def test_converter_turns_rotated_and_anamorphic_clips_upright(tmp_path):
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
         pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation: PyAV >= 18)")
-    convert_kinetics = _tool("convert_kinetics")
+    from video_ens.data import convert_kinetics
     frames = np.zeros((6, 48, 64, 3), np.uint8)
     frames[:, :24, :16] = 255  # white: top half, left quarter
     videos = tmp_path / "videos"

@@ -8,7 +8,6 @@ changes it; the other launches are refused before they train, or train one step.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -28,11 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
+    from video_ens.data import demo
     root = tmp_path_factory.mktemp("images")
-    importlib.import_module("make_demo_data").make_images(str(root), num_train=32, num_val=8, shard_size=8)
+    demo.make_images(str(root), num_train=32, num_val=8, shard_size=8)
     return root
 
 

@@ -6,7 +6,6 @@ source of every world-size resume; one ZeRO-1 and one ZeRO-3 run serve the ZeRO-
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -30,11 +29,9 @@ CHECKPOINT = 4  # the world-size resumes start here: epoch 1, one step into it (
 
 @pytest.fixture(scope="module")
 def yt8m(tmp_path_factory) -> Path:
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
+    from video_ens.data import demo
     root = tmp_path_factory.mktemp("yt8m")
-    importlib.import_module("make_demo_data").make_yt8m(str(root), num_train=64, num_validate=24, shard_size=16)
+    demo.make_yt8m(str(root), num_train=64, num_validate=24, shard_size=16)
     return root
 
 

@@ -10,7 +10,6 @@ restarted must end with exactly the losses of an uninterrupted run.
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import os
 import signal
@@ -33,10 +32,7 @@ RTOL = 2e-4  # same torch build and thread count; a changed formula moves losses
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """Small demo datasets of all three kinds, made once per session through the real converters."""
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    demo = importlib.import_module("make_demo_data")
+    from video_ens.data import demo
     root = tmp_path_factory.mktemp("demo")
     demo.make_kinetics(str(root / "kinetics"), num_train=48, num_val=12, shard_size=8)
     demo.make_yt8m(str(root / "yt8m"), num_train=64, num_validate=24, shard_size=16)

@@ -227,6 +227,11 @@ FEATURES = {"kind": "features", "train_shards": "data/t", "val_shards": "data/v"
         ({"name": "resnet_tiny", "options": {"widths": [8, "a", 32, 64]}}, "model.options.widths[1]: expected an integer"),
         ({"name": "resnet_tiny", "options": {"se": 1}}, "model.options.se: expected true or false"),
         ({"name": "s3dg_tiny", "options": {"kernels": 3}}, "model.options.kernels: expected a string"),
+        ({"name": "s3dg_tiny", "options": {"kernels": "cuda"}}, "model.options.kernels: kernels must be one of ('auto', "),
+        ({"name": "resnet_tiny", "fork": "block9"}, "model.fork: 'block9' is not a layer of model resnet_tiny; did you mean 'block4'? Valid forks: stem, block1, block2, block3, block4"),
+        # the forks and the checks see the preset's options under the recipe's: two blocks, and seresnet's se=True
+        ({"name": "resnet_tiny", "fork": "block3", "options": {"widths": [8, 16], "units": [2, 2]}}, "Valid forks: stem, block1, block2"),
+        ({"name": "seresnet_tiny", "options": {"se_reduction": 0}}, "model.options.se_reduction: se_reduction must be >= 1"),
     ],
 )
 def test_model_section_is_checked_against_the_builder(model, expect):
@@ -262,34 +267,47 @@ def test_every_preset_and_its_own_keywords_validate():
         recipe_from_dict(raw)
 
 
-def test_the_source_reading_agrees_with_the_imported_models():
-    """config reads video_ens/models/*.py instead of importing them: what it reads must be what Python builds."""
+def test_every_builder_takes_the_common_fields_and_its_options_dataclass():
+    """The options are declared once, in model_options: a builder's keywords are the common fields plus `options`."""
     import inspect
-    import types as pytypes
 
-    from video_ens import models
-    from video_ens.config import MODEL_FIELDS, model_families
-    from video_ens.models import dbof, resnet, s3dg
+    from video_ens.config import MODEL_FIELDS
+    from video_ens.model_options import PRESETS
+    from video_ens.models import BUILDERS, MODELS
 
-    families = model_families()
-    assert families is not None and set(families) == {"s3dg", "dbof", "resnet"}
-    assert sorted(n for f in families.values() for n in f.presets) == sorted(models.MODELS)
-    for family in families.values():
-        module = {"s3dg": s3dg, "dbof": dbof, "resnet": resnet}[family.module]
-        assert family.presets == tuple(module.PRESETS)
-        params = inspect.signature(module.build).parameters
-        assert list(family.keywords) == list(params)
-        assert set(MODEL_FIELDS) <= set(params)
-        hints = typing.get_type_hints(module.build)
-        for key, tp in family.keywords.items():
-            hint = hints[key]
-            union = typing.get_origin(hint) in (typing.Union, pytypes.UnionType)
-            parts = typing.get_args(hint) if union else (hint,)
-            if all(p in (int, float, bool, str, type(None)) or typing.get_origin(p) is tuple for p in parts):
-                assert tp == hint, (family.module, key, tp, hint)  # every simple annotation is read and checked
-    assert families["s3dg"].forks == s3dg.LAYER_NAMES
-    assert families["dbof"].forks == dbof.FORKS
-    assert families["resnet"].forks is None  # computed from the number of blocks: checked by building (train.py)
+    assert set(BUILDERS) == {cls for cls, _ in PRESETS.values()} and list(MODELS) == list(PRESETS)
+    for cls, build in BUILDERS.items():
+        params = inspect.signature(build).parameters
+        assert list(params) == [*MODEL_FIELDS, "options"], build.__module__
+        assert params["options"].annotation in (f"{cls.__name__} | None", cls | None)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "auto"])
+def test_model_options_kernels_reaches_every_fused_op(kernels, monkeypatch):
+    """model.options.kernels, from the recipe through the options dataclass and the gates' constructors, is the
+    `impl` each fused op receives (recorded where video_ens.kernels.runtime decides what runs)."""
+    import torch
+
+    from video_ens.kernels import runtime
+    from video_ens.models import create_model
+
+    seen = []
+    decide = runtime.use_triton
+    monkeypatch.setattr(runtime, "use_triton", lambda impl, op, *t: seen.append((op, impl)) or decide(impl, op, *t))
+    for name, x, inputs in [
+        ("s3dg_tiny", torch.randn(2, 3, 4, 32, 32), {}),
+        ("dbof_tiny", torch.randn(2, 3, 1152), {"lengths": torch.tensor([3, 2])}),
+    ]:
+        raw = _with_model({"name": name, "options": {"kernels": kernels}})
+        if name.startswith("dbof"):
+            raw.update(data=FEATURES, objective={"loss": "sigmoid_bce"})
+        r = recipe_from_dict(raw)
+        model = create_model(r.model.name, **r.model.builder_kwargs())
+        for training in (True, False):  # DBoF's context gate runs another op in each mode
+            with torch.no_grad():
+                model.train(training)(x, **inputs)
+    assert {op for op, _ in seen} == {"feature_gate", "swap_pool", "gate_epilogue", "context_gate"}
+    assert {impl for _, impl in seen} == {kernels}
 
 
 def test_model_errors_stop_the_launch_check_without_torch(tmp_path):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from video_ens.models import dbof
+from video_ens.model_options import DBoFOptions
+from video_ens.models import MODELS, create_model, dbof
 from video_ens.models.ensemble import EnsembleNet
 
 FEATURES = 1024 + 128
@@ -29,7 +30,7 @@ def folded_param_count(module: nn.Module) -> int:
 
 def tiny(name: str = "dbof_tiny", **overrides) -> EnsembleNet:
     torch.manual_seed(0)
-    return dbof.build(**{**dbof.PRESETS[name], **overrides})
+    return create_model(name, **overrides)
 
 
 def pad(x: torch.Tensor, frames: int, value: float = 0.0) -> torch.Tensor:
@@ -61,7 +62,7 @@ def randomise_bn(model: nn.Module) -> None:
 )
 def test_folded_parameter_counts_match_the_paper_rows(name, total, base, branch):
     with torch.device("meta"):
-        model = dbof.build(**dbof.PRESETS[name])
+        model = create_model(name)
     assert folded_param_count(model) == total
     assert folded_param_count(model.base) == base
     assert [folded_param_count(b) for b in model.branches] == [branch] * model.num_branches
@@ -70,7 +71,7 @@ def test_folded_parameter_counts_match_the_paper_rows(name, total, base, branch)
 @pytest.mark.parametrize("name, flops", [("dbof", 415_121_408), ("dbof_ens2", 409_560_000)])
 def test_video_level_flops_match_the_paper_rows(name, flops):
     with torch.device("meta"):
-        model = dbof.build(**dbof.PRESETS[name]).eval()
+        model = create_model(name).eval()
         pooled = torch.empty(1, 4096)  # one video's SWAP output
         frame = torch.empty(1, 1, FEATURES)  # one video of one frame
     with FlopCounterMode(display=False) as counter:
@@ -84,9 +85,9 @@ def test_video_level_flops_match_the_paper_rows(name, flops):
 
 
 def test_every_preset_builds_on_meta_with_named_submodules():
-    for name, kwargs in dbof.PRESETS.items():
+    for name in (n for n in MODELS if n.startswith("dbof")):
         with torch.device("meta"):
-            model = dbof.build(**kwargs)
+            model = create_model(name)
         assert model.output_type == "probs" and model.activation == "sigmoid", name
         assert model.input_spec["kind"] == "features" and model.input_spec["dim"] == FEATURES, name
         names = {n for n, _ in model.named_modules()}
@@ -98,13 +99,15 @@ def test_every_preset_builds_on_meta_with_named_submodules():
 
 
 def test_branch_width_rules():
-    common = dict(num_classes=8, cluster_size=16, hidden_size=40, num_mixtures=4)
+    common = dict(num_classes=8, options=DBoFOptions(cluster_size=16, hidden_size=40, num_mixtures=4))
+    pinned = DBoFOptions(cluster_size=16, hidden_size=40, num_mixtures=4, branch_hidden_size=12, branch_mixtures=1)
     with torch.device("meta"):
         by_ratio = dbof.build(num_branches=2, width_ratio=0.5, **common)
         by_default = dbof.build(num_branches=2, **common)
         single = dbof.build(num_branches=1, **common)
-        explicit = dbof.build(num_branches=2, branch_hidden_size=12, branch_mixtures=1, **common)
-        ratio_and_mixtures = dbof.build(num_branches=2, width_ratio=0.5, branch_mixtures=1, **common)
+        explicit = dbof.build(num_branches=2, num_classes=8, options=pinned)
+        mixtures = DBoFOptions(cluster_size=16, hidden_size=40, num_mixtures=4, branch_mixtures=1)
+        ratio_and_mixtures = dbof.build(num_branches=2, width_ratio=0.5, num_classes=8, options=mixtures)
     assert by_ratio.branches[1].hidden.out_features == 20  # round(40 * 0.5)
     assert by_ratio.branches[1].moe.num_mixtures == 4
     assert by_default.branches[1].hidden.out_features == 27  # width_ratio None, N > 1: round(40 / 1.5)
@@ -114,7 +117,7 @@ def test_branch_width_rules():
     mixed = ratio_and_mixtures.branches[0]  # branch_mixtures is not a width: it goes with width_ratio
     assert (mixed.hidden.out_features, mixed.moe.num_mixtures) == (20, 1)
     with pytest.raises(ValueError, match="give branch_hidden_size or width_ratio, not both"):
-        dbof.build(num_branches=2, width_ratio=0.5, branch_hidden_size=12, **common)
+        dbof.build(num_branches=2, width_ratio=0.5, num_classes=8, options=pinned)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +132,7 @@ def test_branch_width_rules():
 )
 def test_bad_arguments_name_the_field(kwargs, field):
     with torch.device("meta"), pytest.raises(ValueError, match=field):
-        dbof.build(**{**dbof.PRESETS["dbof_tiny"], **kwargs})
+        create_model("dbof_tiny", **kwargs)
 
 
 def test_wrong_feature_width_is_refused():
@@ -190,7 +193,7 @@ def test_moe_dummy_expert_takes_a_share_of_the_gate_softmax():
 
 def test_context_gate_folded_eval_equals_the_unfolded_computation():
     torch.manual_seed(0)
-    gate = dbof.ContextGate(37)
+    gate = dbof.ContextGate(37, kernels="reference")
     randomise_bn(gate)
     gate.eval()
     x = torch.randn(11, 37)
@@ -213,7 +216,7 @@ def test_context_gate_folded_eval_equals_the_unfolded_computation():
 
 
 def test_folded_gate_gradients_reach_the_unfolded_parameters():
-    gate = dbof.ContextGate(5).eval()
+    gate = dbof.ContextGate(5, kernels="reference").eval()
     gate(torch.randn(3, 5)).sum().backward()
     assert gate.linear.weight.grad is not None and gate.bn.weight.grad is not None and gate.bn.bias.grad is not None
 
@@ -226,7 +229,7 @@ def test_forward_backward_shapes_and_probabilities(name):
     model = tiny(name)
     x, lengths = torch.randn(4, 25, FEATURES), torch.tensor([25, 20, 13, 1])
     out = model(x, lengths=lengths)
-    n, c = model.num_branches, dbof.PRESETS[name]["num_classes"]
+    n, c = model.num_branches, MODELS[name][1]["num_classes"]
     assert out.branches.shape == (n, 4, c) and out.ensemble.shape == (4, c)
     assert ((out.branches >= 0) & (out.branches <= 1)).all()
     torch.testing.assert_close(out.ensemble, out.branches.mean(0))

@@ -3,16 +3,20 @@ named (gathered over ranks); multi-view scores averaged from the metrics' per-vi
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from video_ens.evaluate import evaluate, format_duration, merge_bad_samples, progress_line, rank_share
+import video_ens.evaluate
+from video_ens.evaluate import evaluate, full_clip_forward, rank_share
 from video_ens.models.ensemble import ModelOutput
+from video_ens.progress import format_duration, merge_bad_samples, progress_line
 
 CLASSES, BRANCHES = 6, 2
 
@@ -184,3 +188,19 @@ def test_keep_top_of_a_one_view_single_label_stream_is_refused_before_the_pass()
     with pytest.raises(ValueError, match="keep_top needs multi-label data or a multi-view stream"):
         evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_top=True)
     assert stream.stats == {}  # refused before reading a batch
+
+
+def test_evaluation_reaches_a_model_only_through_its_interface():
+    """evaluate.py imports the model interface (video_ens.models.ensemble), never a family's layers; a model without
+    a windowed whole-clip forward is told so instead of being walked."""
+    tree = ast.parse(Path(video_ens.evaluate.__file__).read_text())
+    models = {f"{node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+              and (node.module or "").split(".")[0] == "models"}
+    assert models == {"models.ensemble"}, models
+    clip = torch.zeros(1, 3, 20, 4, 4)
+    with pytest.raises(ValueError, match="_LinearEnsemble has no windowed whole-clip forward.*--max-chunk-frames 0"):
+        full_clip_forward(_LinearEnsemble(), clip, max_chunk_frames=8)
+    calls = []
+    model = _LinearEnsemble()
+    model.full_clip_forward = lambda x, *, max_chunk_frames: calls.append((x.shape[2], max_chunk_frames)) or "out"
+    assert full_clip_forward(model, clip, max_chunk_frames=8) == "out" and calls == [(20, 8)]

@@ -12,10 +12,13 @@ PKG = Path(__file__).resolve().parents[2] / "video_ens"
 
 # Lower layers first. A module may import from lower layers only (so models and data never import each other).
 LAYERS = [
-    {"config", "dist", "durable"},
+    {"dist", "durable", "typed_json"},
+    {"model_options"},
+    {"sections"},
+    {"config"},
     {"kernels"},
-    {"models", "data"},
-    {"objective", "metrics", "optim", "trackers", "plots"},
+    {"models", "data", "starter_ap"},
+    {"objective", "metrics", "optim", "trackers", "plots", "progress"},
     {"evaluate", "report"},
     {"predict"},
     {"engine"},
@@ -148,3 +151,128 @@ def test_table_lists_real_homes(name):
     # the homes named in HEAVY_HOME are parts of the layer table (guards against typos in this file)
     for unit in HEAVY_HOME[name]:
         _layer(unit)
+
+
+# tools/ and benchmarks/ are command lines over the package's public names (style.md); they are never imported by it.
+ROOT = PKG.parent
+SCRIPTS = sorted([*(ROOT / "tools").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+DECODERS = {"av", "decord", "torchcodec"}  # video decoders and encoders live in video_ens/data/ only
+
+
+def _private_uses(path: Path) -> list[str]:
+    """`from video_ens... import _x`, private modules of video_ens, and `module._x` on a name bound to video_ens."""
+    tree = ast.parse(path.read_text())
+    bound: set[str] = set()  # local names of video_ens modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "video_ens":
+                    bound.add(a.asname or a.name.split(".")[0])
+                    if any(p.startswith("_") for p in a.name.split(".")[1:]):
+                        found.append(f"import {a.name}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "video_ens":
+            if any(p.startswith("_") for p in node.module.split(".")[1:]):
+                found.append(f"from {node.module} import ...")
+            for a in node.names:
+                if a.name.startswith("_"):
+                    found.append(f"from {node.module} import {a.name}")
+                else:
+                    bound.add(a.asname or a.name)  # may be a module (from video_ens.data import demo)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            if node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def _is_sys_path(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and (
+        node.value.id == "sys"
+    )
+
+
+def _sys_path_edits(path: Path) -> list[str]:
+    """sys.path.insert/append/... calls, assignments to sys.path or a slice of it, site.addsitedir."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner, attr = node.func.value, node.func.attr
+            if _is_sys_path(owner) and attr in {"insert", "append", "extend", "remove", "pop", "clear"}:
+                found.append(f"sys.path.{attr} (line {node.lineno})")
+            elif isinstance(owner, ast.Name) and owner.id == "site" and attr == "addsitedir":
+                found.append(f"site.addsitedir (line {node.lineno})")
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(_is_sys_path(t) or isinstance(t, ast.Subscript) and _is_sys_path(t.value) for t in targets):
+                found.append(f"sys.path assigned (line {node.lineno})")
+    return found
+
+
+def _script_imports(path: Path) -> list[str]:
+    """Absolute imports of a script (scripts have no package, so no relative imports)."""
+    mods = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            mods.append(node.module)
+    return mods
+
+
+def _script_import_problems(path: Path, tool_names: set[str]) -> list[str]:
+    problems = []
+    for mod in _script_imports(path):
+        top = mod.split(".")[0]
+        if top in DECODERS:
+            problems.append(f"imports {top}: only video_ens/data/ may")
+        if top in tool_names:
+            problems.append(f"imports the script tools/{top}.py: use its library module")
+    return problems
+
+
+def test_scripts_use_public_names_only():
+    problems = [f"{p.relative_to(ROOT)}: {use}" for p in SCRIPTS for use in _private_uses(p)]
+    assert not problems, "\n".join(problems)
+
+
+def test_no_sys_path_edits_in_package_tools_and_benchmarks():
+    """Scripts import the installed package; converters and the demo generator are library modules, not scripts."""
+    files = [*_package_files(), *PKG.glob("__init__.py"), *SCRIPTS]
+    problems = [f"{p.relative_to(ROOT)}: {edit}" for p in files for edit in _sys_path_edits(p)]
+    assert not problems, "\n".join(problems)
+
+
+def test_scripts_import_no_decoder_and_no_other_script():
+    tools = {p.stem for p in (ROOT / "tools").glob("*.py")}
+    problems = [f"{p.relative_to(ROOT)}: {x}" for p in SCRIPTS for x in _script_import_problems(p, tools)]
+    assert not problems, "\n".join(problems)
+
+
+def test_package_never_imports_scripts():
+    script_names = {p.stem for p in SCRIPTS} | {"tools", "benchmarks"}
+    problems = [
+        f"{p.relative_to(ROOT)} imports {mod}"
+        for p in _package_files()
+        for mod in _imports(p)
+        if (mod or "").split(".")[0] in script_names
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checks_catch_what_they_forbid(tmp_path):
+    """Each check above flags a file that breaks its rule (so an empty result means something)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import sys\nimport av\nfrom video_ens.data import demo\nfrom video_ens.data.writer import _one_at_a_time\n"
+        "sys.path.insert(0, 'tools')\nsys.path = []\ndemo._up_to_date('x')\nimport make_demo_data\n"
+    )
+    assert _private_uses(bad) == [
+        "from video_ens.data.writer import _one_at_a_time",
+        "demo._up_to_date (line 7)",
+    ]
+    assert sorted(_sys_path_edits(bad)) == ["sys.path assigned (line 6)", "sys.path.insert (line 5)"]
+    assert _script_import_problems(bad, {"make_demo_data"}) == [
+        "imports av: only video_ens/data/ may",
+        "imports the script tools/make_demo_data.py: use its library module",
+    ]

@@ -294,21 +294,7 @@ def test_conflicting_targets_for_one_id_raise():
         acc.compute()
 
 
-def test_merge_equals_union():
-    branch_scores, ensemble, labels = _multi_label_set(2, videos=40)
-    ids = np.arange(40)
-    part_a, part_b = np.arange(0, 25), np.arange(18, 40)  # overlap 18..24, as padding would make
-    accs = [EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=3) for _ in "ab"]
-    for acc, part in zip(accs, (part_a, part_b), strict=True):
-        _feed(acc, ids[part], branch_scores[:, part], ensemble[part], labels[part], batch=6)
-    whole = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=3)
-    _feed(whole, ids, branch_scores, ensemble, labels, batch=40)
-    assert accs[0].merge(accs[1]).compute() == whole.compute()
-    with pytest.raises(ValueError, match="different settings"):
-        accs[0].merge(EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=20))
-
-
-def test_mean_aggregation_averages_clips_and_drops_padded_clips():
+def test_mean_aggregation_averages_clips_and_refuses_a_repeated_clip():
     rng = np.random.default_rng(3)
     videos, clips = 12, 3
     clip_scores = rng.random((clips, N_BRANCHES, videos, CLASSES)).astype(np.float32)  # (clip, N, B, C)
@@ -323,8 +309,14 @@ def test_mean_aggregation_averages_clips_and_drops_padded_clips():
     ids = np.arange(videos)
     for clip in range(clips):
         _feed(acc, ids, clip_scores[clip], clip_ens[clip], labels, batch=5, views=np.full(videos, clip))
-    # A padded repeat of (video 4, clip 1) with different scores must not enter the average.
-    acc.update([4], clip_scores[0][:, 4:5] + 1, clip_ens[0][4:5] + 1, labels[4:5], view_ids=[1])
+    # A repeat of (video 4, clip 1) would weigh twice: refused, in a batch of its own or beside a new id, and the
+    # state stays as it was (the check runs before any sum changes).
+    for ids_, views_ in (([4], [1]), ([11, 4], [3, 1])):
+        rows = np.asarray(ids_)
+        with pytest.raises(ValueError, match=r"sample id 4: view\(s\) \[1\] arrived twice"):
+            acc.update(ids_, clip_scores[0][:, rows] + 1, clip_ens[0][rows] + 1, labels[rows], view_ids=views_)
+    with pytest.raises(ValueError, match=r"view\(s\) \[3\] arrived twice"):  # a new view, twice in one batch
+        acc.update([0, 0], clip_scores[0][:, [0, 0]], clip_ens[0][[0, 0]], labels[[0, 0]], view_ids=[3, 3])
     assert acc.compute() == expected
     assert acc.compute()["num_samples"] == videos
 
@@ -350,17 +342,15 @@ def _expected_single_label(branches, ensemble, target, ks=(1, 5)):
     return {"ensemble": one(ensemble), "branches": [one(s) for s in branches], "num_samples": len(target)}
 
 
-@pytest.mark.parametrize("held_views", [0, 8, 256])
-def test_mean_aggregation_holds_one_row_per_video_not_per_view(held_views):
-    # 10 x 3 views per video: the state is a sum per video (plus at most held_views rows), not a row per view.
+def test_mean_aggregation_holds_one_row_per_video_not_per_view():
+    # 10 x 3 views per video: the state is a sum per video, not a row per view.
     videos, views, classes = 40, 30, 50
     scores, ensembles, target = _views_set(4, videos, views, classes)
-    acc = EnsembleMetrics(task="single_label", num_classes=classes, num_branches=N_BRANCHES, aggregate="mean",
-                          held_views=held_views)
+    acc = EnsembleMetrics(task="single_label", num_classes=classes, num_branches=N_BRANCHES, aggregate="mean")
     ids = np.arange(videos)
     for view in range(views):
         _feed(acc, ids, scores[view], ensembles[view], target, batch=16, views=np.full(videos, view))
-        assert acc.rows_held == videos + min(held_views, (view + 1) * videos)
+        assert acc.rows_held == videos
     assert len(acc) == videos
     assert acc.compute() == _expected_single_label(*_hand_mean(scores, ensembles, range(views)), target)
 
@@ -379,56 +369,50 @@ def test_mean_aggregation_memory_does_not_grow_with_views():
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # float64 sums of 3 heads: 2 x one view's scores (up to 2x that while the arrays grow by doubling), plus ids,
-    # view masks and the held rows (HELD_VIEWS = 256: 1.2 MB).
+    # float64 sums of 3 heads: 2 x one view's scores (up to 2x that while the arrays grow by doubling), plus ids
+    # and view masks.
     assert held < 4 * one_view_bytes, held
-    assert acc.rows_held == videos + 256
+    assert acc.rows_held == videos
 
 
-def test_mean_aggregation_drops_another_accumulators_repeat_exactly():
-    """A distributed sampler's padding repeats a view on another rank, at the end of that rank's rows; it is held
-    apart until merge/sync and dropped exactly, even when its scores differ (first occurrence wins)."""
+def _sync_as(parts):
+    """What `sync` does with the states every rank sent, without a process group: a fresh state absorbs them in rank
+    order (the all-gather itself is covered by test_sync_across_two_gloo_ranks_equals_single_process)."""
+    merged = parts[0]._new_sums()
+    for part in parts:
+        merged.absorb(part._sums.export())
+    parts[0]._sums = merged
+    return parts[0]
+
+
+def test_mean_sync_adds_views_split_over_ranks_and_refuses_a_view_on_two():
     videos, views = 6, 4
     scores, ensembles, target = _views_set(6, videos, views)
     ids = np.arange(videos)
-    expected = _expected_single_label(*_hand_mean(scores, ensembles, [0, 2, 1, 3]), target)
 
-    def parts(held_views):
-        a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES,
-                                aggregate="mean", held_views=held_views) for _ in "ab")
-        for view in (0, 2):
-            _feed(a, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
-        for view in (1, 3):
-            _feed(b, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
-        # b's padding: a repeat of (video 2, view 0) with other scores, last on b
-        b.update([2], scores[0][:, 2:3] + 1, ensembles[0][2:3] + 1, target[2:3], view_ids=[0])
+    def ranks(extra=None):
+        a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean")
+                for _ in "ab")
+        for acc, rank_views in ((a, (0, 2)), (b, (1, 3))):
+            for view in rank_views:
+                _feed(acc, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
+        if extra is not None:  # what a padding sampler would add on rank b: (video 2, view 0) again
+            b.update([2], scores[0][:, 2:3] + 1, ensembles[0][2:3] + 1, target[2:3], view_ids=[0])
         return a, b
 
-    for held_views in (1, 256):
-        a, b = parts(held_views)
-        assert a.merge(b).compute() == expected
-    # Summed already (held_views=0) together with views a lacks: it cannot be taken out again, and says so.
-    a, b = parts(0)
-    with pytest.raises(ValueError, match=r"sample id 2: view\(s\) \[0\] arrive twice"):
-        a.merge(b)
-
-
-def test_mean_aggregation_drops_a_summed_part_whose_views_all_repeat():
-    scores, ensembles, target = _views_set(7, 5, 2)
-    ids = np.arange(5)
-    a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean",
-                            held_views=0) for _ in "ab")
-    for view in (0, 1):
-        _feed(a, ids, scores[view], ensembles[view], target, batch=5, views=np.full(5, view))
-    _feed(b, ids[:3], scores[1][:, :3] + 1, ensembles[1][:3] + 1, target[:3], batch=3, views=np.full(3, 1))
-    assert a.merge(b).compute() == _expected_single_label(*_hand_mean(scores, ensembles, [0, 1]), target)
+    # Each rank's sum, then the ranks in order: (v0 + v2) + (v1 + v3), by hand in float64.
+    sums = [_hand_mean(scores, ensembles, pair) for pair in ([0, 2], [1, 3])]
+    expected = _expected_single_label((sums[0][0] * 2 + sums[1][0] * 2) / 4, (sums[0][1] * 2 + sums[1][1] * 2) / 4,
+                                      target)
+    assert _sync_as(ranks()).compute() == expected
+    with pytest.raises(ValueError, match=r"sample id 2: view\(s\) \[0\] arrived twice"):
+        _sync_as(ranks(extra=True))
 
 
 def test_mean_scores_average_the_views_per_id():
     videos, views = 7, 3
     scores, ensembles, target = _views_set(8, videos, views)
-    acc = EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean",
-                          held_views=5)
+    acc = EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean")
     order = np.random.default_rng(0).permutation(videos)
     names = np.array([f"vid{i}" for i in range(videos)])
     for view in range(views):
@@ -457,7 +441,7 @@ def test_compute_without_samples_raises():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Two gloo ranks with a padding DistributedSampler
+# Two gloo ranks: videos through a padding DistributedSampler, clips in the loader's contiguous shares
 
 DIST_VIDEOS, DIST_CLIPS, DIST_CLASSES, DIST_TOP_K = 23, 3, 10, 3
 
@@ -484,7 +468,10 @@ def _evaluate(rank, world):
         task="single_label", num_classes=DIST_CLASSES, num_branches=N_BRANCHES, aggregate="mean", accuracy_ks=(1, 3)
     )
     video_share = list(DistributedSampler(range(DIST_VIDEOS), num_replicas=world, rank=rank, shuffle=False))
-    clip_share = list(DistributedSampler(range(DIST_VIDEOS * DIST_CLIPS), num_replicas=world, rank=rank, shuffle=False))
+    # The loader's split (video_ens.data.loader, "Evaluation: every sample once"): rank r reads [N r / R, N (r + 1) / R),
+    # nothing repeated; 69 clips over 2 ranks put video 11's clips on both.
+    n = DIST_VIDEOS * DIST_CLIPS
+    clip_share = list(range(n * rank // world, n * (rank + 1) // world))
     for start in range(0, len(video_share), 4):
         rows = video_share[start : start + 4]
         videos.update(torch.tensor(rows), torch.from_numpy(branch_scores[:, rows]), ensemble[rows], labels[rows])
@@ -525,7 +512,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
 
 @pytest.mark.integration
 def test_sync_across_two_gloo_ranks_equals_single_process(tmp_path):
-    # Both samplers pad (23 videos and 69 clips over 2 ranks), so each rank sees one repeated row.
+    # The video sampler pads (23 videos over 2 ranks): one id arrives twice; 69 clips split a video over the ranks.
     assert DIST_VIDEOS % 2 and (DIST_VIDEOS * DIST_CLIPS) % 2
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     single = json.loads(json.dumps(_evaluate(0, 1)))  # one rank: no padding, no process group
@@ -623,20 +610,6 @@ def test_class_average_precision_by_hand_and_its_mean_is_map():
     np.testing.assert_array_equal(per_class["ap"], aps)
     np.testing.assert_array_equal(per_class["support"], [2, 1, 1, 0])
     assert result["ensemble"]["map"] == acc.compute()["ensemble"]["map"] == mean_ap(HAND_SCORES, HAND_LABELS, 2)
-
-
-def test_most_confused_orders_by_count_then_share_then_index():
-    from video_ens.metrics import most_confused
-
-    confusion = np.array([[5, 3, 0], [2, 6, 2], [0, 3, 9]])
-    # count 3: (0 -> 1) is 3 of 8 samples of class 0, (2 -> 1) 3 of 12; count 2: (1 -> 0) and (1 -> 2) both 2 of 10
-    assert most_confused(confusion, top=3) == [(0, 1, 3), (2, 1, 3), (1, 0, 2)]
-    assert most_confused(confusion, top=10) == [(0, 1, 3), (2, 1, 3), (1, 0, 2), (1, 2, 2)]  # no empty cell
-    assert most_confused(np.diag([4, 5]), top=5) == []  # the diagonal is never a confusion
-    # on the hand-made predictions every mistake happens once: the larger share of its class first
-    assert most_confused(PC_CONFUSION, top=10) == [(2, 0, 1), (1, 2, 1), (0, 1, 1)]
-    with pytest.raises(ValueError, match="square"):
-        most_confused(np.zeros((2, 3)))
 
 
 def test_top_predictions_sorted_per_video_with_ids_in_order():

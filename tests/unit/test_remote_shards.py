@@ -4,14 +4,13 @@ exits non-zero, a 404, a dropped or silent connection, a missing _info.json) an 
 the URL, within the read timeout, never a hang.
 
 The remote side is real: `sh -c "cat ..."` for pipes and http.server in a thread on 127.0.0.1 serving a demo
-dataset made by tools/make_demo_data.py, with two extra paths that cut a file short or stall in the middle of it.
+dataset made by video_ens.data.demo, with two extra paths that cut a file short or stall in the middle of it.
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
-import importlib
 import json
 import os
 import shutil
@@ -41,10 +40,7 @@ STALL_S = 10.0  # how long the server's /stall/ path sits on a connection (the r
 def demo(tmp_path_factory) -> Path:
     """The demo Kinetics set (kinetics/train, kinetics/val), plus noinfo/ (training shards without _info.json) and
     broken_val/ (the validation _info.json with one of its two shards missing)."""
-    tools = str(ROOT / "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    demo_data = importlib.import_module("make_demo_data")
+    from video_ens.data import demo as demo_data
     root = tmp_path_factory.mktemp("remote")
     demo_data.make_kinetics(str(root / "kinetics"), num_train=12, num_val=8, shard_size=4, frames=16, size=48)
     (root / "noinfo").mkdir()

@@ -18,6 +18,7 @@ from video_ens.report import (
     class_table,
     confused_pairs,
     kaggle_submission,
+    most_confused,
     read_video_ids,
     report_markdown,
 )
@@ -209,3 +210,15 @@ def test_plots_and_report_import_without_matplotlib():
             "assert 'matplotlib' not in sys.modules, 'imported at module level'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_most_confused_orders_by_count_then_share_then_index():
+    confusion = np.array([[5, 3, 0], [2, 6, 2], [0, 3, 9]])
+    # count 3: (0 -> 1) is 3 of 8 samples of class 0, (2 -> 1) 3 of 12; count 2: (1 -> 0) and (1 -> 2) both 2 of 10
+    assert most_confused(confusion, top=3) == [(0, 1, 3), (2, 1, 3), (1, 0, 2)]
+    assert most_confused(confusion, top=10) == [(0, 1, 3), (2, 1, 3), (1, 0, 2), (1, 2, 2)]  # no empty cell
+    assert most_confused(np.diag([4, 5]), top=5) == []  # the diagonal is never a confusion
+    # every mistake once (test_metrics' hand-made predictions): the larger share of its class first
+    assert most_confused([[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], top=10) == [(2, 0, 1), (1, 2, 1), (0, 1, 1)]
+    with pytest.raises(ValueError, match="square"):
+        most_confused(np.zeros((2, 3)))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from video_ens.model_options import ResNetOptions
 from video_ens.models import create_model, resnet
 from video_ens.models.resnet import Bottleneck, Projection, SqueezeExcite, Subsample
 
@@ -133,9 +134,9 @@ def test_branch_widths_and_forks():
     explicit = _meta("resnet152", num_branches=2, branch_widths=(176, 352))
     assert _folded_count(explicit) == 58_160_976
     with pytest.raises(ValueError, match="not both"):
-        resnet.build(branch_widths=(176, 352), width_ratio=0.6875)
+        resnet.build(width_ratio=0.6875, options=ResNetOptions(branch_widths=(176, 352)))
     with pytest.raises(ValueError, match="give branch_widths or width_ratio, not both"):
-        resnet.build(num_branches=2, branch_widths=(176, 352), width_ratio=1.0)  # any explicit ratio
+        resnet.build(num_branches=2, width_ratio=1.0, options=ResNetOptions(branch_widths=(176, 352)))  # any ratio
     # a caller's branch_widths replaces the preset's width_ratio
     override = _meta("resnet152_ens2", branch_widths=(100, 200)).branches[1]
     assert (override.block3.unit1.conv2.out_channels, override.block4.unit1.conv2.out_channels) == (100, 200)
@@ -144,7 +145,7 @@ def test_branch_widths_and_forks():
     two = _meta("resnet152", num_branches=2).branches[0]
     assert (two.block3.unit1.conv2.out_channels, two.block4.unit1.conv2.out_channels) == (171, 341)
     with pytest.raises(ValueError, match="branch_widths"):
-        resnet.build(branch_widths=(176,))
+        resnet.build(options=ResNetOptions(branch_widths=(176,)))
     with pytest.raises(ValueError, match="fork must be one of"):
         resnet.build(fork="block5")
     heads_only = create_model("resnet_tiny", fork="block4", num_branches=3)

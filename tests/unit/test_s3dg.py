@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from video_ens.models import s3dg
+from video_ens.models import create_model, s3dg
 from video_ens.models.ensemble import EnsembleNet
 
 
@@ -24,12 +24,12 @@ def folded_params(module: nn.Module) -> int:
 
 def meta_model(preset: str, **overrides) -> EnsembleNet:
     with torch.device("meta"):
-        return s3dg.build(**{**s3dg.PRESETS[preset], **overrides})
+        return create_model(preset, **overrides)
 
 
 def tiny(preset: str = "s3dg_tiny_ens2", **overrides) -> EnsembleNet:
     torch.manual_seed(0)
-    return s3dg.build(**{**s3dg.PRESETS[preset], **overrides}).eval()
+    return create_model(preset, **overrides).eval()
 
 
 def clip(frames: int = 16, size: int = 64, batch: int = 2) -> torch.Tensor:

@@ -4,7 +4,10 @@ Modules (import the one you need; this package imports nothing so that `import v
 model code never pulls in WebDataset or a video decoder):
 
     schema.py     sample layout of each dataset kind, `_info.json`, typed decoding of samples, YouTube-8M dequantize
-    writer.py     atomic dataset folders of WebDataset shards (used by tools/convert_*.py and tools/make_demo_data.py)
+    writer.py     atomic dataset folders of WebDataset shards; the converters' worker pool that survives crashes
+    convert_kinetics.py, convert_yt8m.py, convert_images.py   raw datasets -> shards (tools/convert_*.py call them)
+    encode.py     the one H.264 encoder (converter re-encodes, demo clips, benchmark videos)
+    demo.py       the demo datasets, made through the converters (tools/make_demo_data.py)
     tfrecord.py   TFRecord reading/writing with CRC-32C checks and tf.train protobuf parsing, without TensorFlow
     decode.py     decoding frames from encoded clips (whole, or straight into a caller's buffer)
     transforms.py clip and image transforms: clip parameters drawn in the loader, pixels worked on the device

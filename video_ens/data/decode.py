@@ -77,6 +77,28 @@ REORDER_SLACK = 64
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
+def backend_version(backend: str) -> str | None:
+    """The version of a BACKENDS decoder, or None when it cannot be used here (not installed, or TorchCodec without
+    the FFmpeg libraries it loads on import)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown decoder backend {backend!r}: one of {BACKENDS}")
+    try:
+        if backend == "pyav":
+            import av
+
+            return av.__version__
+        if backend == "decord":
+            import decord
+
+            return decord.__version__
+        import torchcodec
+        import torchcodec.decoders  # noqa: F401  (loads its FFmpeg libraries: fails without them)
+
+        return torchcodec.__version__
+    except Exception:
+        return None
+
+
 @dataclass(frozen=True)
 class Budget:
     """What one decode may allocate, checked from the stream's header before decoding: pixels of one frame (as coded,

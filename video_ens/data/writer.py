@@ -31,7 +31,15 @@ from video_ens import __version__
 from video_ens.data.schema import INFO_NAME, KINDS, DatasetInfo, ShardInfo
 from video_ens.durable import fsync_path, named, write_atomic
 
-__all__ = ["DatasetWriter", "ShardSeries", "map_ordered", "skip_summary"]
+__all__ = [
+    "DatasetWriter",
+    "ShardSeries",
+    "check_replaceable",
+    "kill_workers",
+    "map_ordered",
+    "map_surviving_crashes",
+    "skip_summary",
+]
 
 # Partial folders carry the host and pid of their writer, so a later run can tell an abandoned one (same host,
 # process gone) from one that is still being written, here or on another host of a shared file system.
@@ -359,3 +367,71 @@ def kill_workers(pool) -> None:
             process.kill()
         except (OSError, ValueError):
             pass
+
+
+def map_surviving_crashes(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    workers: int,
+    chunksize: int,
+    crashed: Callable[[T, str], R],
+    timeout: float | None = None,
+) -> Iterator[R]:
+    """`map_ordered(fn, items, ...)`, except that an item whose worker process dies, or takes longer than `timeout`
+    seconds (a decoder hung on a damaged file), yields `crashed(item, why)`.
+
+    A decoder that crashes (a segfault in native code on a damaged file) kills its worker, and map_ordered then
+    raises BrokenProcessPool for every chunk in flight: one bad clip would end the conversion. Here the items from
+    the first unfinished one on, as many as map_ordered can have in flight (4 chunks per worker), are redone one at
+    a time in a single fresh process, which pins the crash on its item; then the parallel map resumes after them. If
+    the crashing item lay further on, the next crash is handled the same way, so every round moves on. With
+    workers <= 1 items run in this process, where a crash cannot be survived.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
+    items = list(items)
+    done = 0
+    while done < len(items):
+        try:
+            for result in map_ordered(fn, items[done:], workers=workers, chunksize=chunksize, timeout=timeout):
+                yield result
+                done += 1
+        except (BrokenProcessPool, TimeoutError):
+            for result in _one_at_a_time(fn, items[done : done + 4 * workers * chunksize], crashed, timeout=timeout):
+                yield result
+                done += 1
+
+
+def _one_at_a_time(fn, items, crashed, *, max_crashes_in_a_row: int = 3, timeout: float | None = None):
+    """fn over items in one spawned worker process, replaced after each crash; see map_surviving_crashes."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = None
+    in_a_row = 0
+    try:
+        for item in items:
+            if pool is None:
+                pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                result = pool.submit(fn, item).result(timeout=timeout)
+                in_a_row = 0
+            except (BrokenProcessPool, TimeoutError) as e:
+                if isinstance(e, TimeoutError):
+                    kill_workers(pool)
+                    e = TimeoutError(f"no result after --timeout {timeout:g} s")
+                pool.shutdown(wait=True)
+                pool = None
+                in_a_row += 1
+                if in_a_row >= max_crashes_in_a_row:
+                    # Workers that die on every item are not one bad file (a failed start, memory exhausted, ...).
+                    raise RuntimeError(
+                        f"worker processes died on {in_a_row} items in a row: not a problem of one file; "
+                        "see the errors above, or run with --workers 1"
+                    ) from e
+                result = crashed(item, f"{type(e).__name__}: {e}")
+            yield result
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

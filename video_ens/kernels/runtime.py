@@ -19,7 +19,8 @@ from types import ModuleType
 
 import torch
 
-IMPLS = ("auto", "triton", "reference")
+from ..model_options import KERNEL_IMPLS as IMPLS  # the one list; a model's `kernels` option takes these
+
 # Dtypes the kernels load and store. fp64 accumulates in fp64 (it exists for gradcheck); the others in fp32.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

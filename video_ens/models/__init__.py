@@ -1,11 +1,13 @@
 """Every model video_ens ships, by name, and `create_model` to build one.
 
-Each family module (s3dg, dbof, resnet) exposes `build(**kwargs) -> EnsembleNet` and a `PRESETS` dict literal of
-named configurations: the paper's eight (`s3dg`, `s3dg_ens2`, `dbof`, `dbof_ens2`, `resnet152`, `resnet152_ens2`,
-`seresnet152`, `seresnet152_ens2`) and tiny ones for tests and CPU demos. `MODELS` below is the one table of all of
-them; there is no string registry beyond it.
+The presets are named in video_ens.model_options.PRESETS (torch-free, so the recipe check reads the same table):
+the paper's eight (`s3dg`, `s3dg_ens2`, `dbof`, `dbof_ens2`, `resnet152`, `resnet152_ens2`, `seresnet152`,
+`seresnet152_ens2`) and tiny ones for tests and CPU demos. `MODELS` below pairs each with its family's builder;
+there is no string registry beyond it.
 
-Every builder takes the same common keywords, so turning a network into a multi-headed one is a recipe change:
+Every builder (s3dg, dbof, resnet `build`) takes the same common keywords, so turning a network into a
+multi-headed one is a recipe change, plus `options`, its family's dataclass (S3DGOptions, DBoFOptions,
+ResNetOptions in video_ens.model_options):
     num_branches   N (1 = the single baseline network)
     width_ratio    branch width / baseline width for the layers above the fork; None (every builder's default)
                    means 1.0 when num_branches == 1 and 1/1.5 when num_branches > 1 (the paper's shrink, S3D-G's
@@ -17,7 +19,7 @@ Every builder takes the same common keywords, so turning a network into a multi-
     conv_init      "default" (PyTorch's) or "normal" (N(0, conv_init_std^2), the paper's choice)
     conv_init_std  standard deviation for conv_init="normal" (paper: 0.03)
 
-A family may also fix branch widths directly with keywords named `branch_*` (DBoF's branch_hidden_size and
+A family may also fix branch widths directly with options named `branch_*` (DBoF's branch_hidden_size and
 branch_mixtures, ResNet's branch_widths); these and width_ratio are a preset's *branch shape*. A builder refuses
 width_ratio together with the branch_* width it would compute (branch_hidden_size, branch_widths). How overrides
 meet a preset's branch shape (an explicit width_ratio, or num_branches=1, replaces it): see `model_kwargs`.
@@ -25,68 +27,47 @@ meet a preset's branch shape (an explicit width_ratio, or num_branches=1, replac
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
+from ..model_options import PRESETS, DBoFOptions, ResNetOptions, S3DGOptions, model_kwargs, split_kwargs
 from . import dbof, resnet, s3dg
 from .ensemble import EnsembleNet, ModelOutput
 
-MODELS: dict[str, tuple[Callable[..., EnsembleNet], dict]] = {
-    name: (family.build, dict(kwargs))
-    for family in (s3dg, dbof, resnet)
-    for name, kwargs in family.PRESETS.items()
+BUILDERS: dict[type, Callable[..., EnsembleNet]] = {
+    S3DGOptions: s3dg.build,
+    DBoFOptions: dbof.build,
+    ResNetOptions: resnet.build,
 }
+"""Each family's options dataclass and the builder that takes it."""
 
-
-def _is_branch_shape(key: str) -> bool:
-    return key == "width_ratio" or key.startswith("branch_")
-
-
-def model_kwargs(name: str, **overrides) -> dict:
-    """The keywords `create_model(name, **overrides)` passes to the family's builder: the preset's, with `overrides`
-    replacing them key by key, except that the preset's branch shape (width_ratio and branch_* keys) gives way as
-    a whole to a caller who reshapes the branches, so a preset's pinned widths never silently win:
-      * an explicit width_ratio, or num_branches=1, drops all of the preset's branch shape. num_branches=1 alone
-        is then the family's baseline (dbof_ens2 -> dbof's 229,093,358 parameters, resnet152_ens2 -> resnet152);
-        width_ratio=r alone scales the baseline widths (dbof_ens2, width_ratio=0.5: hidden 2048, 5 experts);
-      * an explicit branch_* key replaces the preset's width_ratio (resnet152_ens2, branch_widths=(100, 200)) as
-        well as the same key; the preset's other branch_* keys stay (dbof_ens2, branch_mixtures=5: hidden 3000,
-        5 experts);
-      * num_branches > 1 keeps the preset's branch shape (resnet152_ens2, num_branches=3: three (176, 352) heads).
-    Conflicting explicit keywords (width_ratio with branch_widths or branch_hidden_size) are left for the builder
-    to refuse. Raises ValueError for an unknown name.
-    """
-    if name not in MODELS:
-        import difflib
-
-        close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(sorted(MODELS))}")
-    kwargs = dict(MODELS[name][1])
-    if "width_ratio" in overrides or overrides.get("num_branches") == 1:
-        kwargs = {k: v for k, v in kwargs.items() if not _is_branch_shape(k)}
-    elif any(_is_branch_shape(k) for k in overrides):
-        kwargs.pop("width_ratio", None)
-    return {**kwargs, **overrides}
+MODELS: dict[str, tuple[Callable[..., EnsembleNet], dict]] = {
+    name: (BUILDERS[cls], dict(kwargs)) for name, (cls, kwargs) in PRESETS.items()
+}
+"""Every model by name: (its builder, the keywords its preset sets, common fields and options in one dict)."""
 
 
 def builder_arguments(name: str, **overrides) -> dict:
-    """Every keyword of the family's builder as `create_model(name, **overrides)` calls it: `model_kwargs`, then the
-    builder's own defaults for the rest (for reports and checks that need a resolved value, e.g. num_classes)."""
-    kwargs = model_kwargs(name, **overrides)
-    params = inspect.signature(MODELS[name][0]).parameters.items()
-    return {k: kwargs[k] if k in kwargs else p.default for k, p in params if k in kwargs or p.default is not p.empty}
+    """Every keyword `create_model(name, **overrides)` builds with, common fields and options in one dict:
+    `model_kwargs`, then the defaults for the rest (for reports and checks that need a resolved value, e.g.
+    num_classes)."""
+    common, options = split_kwargs(name, **overrides)
+    params = inspect.signature(MODELS[name][0]).parameters
+    defaults = {k: p.default for k, p in params.items() if k != "options" and p.default is not p.empty}
+    return {**defaults, **common, **dataclasses.asdict(options)}
 
 
 def create_model(name: str, **overrides) -> EnsembleNet:
-    """Build the named model; `overrides` replace preset keywords (e.g. num_branches=3, num_classes=10), with the
-    branch-shape rule of `model_kwargs` (an explicit width_ratio or num_branches=1 replaces a preset's pinned
-    branch widths).
+    """Build the named model; `overrides` (common fields and options alike, e.g. num_branches=3, kernels="auto")
+    replace preset keywords, with the branch-shape rule of `model_kwargs` (an explicit width_ratio or
+    num_branches=1 replaces a preset's pinned branch widths). The options become the family's dataclass, which
+    checks them; the builder gets it as `options`.
 
     Works under `with torch.device("meta"):` for counting without allocating.
     """
-    kwargs = model_kwargs(name, **overrides)
-    return MODELS[name][0](**kwargs)
+    common, options = split_kwargs(name, **overrides)
+    return MODELS[name][0](**common, options=options)
 
 
-__all__ = ["MODELS", "EnsembleNet", "ModelOutput", "builder_arguments", "create_model", "model_kwargs"]
+__all__ = ["BUILDERS", "MODELS", "EnsembleNet", "ModelOutput", "builder_arguments", "create_model", "model_kwargs"]

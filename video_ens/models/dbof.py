@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import IMPLS, context_gate, gate_epilogue, swap_pool
+from ..kernels import context_gate, gate_epilogue, swap_pool
+from ..model_options import DBoFOptions
 from .ensemble import EnsembleNet, resolve_width_ratio
 from .layers import init_conv_weights
 
-FORKS = ("pool",)
+FORKS = DBoFOptions().forks()
 
 
 class ContextGate(nn.Module):
@@ -39,11 +40,11 @@ class ContextGate(nn.Module):
     the weights or statistics change.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, kernels: str) -> None:
         super().__init__()
         self.linear = nn.Linear(dim, dim, bias=False)
         self.bn = nn.BatchNorm1d(dim)
-        self.kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...), not part of the state dict
+        self.kernels = kernels  # video_ens.kernels impl (DBoFOptions.kernels); not part of the state dict
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (D, D), bias (D,)) with BN's running statistics folded in, so gates = x W'^T + b'."""
@@ -63,7 +64,9 @@ class ContextGate(nn.Module):
 class SwapPool(nn.Module):
     """Self-Weighted Average Pooling over the valid frames (paper eq. 4); no parameters."""
 
-    kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...)
+    def __init__(self, *, kernels: str) -> None:
+        super().__init__()
+        self.kernels = kernels  # video_ens.kernels impl (DBoFOptions.kernels)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D) -> (B, D)
         return swap_pool(x, lengths, impl=self.kernels)
@@ -104,16 +107,17 @@ class DBoFBase(nn.Module):
     Args:
         feature_dim: D, per-frame input width (rgb 1024 + audio 128 = 1152, rgb first).
         cluster_size: K, width of the cluster layer and of the first context gate.
+        kernels: the context gate's and SWAP's implementation (DBoFOptions.kernels).
     """
 
-    def __init__(self, *, feature_dim: int, cluster_size: int) -> None:
+    def __init__(self, *, feature_dim: int, cluster_size: int, kernels: str) -> None:
         super().__init__()
         self.feature_dim = feature_dim
         self.input_bn = nn.BatchNorm1d(feature_dim)
         self.cluster = nn.Linear(feature_dim, cluster_size, bias=False)
         self.cluster_bn = nn.BatchNorm1d(cluster_size)
-        self.context_gate = ContextGate(cluster_size)
-        self.pool = SwapPool()
+        self.context_gate = ContextGate(cluster_size, kernels=kernels)
+        self.pool = SwapPool(kernels=kernels)
 
     def frames(self, x: torch.Tensor) -> torch.Tensor:  # (M, D) -> (M, K), M frames of any videos
         x = self.input_bn(x)
@@ -150,14 +154,17 @@ class DBoFBranch(nn.Module):
 
     Args:
         in_dim: K, the pooled width. hidden_size: H. num_classes: C. num_mixtures: M.
-        dropout: probability of the dropout right before the MoE (0 = none).
+        dropout: probability of the dropout right before the MoE (0 = none). kernels: the context gate's
+        implementation (DBoFOptions.kernels).
     """
 
-    def __init__(self, *, in_dim: int, hidden_size: int, num_classes: int, num_mixtures: int, dropout: float) -> None:
+    def __init__(
+        self, *, in_dim: int, hidden_size: int, num_classes: int, num_mixtures: int, dropout: float, kernels: str
+    ) -> None:
         super().__init__()
         self.hidden = nn.Linear(in_dim, hidden_size, bias=False)
         self.hidden_bn = nn.BatchNorm1d(hidden_size)
-        self.context_gate = ContextGate(hidden_size)
+        self.context_gate = ContextGate(hidden_size, kernels=kernels)
         self.dropout = nn.Dropout(dropout)
         self.moe = MoE(hidden_size, num_classes, num_mixtures)
 
@@ -189,67 +196,50 @@ def build(
     dropout: float = 0.0,
     conv_init: str = "default",
     conv_init_std: float = 0.03,
-    rgb_dim: int = 1024,
-    audio_dim: int = 128,
-    cluster_size: int = 4096,
-    hidden_size: int = 4096,
-    num_mixtures: int = 5,
-    branch_hidden_size: int | None = None,
-    branch_mixtures: int | None = None,
-    train_frames: int = 25,
-    max_frames: int = 300,
-    kernels: str = "reference",
+    options: DBoFOptions | None = None,
 ) -> EnsembleNet:
     """DBoF as an EnsembleNet: the base (layers 1-4) and `num_branches` heads (layers 5-7), outputs probabilities.
 
     Args (beyond the common ones documented in video_ens.models):
-        rgb_dim, audio_dim: per-frame feature widths; the input is their concatenation, rgb first.
-        cluster_size: K, the cluster layer and first context gate (in the base).
-        hidden_size: the baseline hidden width; branches use round(hidden_size * width_ratio) unless
-            branch_hidden_size is given (the paper's two-branch model: 3000, which 3000/4096 would also give).
         width_ratio: None (the default) is 1.0 when num_branches == 1 (the baseline) and 1/1.5 when
             num_branches > 1 (hidden 4096 -> 2731). Only the hidden width scales; the experts do not.
-        num_mixtures: the baseline's MoE experts per class; branches use branch_mixtures when given.
-        branch_hidden_size, branch_mixtures: the branch head's hidden width and experts per class, fixed instead of
-            derived (dbof_ens2: 3000 and 3). branch_hidden_size replaces width_ratio: giving both is an error.
         fork: only "pool" (after SWAP, as in the paper): below it every layer is frame-level.
-        train_frames, max_frames: recorded in input_spec for the data pipeline: frames sampled per training video
-            (paper: 25) and the most frames a YouTube-8M video has (300, one per second); evaluation uses all.
-        kernels: the context gates' and SWAP's implementation, video_ens.kernels `impl`: "reference" (plain
-            PyTorch), "triton" (fused kernels; CUDA) or "auto" (Triton on CUDA when it imports).
+        options: DBoF's own fields (video_ens.model_options.DBoFOptions, documented and checked there): feature
+            widths, cluster and hidden sizes, experts, the branches' pinned hidden width and experts (giving
+            branch_hidden_size together with width_ratio is an error), input_spec's frame counts, and kernels,
+            the context gates' and SWAP's implementation.
     """
+    o = options if options is not None else DBoFOptions()
     if fork not in FORKS:
         raise ValueError(f"fork must be one of {FORKS} for DBoF (branches start after SWAP pooling), got {fork!r}")
-    if branch_hidden_size is not None and width_ratio is not None:
+    if o.branch_hidden_size is not None and width_ratio is not None:
         raise ValueError(
-            f"give branch_hidden_size or width_ratio, not both (got {branch_hidden_size} and {width_ratio}): "
+            f"give branch_hidden_size or width_ratio, not both (got {o.branch_hidden_size} and {width_ratio}): "
             "branch_hidden_size already fixes the branch hidden width"
         )
     _positive("num_branches", num_branches)
     width_ratio = resolve_width_ratio(width_ratio, num_branches)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if kernels not in IMPLS:
-        raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
-    feature_dim = _positive("rgb_dim", rgb_dim) + audio_dim
-    branch_hidden = branch_hidden_size if branch_hidden_size is not None else round(hidden_size * width_ratio)
-    mixtures = branch_mixtures if branch_mixtures is not None else num_mixtures
+    feature_dim = o.rgb_dim + o.audio_dim
+    branch_hidden = o.branch_hidden_size if o.branch_hidden_size is not None else round(o.hidden_size * width_ratio)
+    mixtures = o.branch_mixtures if o.branch_mixtures is not None else o.num_mixtures
     for name, value in (
         ("num_classes", num_classes),
-        ("cluster_size", cluster_size),
         ("branch hidden width (branch_hidden_size, or hidden_size * width_ratio)", branch_hidden),
         ("num_mixtures / branch_mixtures", mixtures),
     ):
         _positive(name, value)
 
-    base = DBoFBase(feature_dim=feature_dim, cluster_size=cluster_size)
+    base = DBoFBase(feature_dim=feature_dim, cluster_size=o.cluster_size, kernels=o.kernels)
     branches = [
         DBoFBranch(
-            in_dim=cluster_size,
+            in_dim=o.cluster_size,
             hidden_size=branch_hidden,
             num_classes=num_classes,
             num_mixtures=mixtures,
             dropout=dropout,
+            kernels=o.kernels,
         )
         for _ in range(num_branches)
     ]
@@ -261,28 +251,11 @@ def build(
         input_spec={
             "kind": "features",
             "dim": feature_dim,
-            "rgb_dim": rgb_dim,
-            "audio_dim": audio_dim,
-            "train_frames": train_frames,
-            "max_frames": max_frames,
+            "rgb_dim": o.rgb_dim,
+            "audio_dim": o.audio_dim,
+            "train_frames": o.train_frames,
+            "max_frames": o.max_frames,
         },
     )
     init_conv_weights(model, conv_init=conv_init, conv_init_std=conv_init_std)  # no convs: only checks the values
-    for module in model.modules():
-        if isinstance(module, (ContextGate, SwapPool)):
-            module.kernels = kernels
     return model
-
-
-PRESETS: dict[str, dict] = {
-    # Paper Table 2 baseline: 229,093,358 parameters (BN folded), 415,121,408 video-level FLOPs.
-    "dbof": dict(cluster_size=4096, hidden_size=4096, num_mixtures=5),
-    # Paper Table 2 multi-headed: base cluster-4096, branches (hidden-3000, MoE-3): 226,320,324 / 409,560,000.
-    "dbof_ens2": dict(num_branches=2, cluster_size=4096, hidden_size=4096, branch_hidden_size=3000, branch_mixtures=3),
-    # Tests and CPU demos: the real 1152-d input, so they run on the real data pipeline; forward + backward of
-    # 4 videos x 25 frames takes a few ms on one CPU core.
-    "dbof_tiny": dict(num_classes=16, cluster_size=64, hidden_size=64, num_mixtures=2),
-    "dbof_tiny_ens2": dict(
-        num_branches=2, num_classes=16, cluster_size=64, hidden_size=64, branch_hidden_size=48, branch_mixtures=2
-    ),
-}

@@ -29,6 +29,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from ..model_options import ResNetOptions
 from .ensemble import EnsembleNet, resolve_width_ratio
 from .layers import init_conv_weights
 
@@ -177,36 +178,26 @@ def build(
     dropout: float = 0.0,
     conv_init: str = "default",
     conv_init_std: float = 0.03,
-    se: bool = False,
-    se_reduction: int = 16,
-    widths: tuple[int, ...] = (64, 128, 256, 512),
-    units: tuple[int, ...] = (3, 8, 36, 3),
-    branch_widths: tuple[int, ...] | None = None,
-    image_size: int = 224,
-    stem_width: int = 64,
+    options: ResNetOptions | None = None,
 ) -> EnsembleNet:
     """(SE-)ResNet v1 as an EnsembleNet: base = stem + blocks up to `fork`, each branch = the rest + GAP + FC.
 
     Args (beyond the common ones documented in video_ens.models):
         fork: "stem" or "blockK": the last layer of the shared base. The paper forks after block2, so the
             base output is 512 x 14 x 14 at 224^2 (block2's last unit already strides).
-        se, se_reduction: squeeze-excitation in every unit, with reduction r (paper: 16).
-        widths: the 3x3 width b of every block (outputs are 4b); the paper's "width config".
-        units: bottleneck units per block (ResNet-152: 3, 8, 36, 3).
         width_ratio: branch block widths are round(b * width_ratio). None (the default): 1.0 when
             num_branches == 1 (the baseline), 1/1.5 when num_branches > 1; the paper's two-branch ResNets state
             their own, 0.6875 (bottlenecks 176, 352).
-        branch_widths: the 3x3 widths of the blocks above the fork, one per block, instead of width_ratio;
-            give either this or width_ratio, not both.
-        image_size: recorded in input_spec (H = W); the network itself accepts any size.
-        stem_width: channels of the 7x7 stem conv.
+        options: ResNet's own fields (video_ens.model_options.ResNetOptions, documented there): se and
+            se_reduction; widths (the 3x3 width b of every block) and units per block; branch_widths, the widths
+            above the fork instead of width_ratio (give one or the other); image_size for input_spec; stem_width.
     """
-    num_blocks = len(widths)
-    if num_blocks < 1:
-        raise ValueError("widths must name at least one block, e.g. (64, 128, 256, 512)")
-    widths = _check_widths("widths", widths, num_blocks)
-    units = _check_widths("units", units, num_blocks)
-    forks = ("stem", *(f"block{i + 1}" for i in range(num_blocks)))
+    o = options if options is not None else ResNetOptions()
+    se, se_reduction, branch_widths, stem_width = o.se, o.se_reduction, o.branch_widths, o.stem_width
+    num_blocks = len(o.widths)
+    widths = _check_widths("widths", o.widths, num_blocks)
+    units = _check_widths("units", o.units, num_blocks)
+    forks = o.forks()
     if fork not in forks:
         raise ValueError(f"fork must be one of {forks} (the last layer of the shared base), got {fork!r}")
     if num_branches < 1:
@@ -219,10 +210,8 @@ def build(
     width_ratio = resolve_width_ratio(width_ratio, num_branches)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if se and se_reduction < 1:
-        raise ValueError(f"se_reduction must be >= 1, got {se_reduction}")
-    if stem_width < 1 or num_classes < 1:
-        raise ValueError(f"stem_width and num_classes must be >= 1, got {stem_width} and {num_classes}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
 
     in_base = forks.index(fork)  # blocks 1..in_base are shared
     above = num_blocks - in_base
@@ -257,27 +246,7 @@ def build(
         [make_branch() for _ in range(num_branches)],
         output_type="logits",
         activation="softmax",
-        input_spec={"kind": "image", "size": image_size},
+        input_spec={"kind": "image", "size": o.image_size},
     )
     init_conv_weights(model, conv_init=conv_init, conv_init_std=conv_init_std)
     return model
-
-
-_TINY = dict(widths=(8, 16, 32, 64), units=(2, 2, 2, 2), stem_width=8, num_classes=10, image_size=64)
-
-PRESETS: dict[str, dict] = {
-    # Paper Table 1a baseline: 60,117,096 parameters (BN folded), 21.813B FLOPs (2 MAC) at 224^2.
-    "resnet152": dict(),
-    # Paper Table 1a multi-headed: base (64, 128), branches (176, 352) = 0.6875 x (256, 512): 58,160,976 / 20.991B.
-    "resnet152_ens2": dict(num_branches=2, width_ratio=0.6875),
-    # Paper Table 1b: SE (r = 16) in every unit: 66,746,136 / 21.827B; two-branch 64,463,088 / 21.003B.
-    "seresnet152": dict(se=True),
-    "seresnet152_ens2": dict(se=True, num_branches=2, width_ratio=0.6875),
-    # Tests and CPU demos. Two units per block, so every shortcut kind appears (projection, identity, strided
-    # identity); 64^2 input gives 16^2 after the stem and 2^2 in block4. Forward + backward of 4 images takes
-    # about 70 ms on two shared CPU cores.
-    "resnet_tiny": dict(_TINY),
-    "resnet_tiny_ens2": dict(_TINY, num_branches=2, width_ratio=0.6875),
-    "seresnet_tiny": dict(_TINY, se=True),
-    "seresnet_tiny_ens2": dict(_TINY, se=True, num_branches=2, width_ratio=0.6875),
-}

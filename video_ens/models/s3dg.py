@@ -39,33 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import IMPLS, feature_gate
-from .ensemble import EnsembleNet, resolve_width_ratio
+from ..kernels import feature_gate
+from ..model_options import S3DG_LAYERS, S3DGOptions
+from .ensemble import EnsembleNet, ModelOutput, resolve_width_ratio
 from .layers import init_conv_weights
 
 # slim's batch_norm_epsilon. Its decay of 0.999 (momentum 0.001 here) is not copied: with a 1,000-step time constant
 # the running statistics of a short or tiny run would stay near their initial values; PyTorch's 0.1 is used.
 BN_EPS = 1e-3
 
-# Every layer in order; the branches start right after `fork`, which must be one of these names.
-LAYER_NAMES: tuple[str, ...] = (
-    "Conv2d_1a",
-    "MaxPool_2a",
-    "Conv2d_2b",
-    "Conv2d_2c",
-    "MaxPool_3a",
-    "Mixed_3b",
-    "Mixed_3c",
-    "MaxPool_4a",
-    "Mixed_4b",
-    "Mixed_4c",
-    "Mixed_4d",
-    "Mixed_4e",
-    "Mixed_4f",
-    "MaxPool_5a",
-    "Mixed_5b",
-    "Mixed_5c",
-)
+# Every layer in order; the branches start right after `fork`, which must be one of these names. The list lives with
+# S3DGOptions, which the recipe check reads without torch.
+LAYER_NAMES: tuple[str, ...] = S3DG_LAYERS
 
 # Inception widths (a, b1, b2, c1, c2, d): Branch_0 1x1x1 -> a; Branch_1 1x1x1 -> b1, sep 3x3x3 -> b2;
 # Branch_2 1x1x1 -> c1, sep 3x3x3 -> c2; Branch_3 max-pool, 1x1x1 -> d. Output a + b2 + c2 + d channels.
@@ -89,10 +74,10 @@ class FeatureGate(nn.Module):
     same state dict.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, kernels: str) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, channels, 1, 1, 1))
-        self.kernels = "reference"  # video_ens.kernels impl; set by build(kernels=...), not part of the state dict
+        self.kernels = kernels  # video_ens.kernels impl (S3DGOptions.kernels); not part of the state dict
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -151,21 +136,22 @@ class SepConv3d(nn.Module):
 class InceptionBlock(nn.Module):
     """Four gated paths concatenated on channels; submodule names follow slim's checkpoint scopes."""
 
-    def __init__(self, cin: int, widths: tuple[int, int, int, int, int, int]) -> None:
+    def __init__(self, cin: int, widths: tuple[int, int, int, int, int, int], *, kernels: str) -> None:
         super().__init__()
         a, b1, b2, c1, c2, d = widths
-        self.Branch_0 = nn.Sequential(OrderedDict(Conv3d_0a_1x1=Unit3d(cin, a), gate=FeatureGate(a)))
+        gate = dict(kernels=kernels)
+        self.Branch_0 = nn.Sequential(OrderedDict(Conv3d_0a_1x1=Unit3d(cin, a), gate=FeatureGate(a, **gate)))
         self.Branch_1 = nn.Sequential(
-            OrderedDict(Conv3d_0a_1x1=Unit3d(cin, b1), Conv3d_0b_3x3=SepConv3d(b1, b2), gate=FeatureGate(b2))
+            OrderedDict(Conv3d_0a_1x1=Unit3d(cin, b1), Conv3d_0b_3x3=SepConv3d(b1, b2), gate=FeatureGate(b2, **gate))
         )
         self.Branch_2 = nn.Sequential(
-            OrderedDict(Conv3d_0a_1x1=Unit3d(cin, c1), Conv3d_0b_3x3=SepConv3d(c1, c2), gate=FeatureGate(c2))
+            OrderedDict(Conv3d_0a_1x1=Unit3d(cin, c1), Conv3d_0b_3x3=SepConv3d(c1, c2), gate=FeatureGate(c2, **gate))
         )
         self.Branch_3 = nn.Sequential(
             OrderedDict(
                 MaxPool3d_0a_3x3=nn.MaxPool3d(3, stride=1, padding=1),
                 Conv3d_0b_1x1=Unit3d(cin, d),
-                gate=FeatureGate(d),
+                gate=FeatureGate(d, **gate),
             )
         )
         self.out_channels = a + b2 + c2 + d
@@ -218,10 +204,22 @@ class S3DGBranch(nn.Sequential):
         return head.pooled(h), head(h)
 
 
-def _make_layer(name: str, cin: int, width: Callable[[int], int]) -> tuple[nn.Module, int]:
-    """One named layer and its output channels; `width` maps a baseline conv width to the one to build."""
+class S3DGNet(EnsembleNet):
+    """S3D-G as an EnsembleNet, plus the one thing only it offers: an exact forward over a long clip in windows."""
+
+    def full_clip_forward(self, x: torch.Tensor, *, max_chunk_frames: int | None) -> ModelOutput:
+        """`self(x)` for a whole clip x (B, 3, T, H, W), run in temporal windows of at most `max_chunk_frames` frames
+        wherever the network is local in time; see video_ens.models.s3dg_chunked."""
+        from .s3dg_chunked import full_clip_forward  # here: s3dg_chunked imports this module's layer classes
+
+        return full_clip_forward(self, x, max_chunk_frames=max_chunk_frames)
+
+
+def _make_layer(name: str, cin: int, width: Callable[[int], int], kernels: str) -> tuple[nn.Module, int]:
+    """One named layer and its output channels; `width` maps a baseline conv width to the one to build, `kernels`
+    is its gates' implementation."""
     if name in MIXED_WIDTHS:
-        block = InceptionBlock(cin, tuple(width(c) for c in MIXED_WIDTHS[name]))
+        block = InceptionBlock(cin, tuple(width(c) for c in MIXED_WIDTHS[name]), kernels=kernels)
         return block, block.out_channels
     if name == "Conv2d_1a":
         return Unit3d(cin, width(64), (3, 7, 7), stride=2), width(64)
@@ -229,7 +227,7 @@ def _make_layer(name: str, cin: int, width: Callable[[int], int]) -> tuple[nn.Mo
         return Unit3d(cin, width(64)), width(64)
     if name == "Conv2d_2c":
         cout = width(192)
-        return nn.Sequential(OrderedDict(Conv2d_2c_3x3=SepConv3d(cin, cout), gate=FeatureGate(cout))), cout
+        return nn.Sequential(OrderedDict(Conv2d_2c_3x3=SepConv3d(cin, cout), gate=FeatureGate(cout, kernels=kernels))), cout
     if name in ("MaxPool_2a", "MaxPool_3a"):
         return nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), cin
     if name == "MaxPool_4a":
@@ -240,10 +238,12 @@ def _make_layer(name: str, cin: int, width: Callable[[int], int]) -> tuple[nn.Mo
     raise AssertionError(f"no constructor for layer {name!r}")
 
 
-def _stack(names: tuple[str, ...], cin: int, width: Callable[[int], int]) -> tuple[list[tuple[str, nn.Module]], int]:
+def _stack(
+    names: tuple[str, ...], cin: int, width: Callable[[int], int], kernels: str
+) -> tuple[list[tuple[str, nn.Module]], int]:
     layers = []
     for name in names:
-        layer, cin = _make_layer(name, cin, width)
+        layer, cin = _make_layer(name, cin, width, kernels)
         layers.append((name, layer))
     return layers, cin
 
@@ -262,10 +262,7 @@ def build(
     dropout: float = 0.2,
     conv_init: str = "default",
     conv_init_std: float = 0.03,
-    frames: int = 64,
-    size: int = 224,
-    widths_scale: float = 1.0,
-    kernels: str = "reference",
+    options: S3DGOptions | None = None,
 ) -> EnsembleNet:
     """S3D-G with `num_branches` heads forking after layer `fork`; input (B, 3, T, H, W), output (N, B, classes).
 
@@ -276,41 +273,37 @@ def build(
         dropout: before each classifier; 0.2 is slim's keep probability of 0.8.
         conv_init: "normal" draws every conv weight and gate weight from N(0, conv_init_std^2); the temporal
             convs are set back to the identity afterwards either way.
-        frames, size: the clip the model is meant for, recorded in input_spec; any T >= 1 and H, W >= 1 run.
-        widths_scale: multiplies every width, base and branches, before width_ratio applies to the branches:
-            1/8 gives the tiny presets with the same blocks.
-        kernels: the gates' implementation, video_ens.kernels `impl`: "reference" (plain PyTorch), "triton"
-            (fused kernels; CUDA) or "auto" (Triton on CUDA when it imports).
+        options: S3D-G's own fields (video_ens.model_options.S3DGOptions, checked there; None: its defaults):
+            frames and size, the clip recorded in input_spec; widths_scale, which multiplies every width before
+            width_ratio applies to the branches (1/8: the tiny presets); kernels, the feature gates' implementation.
     """
     if not (isinstance(num_branches, int) and num_branches >= 1):
         raise ValueError(f"num_branches must be an int >= 1, got {num_branches!r}")
     if fork not in LAYER_NAMES:
         raise ValueError(f"fork {fork!r} is not an S3D-G layer: use one of {', '.join(LAYER_NAMES)}")
     width_ratio = resolve_width_ratio(width_ratio, num_branches)
-    if not widths_scale > 0:
-        raise ValueError(f"widths_scale must be > 0, got {widths_scale}")
+    options = options if options is not None else S3DGOptions()
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not (isinstance(num_classes, int) and num_classes >= 1):
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    if kernels not in IMPLS:
-        raise ValueError(f"kernels must be one of {IMPLS}, got {kernels!r}")
 
     split = LAYER_NAMES.index(fork) + 1
-    base_layers, fork_channels = _stack(LAYER_NAMES[:split], 3, lambda c: _scaled(c, widths_scale))
+    scale, kernels = options.widths_scale, options.kernels
+    base_layers, fork_channels = _stack(LAYER_NAMES[:split], 3, lambda c: _scaled(c, scale), kernels)
     branches = []
     for _ in range(num_branches):
         layers, cout = _stack(
-            LAYER_NAMES[split:], fork_channels, lambda c: _scaled(_scaled(c, widths_scale), width_ratio)
+            LAYER_NAMES[split:], fork_channels, lambda c: _scaled(_scaled(c, scale), width_ratio), kernels
         )
         layers.append(("Logits", Logits(cout, num_classes, dropout)))
         branches.append(S3DGBranch(OrderedDict(layers)))
-    model = EnsembleNet(
+    model = S3DGNet(
         nn.Sequential(OrderedDict(base_layers)),
         branches,
         output_type="logits",
         activation="softmax",
-        input_spec={"kind": "clip", "frames": frames, "size": size},
+        input_spec={"kind": "clip", "frames": options.frames, "size": options.size},
     )
 
     init_conv_weights(model, conv_init=conv_init, conv_init_std=conv_init_std)
@@ -319,24 +312,4 @@ def build(
             nn.init.normal_(m.weight, mean=0.0, std=conv_init_std)
         if isinstance(m, SepConv3d):
             m.reset_temporal()
-        if isinstance(m, FeatureGate):
-            m.kernels = kernels
     return model
-
-
-# The tiny presets keep every block at 1/8 of the width (Conv2d_1a 8, Mixed_5c 128 channels) for CPU tests and
-# demos: 16 frames at 64 x 64 leave 2 x 2 x 2 after MaxPool_5a.
-PRESETS: dict[str, dict] = {
-    "s3dg": {"num_branches": 1},
-    "s3dg_ens2": {"num_branches": 2, "width_ratio": 1 / 1.5, "fork": "MaxPool_4a"},
-    "s3dg_tiny": {"num_branches": 1, "widths_scale": 1 / 8, "num_classes": 8, "frames": 16, "size": 64},
-    "s3dg_tiny_ens2": {
-        "num_branches": 2,
-        "width_ratio": 1 / 1.5,
-        "fork": "MaxPool_4a",
-        "widths_scale": 1 / 8,
-        "num_classes": 8,
-        "frames": 16,
-        "size": 64,
-    },
-}
