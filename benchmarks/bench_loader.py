@@ -467,7 +467,9 @@ def run_pipeline(args, parser) -> Path:
         rates = sorted(s["steady"][0] / s["steady"][1] if s["steady"] else s["clips"] / s["seconds"] for s in samples)
         clips_per_s = float(np.median(rates))
         done = sum(s["clips"] for s in samples)
-        per_clip = {k: 1000 * sum(s["stats"]["seconds"][k] for s in samples) / done for k in samples[0]["stats"]["seconds"]}
+        per_clip = {
+            k: 1000 * sum(s["stats"]["seconds"][k] for s in samples) / done for k in samples[0]["stats"]["seconds"]
+        }
         decoded = sum(s["stats"]["frames_decoded"] for s in samples)
         delivered = sum(s["stats"]["frames_delivered"] for s in samples)
         per_worker = clips_per_s / max(workers, 1)
@@ -511,8 +513,13 @@ def run_pipeline(args, parser) -> Path:
             }
         )
     elif ffmpeg:
-        rows.append({"backend": "ffmpeg-cli-net", "note": "no reference: the stored videos decode faster than the "
-                     "ffmpeg command line's start-up time varies"})
+        rows.append(
+            {
+                "backend": "ffmpeg-cli-net",
+                "note": "no reference: the stored videos decode faster than the "
+                "ffmpeg command line's start-up time varies",
+            }
+        )
     for backend in wanted:
         if backend not in backends:
             rows.append({"backend": backend, "note": "not importable"})
@@ -583,7 +590,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--videos", type=Path, help="folder of videos (default: generate synthetic 340x256 clips)")
     parser.add_argument(
-        "--num-videos", type=int, default=3, help="synthetic clips to make; with --shards: stored videos the ffmpeg row decodes"
+        "--num-videos",
+        type=int,
+        default=3,
+        help="synthetic clips to make; with --shards: stored videos the ffmpeg row decodes",
     )
     parser.add_argument("--short-side", type=int, default=256, help="decode mode: the decoded short side")
     parser.add_argument(

@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--batch", type=int, default=None, help="micro-batch (default: the recipe's per-rank batch on 1 rank)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="micro-batch (default: the recipe's per-rank batch on 1 rank)"
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--loops", default="plain,engine")
@@ -139,22 +141,35 @@ def main(argv=None) -> int:
         median = times[len(times) // 2]
         rate = batch / median
         row = {
-            "loop": loop, "model": recipe.model.name, "batch": batch, "precision": recipe.train.precision,
-            "zero_stage": recipe.deepspeed.zero_stage if loop == "engine" else "", "device": _device_name(device),
-            "ms_per_step_median": round(median * 1e3, 2), "ms_per_step_min": round(times[0] * 1e3, 2),
-            "samples_per_s": round(rate, 2), "fwd_gflops_per_sample": round(flops / 1e9, 3),
+            "loop": loop,
+            "model": recipe.model.name,
+            "batch": batch,
+            "precision": recipe.train.precision,
+            "zero_stage": recipe.deepspeed.zero_stage if loop == "engine" else "",
+            "device": _device_name(device),
+            "ms_per_step_median": round(median * 1e3, 2),
+            "ms_per_step_min": round(times[0] * 1e3, 2),
+            "samples_per_s": round(rate, 2),
+            "fwd_gflops_per_sample": round(flops / 1e9, 3),
         }
         if device.type == "cuda":
             achieved = 3 * flops * rate / 1e12
             row["achieved_tflops"] = round(achieved, 2)
             row["mfu"] = round(achieved / args.peak_tflops, 4)
-        row.update(torch=torch.__version__, python=platform.python_version(), git=git_sha(),
-                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        row.update(
+            torch=torch.__version__,
+            python=platform.python_version(),
+            git=git_sha(),
+            date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
         rows.append(row)
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-    out = Path(args.out) if args.out else RESULTS / (
-        f"step_{recipe.model.name}_{device.type}_{dt.date.today().isoformat()}.csv")
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / (f"step_{recipe.model.name}_{device.type}_{dt.date.today().isoformat()}.csv")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
     with open(out, "w", newline="") as f:

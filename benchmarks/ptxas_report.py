@@ -214,7 +214,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     print_table(rows)
     print(f"\n{len(rows)} compiles for sm_90 in {total:.1f} s (triton {triton.__version__})")
-    meta = dict(target="sm_90a", dtype="bf16", acc="fp32", triton=triton.__version__, git_sha=git_sha("video_ens/kernels", "benchmarks/ptxas_report.py"), date=today)
+    meta = dict(
+        target="sm_90a",
+        dtype="bf16",
+        acc="fp32",
+        triton=triton.__version__,
+        git_sha=git_sha("video_ens/kernels", "benchmarks/ptxas_report.py"),
+        date=today,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + list(meta))

@@ -67,7 +67,9 @@ def row(run: dict, *, branches: bool) -> dict:
     if num_branches == 1:
         config, loss = "single network", "baseline"
     else:
-        parts = [f"{num_branches} branches after {fork}"] + ([f"width x{ratio:.3g}"] if ratio not in (None, 1.0) else [])
+        parts = [f"{num_branches} branches after {fork}"] + (
+            [f"width x{ratio:.3g}"] if ratio not in (None, 1.0) else []
+        )
         parts += [f"{k.removeprefix('branch_')}={v}" for k, v in pinned.items()]
         config = ", ".join(parts)
         structure = recipe.objective.structure
@@ -178,9 +180,11 @@ def format_markdown(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-FOOTNOTE = ("metrics: ensemble, in %. eval: evaluation mode; samples: videos/images evaluated (n/N: N - n bad). "
-            "#params: BN folded. #FLOPs: batch 1, multiply and add counted apart "
-            "(2 x MAC); +ew adds bias/BN adds, pooling, means, softmax as tf.profiler does.")
+FOOTNOTE = (
+    "metrics: ensemble, in %. eval: evaluation mode; samples: videos/images evaluated (n/N: N - n bad). "
+    "#params: BN folded. #FLOPs: batch 1, multiply and add counted apart "
+    "(2 x MAC); +ew adds bias/BN adds, pooling, means, softmax as tf.profiler does."
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,19 @@ from video_ens.data import convert_images
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=convert_images.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=convert_images.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--root", required=True, help="class-per-folder image tree")
     p.add_argument("--out", required=True, help="dataset folder to create")
     p.add_argument("--labels", help="class names: text file (one per line), dataset folder or _info.json")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds an image may take (with --workers > 1): a hung decoder ends the conversion")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds an image may take (with --workers > 1): a hung decoder ends the conversion",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted folder order")

@@ -12,7 +12,9 @@ from video_ens.data import convert_kinetics
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=convert_kinetics.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=convert_kinetics.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--annotations", required=True, help="Kinetics CSV or path,label CSV")
     p.add_argument("--videos", required=True, help="folder holding the clips")
     p.add_argument("--out", required=True, help="dataset folder to create (shards + _info.json)")
@@ -22,8 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keyint", type=int, help="keyframe interval when re-encoding (default 16)")
     p.add_argument("--verify", action="store_true", help="decode every frame to count them")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds a clip may take (with --workers > 1): a hung decoder is killed, the clip skipped")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds a clip may take (with --workers > 1): a hung decoder is killed, the clip skipped",
+    )
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
     p.add_argument("--no-shuffle", action="store_true", help="keep the CSV order")
@@ -56,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if info.extra.get("shortened"):
         print(f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)")
     if info.extra.get("display"):
-        print(f"  {len(info.extra['display'])} clips were turned upright or given square pixels (see 'display' in "
-              "_info.json)")
+        print(
+            f"  {len(info.extra['display'])} clips were turned upright or given square pixels (see 'display' in "
+            "_info.json)"
+        )
     print(f"  took {time.perf_counter() - start:.1f} s")
     return 0
 

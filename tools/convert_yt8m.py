@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=YT8M_NUM_CLASSES)
     p.add_argument("--vocabulary", help="YouTube-8M vocabulary.csv, to store class names")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds an input file may take (with --workers > 1): a hung worker ends the conversion")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds an input file may take (with --workers > 1): a hung worker ends the conversion",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="videos per shard")
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets at --out / --holdout-out")
     a = p.parse_args(argv)

@@ -80,26 +80,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--run-dir", type=Path, help="a finished run folder: reads recipe.json and model.safetensors")
     src.add_argument("--recipe", type=Path, help="a recipe file (instead of RUN_DIR/recipe.json)")
     src.add_argument("--weights", type=Path, help="a safetensors state dict (instead of RUN_DIR/model.safetensors)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, data.num_workers=0")
-    p.add_argument("--out", type=Path,
-                   help="output folder (default: RUN_DIR/eval/<mode>[-<hash of --set and --precision>]; never a "
-                        "training run folder)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast dtype of the forward (default: the recipe's train.precision)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, data.num_workers=0",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: RUN_DIR/eval/<mode>[-<hash of --set and --precision>]; never a "
+        "training run folder)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast dtype of the forward (default: the recipe's train.precision)",
+    )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: the recipe's train.device")
-    p.add_argument("--max-chunk-frames", type=int, default=0,
-                   help="eval.mode full: compute videos longer than this many frames in temporal windows of at most "
-                        "this many frames, with the one-pass result (S3D-G's gates still hold whole-clip activations, "
-                        "so this lowers peak memory by ~25%%, see video_ens/evaluate.py). 0 = always one pass")
+    p.add_argument(
+        "--max-chunk-frames",
+        type=int,
+        default=0,
+        help="eval.mode full: compute videos longer than this many frames in temporal windows of at most "
+        "this many frames, with the one-pass result (S3D-G's gates still hold whole-clip activations, "
+        "so this lowers peak memory by ~25%%, see video_ens/evaluate.py). 0 = always one pass",
+    )
     p.add_argument("--save-scores", action="store_true", help="also write OUT/scores.npz")
-    p.add_argument("--kaggle", nargs="?", const="", type=str, metavar="CSV",
-                   help="YouTube-8M (data.kind features): also write the ensemble's predictions as a Kaggle "
-                        f"submission, the {KAGGLE_TOP_K} best label/confidence pairs per video (fewer if eval.top_k "
-                        "is smaller), to CSV (default OUT/kaggle_submission.csv)")
-    p.add_argument("--log-every", type=int, default=50,
-                   help="log progress (inputs done of this rank's share, %%, rate, ETA) every this many batches; "
-                        "0 = never")
+    p.add_argument(
+        "--kaggle",
+        nargs="?",
+        const="",
+        type=str,
+        metavar="CSV",
+        help="YouTube-8M (data.kind features): also write the ensemble's predictions as a Kaggle "
+        f"submission, the {KAGGLE_TOP_K} best label/confidence pairs per video (fewer if eval.top_k "
+        "is smaller), to CSV (default OUT/kaggle_submission.csv)",
+    )
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=50,
+        help="log progress (inputs done of this rank's share, %%, rate, ETA) every this many batches; 0 = never",
+    )
     args = p.parse_args(argv)
     if args.run_dir is None and (args.recipe is None or args.weights is None):
         p.error("give --run-dir, or both --recipe and --weights")
@@ -123,8 +148,10 @@ def resolve_sources(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     if out is None:
         out = (run or weights.parent) / "eval" / _out_name(load_recipe(recipe, args.overrides), args)
     elif _is_training_run(out) or (run is not None and out.resolve() == run.resolve()):
-        raise ValueError(f"--out {out}: a training run folder, whose eval.json is one of the training outputs, "
-                         "which evaluation never overwrites: leave --out out (RUN_DIR/eval/...) or name another folder")
+        raise ValueError(
+            f"--out {out}: a training run folder, whose eval.json is one of the training outputs, "
+            "which evaluation never overwrites: leave --out out (RUN_DIR/eval/...) or name another folder"
+        )
     return recipe, weights, out
 
 
@@ -133,7 +160,7 @@ def _is_training_run(folder: Path) -> bool:
 
 
 def _out_name(recipe, args: argparse.Namespace) -> str:
-    """"full", "clips10x3", "all_frames", "center_crop", with "-<8 hex digits>" of --set and --precision if any."""
+    """ "full", "clips10x3", "all_frames", "center_crop", with "-<8 hex digits>" of --set and --precision if any."""
     ev = recipe.eval
     if recipe.data.kind != "clip":
         name = MODE_BY_KIND[recipe.data.kind]
@@ -156,11 +183,15 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path, args.overrides)
     if args.kaggle is not None:
         if recipe.data.kind != "features":
-            raise ValueError(f"--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind "
-                             f"is {recipe.data.kind!r}")
+            raise ValueError(
+                f"--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind "
+                f"is {recipe.data.kind!r}"
+            )
         if not Path(recipe.data.val_shards).is_dir():
-            raise ValueError(f"--kaggle reads the video ids from the samples of a local dataset folder; "
-                             f"data.val_shards is {recipe.data.val_shards!r}")
+            raise ValueError(
+                f"--kaggle reads the video ids from the samples of a local dataset folder; "
+                f"data.val_shards is {recipe.data.val_shards!r}"
+            )
     device = dist.pick_device(args.device or recipe.train.device)
     dist.init(device)
     precision = args.precision or recipe.train.precision
@@ -176,18 +207,36 @@ def run(args: argparse.Namespace) -> int:
         raise RecipeError("data.val_shards: empty; name the evaluation dataset folder (--set data.val_shards=DIR)")
     # Only the evaluation folder is read: the training shards need not exist where the weights are evaluated.
     paths = loader.DataPaths(train=recipe.data.train_shards, val=recipe.data.val_shards)  # strings: URLs too
-    stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(),
-                                world_size=dist.world_size(), root=paths)
+    stream = loader.eval_stream(
+        recipe.data,
+        recipe.eval,
+        input_spec=model.input_spec,
+        rank=dist.rank(),
+        world_size=dist.world_size(),
+        root=paths,
+    )
     mode = recipe.eval.mode if recipe.data.kind == "clip" else MODE_BY_KIND[recipe.data.kind]
-    LOG.info(f"evaluating {recipe.model.name} on {paths.val} ({stream.num_samples} samples, mode {mode}) with "
-             f"{dist.world_size()} process(es) on {device}, precision {precision}")
+    LOG.info(
+        f"evaluating {recipe.model.name} on {paths.val} ({stream.num_samples} samples, mode {mode}) with "
+        f"{dist.world_size()} process(es) on {device}, precision {precision}"
+    )
 
     views = recipe.eval.num_clips * recipe.eval.num_crops if mode == "clips" else 1
     task = loader.metrics_task(recipe.data)
-    result = evaluate(model, stream, task=task, top_k=recipe.eval.top_k, device=device,
-                      precision=precision, max_chunk_frames=args.max_chunk_frames, keep_scores=args.save_scores,
-                      log_every=args.log_every, views_per_sample=views, per_class=True,
-                      keep_top=args.kaggle is not None)
+    result = evaluate(
+        model,
+        stream,
+        task=task,
+        top_k=recipe.eval.top_k,
+        device=device,
+        precision=precision,
+        max_chunk_frames=args.max_chunk_frames,
+        keep_scores=args.save_scores,
+        log_every=args.log_every,
+        views_per_sample=views,
+        per_class=True,
+        keep_top=args.kaggle is not None,
+    )
     if dist.is_main():
         out = {
             "ensemble": result["ensemble"],
@@ -212,8 +261,15 @@ def run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         where = "/".join(Path(str(paths.val)).parts[-2:])  # e.g. kinetics/val
         names = sources.list_shards(paths.val, "val_shards", recipe.data).info.label_names  # remote: fetched once
-        out.update(class_report(result["per_class"], task, names, out_dir,
-                                title=f"{recipe.model.name}, ensemble: {where} ({result['num_samples']} samples)"))
+        out.update(
+            class_report(
+                result["per_class"],
+                task,
+                names,
+                out_dir,
+                title=f"{recipe.model.name}, ensemble: {where} ({result['num_samples']} samples)",
+            )
+        )
         if args.kaggle is not None:
             kaggle = Path(args.kaggle) if args.kaggle else out_dir / "kaggle_submission.csv"
             videos = write_kaggle_submission(kaggle, result["top"], paths.val)
@@ -226,8 +282,10 @@ def run(args: argparse.Namespace) -> int:
         if result["num_samples"] < stream.num_samples or result["bad_samples"]:
             bad = result["bad_sample_keys"]
             named = bad_sample_lines(bad, BAD_KEYS_SHOWN)
-            message = (f"{stream.num_samples - result['num_samples']} of {stream.num_samples} samples could not be "
-                       f"evaluated (bad samples: {bad_sample_summary(bad)}); the metrics cover the rest")
+            message = (
+                f"{stream.num_samples - result['num_samples']} of {stream.num_samples} samples could not be "
+                f"evaluated (bad samples: {bad_sample_summary(bad)}); the metrics cover the rest"
+            )
             if named:
                 more = len(bad["last_bad"]) - len(named)
                 message += ". Skipped: " + "; ".join(named) + (f"; {more} more in eval.json" if more > 0 else "")

@@ -24,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("arch", choices=sorted(IMPORTERS), help="the source architecture")
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", help="torchvision's weights name: "
-                        + "; ".join(f"{a}: {', '.join(w)}" for a, w in TORCHVISION_WEIGHTS.items()))
+    source.add_argument(
+        "--weights",
+        help="torchvision's weights name: " + "; ".join(f"{a}: {', '.join(w)}" for a, w in TORCHVISION_WEIGHTS.items()),
+    )
     source.add_argument("--state-dict", help="a local state dict file (.pth, .bin, .safetensors)")
     ap.add_argument("--out", required=True, help="the safetensors file to write")
     args = ap.parse_args(argv)

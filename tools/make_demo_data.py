@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Generate the small, learnable demo datasets used by the quickstart and CI (video_ens.data.demo).
 
-    python tools/make_demo_data.py --out data/demo [--kind kinetics|yt8m|images|all] [--seed 0] [--overwrite]
+python tools/make_demo_data.py --out data/demo [--kind kinetics|yt8m|images|all] [--seed 0] [--overwrite]
 
-    data/demo/kinetics/{train,val}   H.264 clips whose class is a motion        (tools/convert_kinetics.py)
-    data/demo/yt8m/{train,val}       YouTube-8M-style multi-label frame features (tools/convert_yt8m.py)
-    data/demo/images/{train,val}     32x32 PNG/JPEG patterns                     (tools/convert_images.py)
+data/demo/kinetics/{train,val}   H.264 clips whose class is a motion        (tools/convert_kinetics.py)
+data/demo/yt8m/{train,val}       YouTube-8M-style multi-label frame features (tools/convert_yt8m.py)
+data/demo/images/{train,val}     32x32 PNG/JPEG patterns                     (tools/convert_images.py)
 """
 
 from __future__ import annotations

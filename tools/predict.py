@@ -57,18 +57,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--run-dir", type=Path, help="a finished run folder: reads recipe.json and model.safetensors")
     src.add_argument("--recipe", type=Path, help="a recipe file (instead of RUN_DIR/recipe.json)")
     src.add_argument("--weights", type=Path, help="a safetensors state dict (instead of RUN_DIR/model.safetensors)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, eval.batch_size=30")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, eval.batch_size=30",
+    )
     p.add_argument("--top-k", type=int, default=5, help="classes shown per head (default 5)")
     p.add_argument("--branches", action="store_true", help="also print each branch's top classes")
     p.add_argument("--json", action="store_true", help="print one JSON object per input instead of text")
-    p.add_argument("--labels", type=Path,
-                   help="class names: a text file (one per line) or a dataset folder; default: the run's training data")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="class names: a text file (one per line) or a dataset folder; default: the run's training data",
+    )
     p.add_argument("--embeddings", type=Path, metavar="OUT", help="write pooled embeddings to this new folder")
     p.add_argument("--shard-size", type=int, default=1024, help="inputs per embeddings shard (default 1024)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: the recipe's train.device")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast dtype of the forward (default: the recipe's train.precision)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="autocast dtype of the forward (default: the recipe's train.precision)",
+    )
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines; 0 = none")
     args = p.parse_args(argv)
     if args.run_dir is None and (args.recipe is None or args.weights is None):
@@ -81,21 +93,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = Predictor.load(recipe=args.recipe or args.run_dir / "recipe.json",
-                               weights=args.weights or args.run_dir / "model.safetensors", overrides=args.overrides,
-                               device=args.device, precision=args.precision, labels=args.labels)
+    predictor = Predictor.load(
+        recipe=args.recipe or args.run_dir / "recipe.json",
+        weights=args.weights or args.run_dir / "model.safetensors",
+        overrides=args.overrides,
+        device=args.device,
+        precision=args.precision,
+        labels=args.labels,
+    )
     inputs, missing = find_inputs(args.paths, predictor.kind)
     for skip in missing:
         print(f"skipped {skip.id}: {skip.reason}", file=sys.stderr)
-    LOG.info(f"{len(inputs)} input(s), {predictor.recipe.model.name} ({predictor.mode}) on {predictor.device}, "
-             f"precision {predictor.precision}; class names from {predictor.names_source}")
+    LOG.info(
+        f"{len(inputs)} input(s), {predictor.recipe.model.name} ({predictor.mode}) on {predictor.device}, "
+        f"precision {predictor.precision}; class names from {predictor.names_source}"
+    )
     top = min(args.top_k, len(predictor.class_names))
     done = 0
     with contextlib.ExitStack() as stack:  # the writer's exit writes its last shard (index complete only on success)
         writer = None
         if args.embeddings is not None:
-            writer = stack.enter_context(EmbeddingWriter(args.embeddings, shard_size=args.shard_size,
-                                                         metadata=embeddings_metadata(predictor)))
+            writer = stack.enter_context(
+                EmbeddingWriter(args.embeddings, shard_size=args.shard_size, metadata=embeddings_metadata(predictor))
+            )
         for result in predict_all(predictor, inputs, embed=writer is not None, log_every_s=args.log_every):
             if isinstance(result, Skipped):
                 print(f"skipped {result.id}: {result.reason}", file=sys.stderr, flush=True)

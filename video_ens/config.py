@@ -101,7 +101,7 @@ class Recipe:
         if multi_label and self.objective.loss == "softmax_ce":
             raise FieldError(
                 "objective.loss",
-                "softmax_ce is single-label but data.kind is \"features\" (YouTube-8M, multi-label): use sigmoid_bce",
+                'softmax_ce is single-label but data.kind is "features" (YouTube-8M, multi-label): use sigmoid_bce',
             )
         if not multi_label and self.objective.loss == "sigmoid_bce":
             raise FieldError(
@@ -239,14 +239,17 @@ def _field_defaults(cls: type = Recipe) -> dict[str, Any]:
 
 
 def resume_differences(saved: dict, recipe: Recipe) -> list[str]:
-    """"path: old -> new" for each field outside RESUME_MAY_CHANGE in which `recipe` differs from `saved`, the
+    """ "path: old -> new" for each field outside RESUME_MAY_CHANGE in which `recipe` differs from `saved`, the
     recipe (as recipe_to_dict gives it) that wrote a run folder's checkpoint or recipe.json. A field the saved
     recipe lacks (written before the field existed) counts as its default; one this code does not know is ignored.
     """
     new = _flat(recipe_to_dict(recipe))
     old = {**_flat(_field_defaults()), **_flat(saved)}
-    return [f"{k}: {json.dumps(old.get(k))} -> {json.dumps(v)}" for k, v in sorted(new.items())
-            if not _may_change(k) and old.get(k) != v]
+    return [
+        f"{k}: {json.dumps(old.get(k))} -> {json.dumps(v)}"
+        for k, v in sorted(new.items())
+        if not _may_change(k) and old.get(k) != v
+    ]
 
 
 def default_run_dir(recipe_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -286,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="print nothing on success")
     ap.add_argument("--get", metavar="KEY", help="print one resolved field (e.g. data.demo; null prints nothing)")
     ap.add_argument("--world-size", type=int, default=None, help="also check the batch fields for this many ranks")
-    ap.add_argument("--default-run-dir", action="store_true",
-                    help="print the run folder video_ens.train uses without --run-dir (see default_run_dir)")
+    ap.add_argument(
+        "--default-run-dir",
+        action="store_true",
+        help="print the run folder video_ens.train uses without --run-dir (see default_run_dir)",
+    )
     args = ap.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)

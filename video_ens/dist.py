@@ -39,11 +39,11 @@ def is_main() -> bool:
 
 
 def pick_device(choice: str = "auto") -> torch.device:
-    """"auto": this rank's CUDA device when CUDA is available, else the CPU."""
+    """ "auto": this rank's CUDA device when CUDA is available, else the CPU."""
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device is \"cuda\" but no CUDA device is visible: set train.device to \"auto\" or \"cpu\"")
+        raise RuntimeError('train.device is "cuda" but no CUDA device is visible: set train.device to "auto" or "cpu"')
     torch.cuda.set_device(local_rank())
     return torch.device("cuda", local_rank())
 
@@ -80,8 +80,13 @@ def init(device: torch.device, timeout_s: float | None = None) -> None:
         # A prefix per restart attempt keeps every attempt's keys apart.
         r, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=not agent and r == 0, multi_tenant=True)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=not agent and r == 0,
+            multi_tenant=True,
+        )
         store = dist.PrefixStore(f"video_ens/attempt_{restart}", store)
         dist.init_process_group(backend=backend, store=store, rank=r, world_size=world, **kwargs)
         return

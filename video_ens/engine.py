@@ -182,8 +182,14 @@ def _deepspeed_safe_globals() -> list:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, loss_scaler.LossScaleConfig,
-            loss_scaler.LossScaleProfile, ZeroStageEnum, fragment_address]
+    return [
+        loss_scaler.LossScaler,
+        loss_scaler.DynamicLossScaler,
+        loss_scaler.LossScaleConfig,
+        loss_scaler.LossScaleProfile,
+        ZeroStageEnum,
+        fragment_address,
+    ]
 
 
 def safe_torch_load(path: str, map_location=None, *, mmap: bool | None = None, _load=None):
@@ -249,8 +255,9 @@ def load_checkpoint(engine, path: str | Path) -> dict:
 
 def _optimizer_shard_files(path: Path) -> list[Path]:
     """The per-rank ZeRO optimizer files of a checkpoint (stages 1-3 write one per rank), in rank order."""
-    found = [(int(m.group(1)), f) for f in path.glob("*_optim_states.pt")
-             if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))]
+    found = [
+        (int(m.group(1)), f) for f in path.glob("*_optim_states.pt") if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))
+    ]
     return [f for _, f in sorted(found)]
 
 
@@ -293,8 +300,11 @@ def full_parameter_states(path: str | Path) -> SavedState:
             for flat, state in zip(flats, states, strict=True):
                 flat.update({k: v for k, v in state.get(g, {}).items() if _is_partitioned(v, flat["fp32"])})
             for name, shape in shapes.items():
-                pieces = [(flat, sd["param_slice_mappings"][g][name]) for sd, flat in zip(shards, flats, strict=True)
-                          if name in sd["param_slice_mappings"][g]]
+                pieces = [
+                    (flat, sd["param_slice_mappings"][g][name])
+                    for sd, flat in zip(shards, flats, strict=True)
+                    if name in sd["param_slice_mappings"][g]
+                ]
                 for key in flats[0]:
                     value = torch.cat([flat[key].narrow(0, at.start, at.numel) for flat, at in pieces])
                     full.setdefault(key, {})[name] = value.view(shape)
@@ -305,9 +315,13 @@ def full_parameter_states(path: str | Path) -> SavedState:
         states = [sd["optimizer_state_dict"]["state"] for sd in shards]
         fp32_of_group = shards[0]["fp32_flat_groups"]
         keys = [k for k, v in states[0].get(0, {}).items() if _is_partitioned(v, fp32_of_group[0])]
-        flats = [{"fp32": torch.cat(list(sd["fp32_flat_groups"])),
-                  **{k: torch.cat([state[i][k] for i in range(len(state))]) for k in keys}}
-                 for sd, state in zip(shards, states, strict=True)]
+        flats = [
+            {
+                "fp32": torch.cat(list(sd["fp32_flat_groups"])),
+                **{k: torch.cat([state[i][k] for i in range(len(state))]) for k in keys},
+            }
+            for sd, state in zip(shards, states, strict=True)
+        ]
         offset = 0
         for name, shape in ((n, s) for shapes in model["param_shapes"] for n, s in shapes.items()):
             numel = shape.numel()
@@ -316,8 +330,10 @@ def full_parameter_states(path: str | Path) -> SavedState:
                 value = torch.cat([flat[key].narrow(0, offset, part) for flat in flats])[:numel]
                 full.setdefault(key, {})[name] = value.view(shape)
             offset += part
-    scalars = [{k: v for k, v in states[0].get(i, {}).items() if not _is_partitioned(v, fp32_of_group[i])}
-               for i in range(len(fp32_of_group))]
+    scalars = [
+        {k: v for k, v in states[0].get(i, {}).items() if not _is_partitioned(v, fp32_of_group[i])}
+        for i in range(len(fp32_of_group))
+    ]
     return SavedState(full, model, scalars, stage, world)
 
 
@@ -355,8 +371,10 @@ def _load_resharded(engine, path: Path, shards: list[Path]) -> dict:
     saved = full_parameter_states(path)
     stage, opt = engine.zero_optimization_stage(), engine.optimizer
     if saved.stage != stage:
-        raise RuntimeError(f"{path} was written with ZeRO stage {saved.stage} and this run uses {stage}: resume with "
-                           f"deepspeed.zero_stage {saved.stage}")
+        raise RuntimeError(
+            f"{path} was written with ZeRO stage {saved.stage} and this run uses {stage}: resume with "
+            f"deepspeed.zero_stage {saved.stage}"
+        )
     # frozen parameters are not in the optimizer's partitions; below ZeRO-3 the module state holds them whole
     weights = {**saved.model["module"], **saved.full["fp32"]}
     params = list(engine.module.named_parameters())
@@ -387,8 +405,10 @@ def _load_resharded(engine, path: Path, shards: list[Path]) -> dict:
     engine.global_samples = int(saved.model.get("global_samples", engine.global_samples))
     engine.skipped_steps = int(saved.model.get("skipped_steps", engine.skipped_steps))
     _barrier()
-    LOG.info(f"{path.name} was written by {saved.world_size} rank(s): its ZeRO partitions were rebuilt for "
-             f"{dist.world_size()}")
+    LOG.info(
+        f"{path.name} was written by {saved.world_size} rank(s): its ZeRO partitions were rebuilt for "
+        f"{dist.world_size()}"
+    )
     return {k: v for k, v in saved.model.items() if k not in ("module", "optimizer")}
 
 
@@ -404,8 +424,11 @@ def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
     weights = dict(saved["module"])
     shapes = {name: tuple(shape) for group in saved.get("param_shapes", []) for name, shape in group.items()}
     # Partitioned (ZeRO-3: empty here) or not kept in fp32 in the module: the fp32 masters of the optimizer hold them.
-    partial = [n for n, s in shapes.items()
-               if n not in weights or tuple(weights[n].shape) != s or weights[n].dtype != torch.float32]
+    partial = [
+        n
+        for n, s in shapes.items()
+        if n not in weights or tuple(weights[n].shape) != s or weights[n].dtype != torch.float32
+    ]
     if partial and _optimizer_shard_files(path):
         masters = full_parameter_states(path).full["fp32"]
         weights.update({n: masters[n] for n in partial if n in masters})
@@ -427,8 +450,10 @@ def consolidated_state_dict(engine, checkpoint: str | Path | None = None) -> dic
     if stage < 3 and not half:
         if not dist.is_main():
             return None
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in engine.module.state_dict().items()}
+        return {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in engine.module.state_dict().items()
+        }
     if checkpoint is None:
         raise ValueError("ZeRO-3 and fp16 runs export their fp32 weights from a saved checkpoint: pass checkpoint=")
     _barrier()

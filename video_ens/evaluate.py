@@ -64,8 +64,11 @@ def load_weights(model: nn.Module, path: str | Path, *, expect_model: str | None
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                if k in state and state[k].shape != v.shape]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
         raise ValueError(
             f"{path} does not fit the model built from the recipe: {len(missing)} missing key(s) {missing[:3]}, "
@@ -223,13 +226,20 @@ def evaluate(
     averaged over views, ids sorted}), "per_class" and "top" when asked.
     """
     if keep_top and task == "single_label" and stream.aggregate != "mean":
-        raise ValueError("keep_top needs multi-label data or a multi-view stream: a single-label, one-view "
-                         "evaluation keeps no scores (keep_scores=True keeps them all)")
+        raise ValueError(
+            "keep_top needs multi-label data or a multi-view stream: a single-label, one-view "
+            "evaluation keeps no scores (keep_scores=True keeps them all)"
+        )
     was_training = model.training
     model.eval()
     # Built before the loop: a rank whose share of the evaluation set is empty still joins the sync.
-    acc = EnsembleMetrics(task=task, num_classes=stream.num_classes, num_branches=model.num_branches, top_k=top_k,
-                          aggregate=stream.aggregate)
+    acc = EnsembleMetrics(
+        task=task,
+        num_classes=stream.num_classes,
+        num_branches=model.num_branches,
+        top_k=top_k,
+        aggregate=stream.aggregate,
+    )
     # A multi-view stream's scores come from the metrics' per-video sums; a one-view stream's rows are kept.
     keeper = _ScoreKeeper() if keep_scores and stream.aggregate != "mean" else None
     if views_per_sample is None and stream.aggregate != "mean":

@@ -201,8 +201,9 @@ def per_class_accuracy(scores: Any, target: Any, k: int = 1) -> np.ndarray:
     target_idx = _class_targets(target, arr.shape[0], arr.shape[1])
     hits = _topk_correct(arr, target_idx, (k,))[:, 0]
     num_classes = arr.shape[1]
-    return _rate(np.bincount(target_idx, weights=hits, minlength=num_classes),
-                 np.bincount(target_idx, minlength=num_classes))
+    return _rate(
+        np.bincount(target_idx, weights=hits, minlength=num_classes), np.bincount(target_idx, minlength=num_classes)
+    )
 
 
 def class_average_precision(scores: Any, labels: Any, top_k: int = 20) -> np.ndarray:
@@ -552,11 +553,16 @@ class EnsembleMetrics:
             ids = state["ids"][first]
             classes, scores = state["top_idx"][first, head], state["top_val"][first, head]
         else:
-            raise ValueError("top_predictions needs a multi-label accumulator or aggregate='mean': a single-label "
-                             "aggregate='first' one keeps only whether each sample was a hit")
+            raise ValueError(
+                "top_predictions needs a multi-label accumulator or aggregate='mean': a single-label "
+                "aggregate='first' one keeps only whether each sample was a hit"
+            )
         order = np.lexsort((classes, -scores))  # per row: score descending, then class index ascending
-        return {"ids": ids, "classes": np.take_along_axis(classes, order, axis=1).astype(np.int32),
-                "scores": np.take_along_axis(scores, order, axis=1)}
+        return {
+            "ids": ids,
+            "classes": np.take_along_axis(classes, order, axis=1).astype(np.int32),
+            "scores": np.take_along_axis(scores, order, axis=1),
+        }
 
     def _unpacked(self, stored: np.ndarray) -> np.ndarray:
         if self.task == "single_label":
@@ -578,8 +584,9 @@ class EnsembleMetrics:
             scores[:, head] = self._sums.mean(head, order)
         return {"ids": ids, "views": counts, "targets": self._unpacked(stored), "scores": scores}
 
-    def _metrics(self, summary: dict[str, np.ndarray], target: np.ndarray,
-                 per_class: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+    def _metrics(
+        self, summary: dict[str, np.ndarray], target: np.ndarray, per_class: bool = False
+    ) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
         """One head's metrics, and with `per_class` its per-class arrays (see `compute`)."""
         num_classes = self.num_classes
         if self.task == "single_label":
@@ -685,8 +692,13 @@ class _MeanSums:
 
     def export(self) -> dict[str, Any]:
         n = len(self.keys)
-        return {"keys": self.keys, "sums": self.sums[:n], "counts": self.counts[:n], "targets": self.targets[:n],
-                "masks": self.masks}
+        return {
+            "keys": self.keys,
+            "sums": self.sums[:n],
+            "counts": self.counts[:n],
+            "targets": self.targets[:n],
+            "masks": self.masks,
+        }
 
     def absorb(self, part: dict[str, Any]) -> None:
         """Add another rank's exported state after everything this one holds."""

@@ -115,7 +115,9 @@ class ResNetOptions:
 
     def __post_init__(self) -> None:
         check(len(self.widths) >= 1, "widths", "widths must name at least one block, e.g. (64, 128, 256, 512)")
-        check(self.se_reduction >= 1 or not self.se, "se_reduction", f"se_reduction must be >= 1, got {self.se_reduction}")
+        check(
+            self.se_reduction >= 1 or not self.se, "se_reduction", f"se_reduction must be >= 1, got {self.se_reduction}"
+        )
         check(self.stem_width >= 1, "stem_width", f"stem_width must be >= 1, got {self.stem_width}")
 
     def forks(self) -> tuple[str, ...]:

@@ -144,7 +144,7 @@ def final_evaluation(run_dir: Path, log: dict[str, dict[int, dict]] | None = Non
 
 
 def run_title(recipe: dict | None, num_branches: int | None, run_name: str) -> str:
-    """"s3dg_tiny_ens2 (2 branches), co-distillation μ=2" then "run: NAME" on a second line; the folder name alone
+    """ "s3dg_tiny_ens2 (2 branches), co-distillation μ=2" then "run: NAME" on a second line; the folder name alone
     when there is no recipe. `num_branches` (from the logs) says whether the run is a baseline."""
     if recipe is None:
         return f"{run_name} (no recipe.json)"
@@ -179,8 +179,16 @@ def _final_bars(ax, result: dict, step: int | None) -> None:
             # upright text inside the bar's top (the axis ends at 100, so nothing fits above a full bar), or just
             # above a bar too short to hold it
             inside = h >= 25
-            ax.text(xi, h - 2 if inside else h + 2, f"{h:.1f}", rotation=90, ha="center",
-                    va="top" if inside else "bottom", fontsize="small", color="white" if inside else "black")
+            ax.text(
+                xi,
+                h - 2 if inside else h + 2,
+                f"{h:.1f}",
+                rotation=90,
+                ha="center",
+                va="top" if inside else "bottom",
+                fontsize="small",
+                color="white" if inside else "black",
+            )
     ax.set_xticks(x, metrics)
     ax.set_ylim(0, 100)
     where = f"step {step}" if step is not None else "eval.json"
@@ -239,11 +247,25 @@ def curves_figure(run_dir: Path):
     at = 2 + truth
     for ax, metric in zip(axes[at:], metric_names, strict=False):
         # clip_on=False: a curve at exactly 100% sits on the capped top edge and stays fully drawn
-        ax.plot(eval_steps, [100 * r["ensemble"][metric] for r in evals], color="black", lw=2, marker=marker,
-                label="ensemble", clip_on=False)
+        ax.plot(
+            eval_steps,
+            [100 * r["ensemble"][metric] for r in evals],
+            color="black",
+            lw=2,
+            marker=marker,
+            label="ensemble",
+            clip_on=False,
+        )
         for i in range(len(evals[-1]["branches"])):
-            ax.plot(eval_steps, [100 * r["branches"][i][metric] for r in evals], lw=1, marker=marker, alpha=0.8,
-                    label=f"branch {i}", clip_on=False)
+            ax.plot(
+                eval_steps,
+                [100 * r["branches"][i][metric] for r in evals],
+                lw=1,
+                marker=marker,
+                alpha=0.8,
+                label=f"branch {i}",
+                clip_on=False,
+            )
         ax.set(title=f"validation {metric}", xlabel="step", ylabel=f"{metric} (%)")
         _cap_percent(ax)
         ax.legend(fontsize="small")
@@ -312,8 +334,15 @@ def sweep_figure(run_dirs: list[Path], metric: str | None = None):
         for model, values in sorted(points.get(structure, {}).items()):
             xs = [v[0] for v in values]
             ax.plot(xs, [v[1] for v in values], color=colours[model], marker="o", lw=2, label=f"{model}: ensemble")
-            ax.plot(xs, [v[2] for v in values], color=colours[model], marker=".", ls="--", lw=1,
-                    label=f"{model}: mean of branches")
+            ax.plot(
+                xs,
+                [v[2] for v in values],
+                color=colours[model],
+                marker=".",
+                ls="--",
+                lw=1,
+                label=f"{model}: mean of branches",
+            )
         for model, lines in sorted(baselines.items()):
             for i, (value, name) in enumerate(lines):
                 label = f"{model}: baseline" + (f" ({name})" if len(lines) > 1 else "")
@@ -362,8 +391,15 @@ def confusion_figure(confusion: Any, class_names: list[str] | None = None, *, ti
     if num_classes <= CELL_COUNTS_MAX:
         for (row, col), count in np.ndenumerate(matrix):
             if count:
-                ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                        color="white" if share[row, col] > 50 else "black")
+                ax.text(
+                    col,
+                    row,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[row, col] > 50 else "black",
+                )
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.tight_layout()
     return fig

@@ -209,8 +209,9 @@ def load_clip_views(path: str, spec: SampleSpec, view: EvalView) -> tuple[list[I
     display transform applied. Raises DecodeError (a ValueError) for a file that cannot deliver them."""
     info = probe(path)  # the frame count a sequential decode yields, not the header's claim
     if info.num_frames > spec.max_video_frames:
-        raise InputError(f"{path}: {info.num_frames} frames, over the budget of {spec.max_video_frames} "
-                         "(data.max_video_frames)")
+        raise InputError(
+            f"{path}: {info.num_frames} frames, over the budget of {spec.max_video_frames} (data.max_video_frames)"
+        )
     display = read_display(path)
     if view.mode == "full":
         clips = [list(range(0, info.num_frames, spec.frame_stride)[: view.max_frames])]
@@ -228,8 +229,7 @@ def load_clip_views(path: str, spec: SampleSpec, view: EvalView) -> tuple[list[I
     for clip in clips:
         clip_frames = frames[[position[i] for i in clip]]  # (T, H, W, 3)
         for top, left, h, w in boxes:
-            items.append(Item(path, clip_frames[:, top : top + h, left : left + w], 0, view=len(items),
-                              extent=(h, w)))
+            items.append(Item(path, clip_frames[:, top : top + h, left : left + w], 0, view=len(items), extent=(h, w)))
     return items, display
 
 
@@ -242,8 +242,10 @@ def load_image(path: str, spec: SampleSpec, view: EvalView) -> torch.Tensor:
         with Image.open(path) as im:
             width, height = im.size  # from the header: nothing decoded yet
             if width * height > spec.max_frame_pixels:
-                raise InputError(f"{path}: {width}x{height} image, over the budget of {spec.max_frame_pixels:,} "
-                                 "pixels (data.max_frame_pixels)")
+                raise InputError(
+                    f"{path}: {width}x{height} image, over the budget of {spec.max_frame_pixels:,} "
+                    "pixels (data.max_frame_pixels)"
+                )
             pixels = np.array(ImageOps.exif_transpose(im).convert("RGB"))
     except InputError:
         raise
@@ -260,8 +262,10 @@ def load_features(path: str, *, rgb_dim: int, audio_dim: int, max_frames: int) -
     `.npz`: arrays "rgb" (T, rgb_dim) and "audio" (T, audio_dim), each float or uint8. Raises InputError.
     """
     dim = rgb_dim + audio_dim
-    layout = (f"expected .npy of shape (T, {dim}) (rgb {rgb_dim} then audio {audio_dim} per frame, float or "
-              f"uint8-quantized) or .npz with 'rgb' (T, {rgb_dim}) and 'audio' (T, {audio_dim})")
+    layout = (
+        f"expected .npy of shape (T, {dim}) (rgb {rgb_dim} then audio {audio_dim} per frame, float or "
+        f"uint8-quantized) or .npz with 'rgb' (T, {rgb_dim}) and 'audio' (T, {audio_dim})"
+    )
 
     def floats(array: np.ndarray, what: str) -> np.ndarray:
         if array.dtype == np.uint8:
@@ -276,7 +280,12 @@ def load_features(path: str, *, rgb_dim: int, audio_dim: int, max_frames: int) -
                 if "rgb" not in z or "audio" not in z:
                     raise InputError(f"{path}: arrays {sorted(z.files)}; {layout}")
                 rgb, audio = z["rgb"], z["audio"]
-            if rgb.ndim != 2 or audio.ndim != 2 or rgb.shape != (len(rgb), rgb_dim) or audio.shape != (len(rgb), audio_dim):
+            if (
+                rgb.ndim != 2
+                or audio.ndim != 2
+                or rgb.shape != (len(rgb), rgb_dim)
+                or audio.shape != (len(rgb), audio_dim)
+            ):
                 raise InputError(f"{path}: rgb {rgb.shape} and audio {audio.shape}; {layout}")
             feats = np.concatenate([floats(rgb[:max_frames], "rgb"), floats(audio[:max_frames], "audio")], axis=1)
         else:
@@ -309,13 +318,17 @@ def class_names(recipe, num_classes: int, labels: str | os.PathLike | None = Non
     else:
         names, source = sources.label_names(recipe.data)
         if names is None:
-            LOG.warning("no class names found (data.train_shards and data.val_shards: no readable _info.json with "
-                        "label_names); showing class indices. Pass --labels (a names file, or the training dataset "
-                        "folder)")
+            LOG.warning(
+                "no class names found (data.train_shards and data.val_shards: no readable _info.json with "
+                "label_names); showing class indices. Pass --labels (a names file, or the training dataset "
+                "folder)"
+            )
             return [str(i) for i in range(num_classes)], "class indices"
     if len(names) != num_classes:
-        raise ValueError(f"{source}: {len(names)} class names, but the model predicts {num_classes} classes; pass "
-                         "--labels with the label map the model was trained with")
+        raise ValueError(
+            f"{source}: {len(names)} class names, but the model predicts {num_classes} classes; pass "
+            "--labels with the label map the model was trained with"
+        )
     return list(names), source
 
 
@@ -344,13 +357,26 @@ class Predictor:
         if self.kind == "features":
             max_frames = min(max_frames, self.model.input_spec.get("max_frames", max_frames))
         short_side, crop_size = ev.view_size(data)
-        self.view = EvalView(mode=ev.mode, num_clips=ev.num_clips, num_crops=ev.num_crops, max_frames=max_frames,
-                             short_side=short_side, crop_size=crop_size)
+        self.view = EvalView(
+            mode=ev.mode,
+            num_clips=ev.num_clips,
+            num_crops=ev.num_crops,
+            max_frames=max_frames,
+            short_side=short_side,
+            crop_size=crop_size,
+        )
 
     @classmethod
-    def load(cls, *, recipe: str | os.PathLike, weights: str | os.PathLike, overrides: Sequence[str] = (),
-             device: str | None = None, precision: str | None = None,
-             labels: str | os.PathLike | None = None) -> Predictor:
+    def load(
+        cls,
+        *,
+        recipe: str | os.PathLike,
+        weights: str | os.PathLike,
+        overrides: Sequence[str] = (),
+        device: str | None = None,
+        precision: str | None = None,
+        labels: str | os.PathLike | None = None,
+    ) -> Predictor:
         """The recipe's model (with `--set`-style overrides) with `weights` loaded strictly, on `device` ("auto",
         "cpu", "cuda"; default the recipe's train.device), autocast to `precision` (default train.precision).
         Raises RecipeError, ValueError or FileNotFoundError naming what is wrong."""
@@ -366,8 +392,15 @@ class Predictor:
             model = model.to(memory_format=fmt)
         num_classes = builder_arguments(r.model.name, **kwargs)["num_classes"]
         names, source = class_names(r, num_classes, labels)
-        return cls(model=model, recipe=r, device=dev, precision=precision or r.train.precision, class_names=names,
-                   names_source=source, weights=os.fspath(weights))
+        return cls(
+            model=model,
+            recipe=r,
+            device=dev,
+            precision=precision or r.train.precision,
+            class_names=names,
+            names_source=source,
+            weights=os.fspath(weights),
+        )
 
     @property
     def kind(self) -> str:
@@ -386,8 +419,13 @@ class Predictor:
         if self.kind == "clip":
             items, display = load_clip_views(path, self.spec, self.view)
             size = self.recipe.eval.batch_size
-            batches = ((to_model_input(collate(items[i : i + size], self.spec, crop_size=self.view.crop_size),
-                                       self.device), {}) for i in range(0, len(items), size))
+            batches = (
+                (
+                    to_model_input(collate(items[i : i + size], self.spec, crop_size=self.view.crop_size), self.device),
+                    {},
+                )
+                for i in range(0, len(items), size)
+            )
             return batches, display
         if self.kind == "image":
             return iter([(load_image(path, self.spec, self.view).to(self.device), {})]), None
@@ -415,8 +453,9 @@ class Predictor:
             views += x.shape[0]
         branches = (torch.stack(probs).sum(dim=0) / views).cpu().numpy()  # (N, C), mean over the views
         if branches.shape[1] != len(self.class_names):
-            raise ValueError(f"the model predicts {branches.shape[1]} classes, the class names number "
-                             f"{len(self.class_names)}")
+            raise ValueError(
+                f"the model predicts {branches.shape[1]} classes, the class names number {len(self.class_names)}"
+            )
         result = Prediction(id=path, branches=branches, ensemble=branches.mean(axis=0), views=views, display=display)
         if embed:
             result.base = (torch.stack(base).sum(dim=0) / views).float().cpu().numpy()
@@ -425,16 +464,19 @@ class Predictor:
 
 
 def _progress(done: int, total: int, seconds: float, skipped: int) -> str:
-    """"processed 12/300 inputs (4.0%), 2.1 inputs/s, eta 0:02:17; 1 skipped" (the ETA at the rate so far)."""
+    """ "processed 12/300 inputs (4.0%), 2.1 inputs/s, eta 0:02:17; 1 skipped" (the ETA at the rate so far)."""
     rate = done / max(seconds, 1e-9)
     eta = (total - done) / rate if rate > 0 else float("inf")
-    text = (f"processed {done}/{total} inputs ({100 * done / max(total, 1):.1f}%), {rate:.2f} inputs/s, "
-            f"eta {format_duration(eta)}")
+    text = (
+        f"processed {done}/{total} inputs ({100 * done / max(total, 1):.1f}%), {rate:.2f} inputs/s, "
+        f"eta {format_duration(eta)}"
+    )
     return text + (f"; {skipped} skipped" if skipped else "")
 
 
-def predict_all(predictor: Predictor, inputs: Sequence[str], *, embed: bool = False,
-                log_every_s: float = 10.0) -> Iterator[Prediction | Skipped]:
+def predict_all(
+    predictor: Predictor, inputs: Sequence[str], *, embed: bool = False, log_every_s: float = 10.0
+) -> Iterator[Prediction | Skipped]:
     """`predictor.predict` over `inputs` in order, yielding a Prediction per file and a Skipped for each file that
     cannot be read (any error of the decoders, or of the model on a file it cannot take). Logs progress (done,
     rate, ETA) every `log_every_s` seconds and at the end."""
@@ -520,8 +562,10 @@ class EmbeddingWriter:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.folder = Path(folder)
         if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
-            raise FileExistsError(f"{self.folder}: exists and is not an empty folder; embeddings go to a new or empty "
-                                  "folder (remove it, or name another)")
+            raise FileExistsError(
+                f"{self.folder}: exists and is not an empty folder; embeddings go to a new or empty "
+                "folder (remove it, or name another)"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
         self.metadata = dict(metadata or {})
@@ -565,8 +609,15 @@ class EmbeddingWriter:
         self._write_index(complete=True)
 
     def _write_index(self, *, complete: bool) -> None:
-        index = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "complete": complete,
-                 "num_inputs": self.num_inputs, "arrays": self.arrays or {}, "shards": self.shards, **self.metadata}
+        index = {
+            "format": EMBEDDINGS_FORMAT,
+            "version": EMBEDDINGS_VERSION,
+            "complete": complete,
+            "num_inputs": self.num_inputs,
+            "arrays": self.arrays or {},
+            "shards": self.shards,
+            **self.metadata,
+        }
         write_atomic(self.folder / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False) + "\n")
 
     def __enter__(self) -> EmbeddingWriter:
@@ -585,8 +636,10 @@ def _read_index(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: {folder} holds no embeddings written by tools/predict.py")
     index = json.loads(path.read_text(encoding="utf-8"))
     if index.get("format") != EMBEDDINGS_FORMAT or index.get("version") != EMBEDDINGS_VERSION:
-        raise ValueError(f"{path}: format {index.get('format')!r} version {index.get('version')!r}, this video_ens "
-                         f"reads {EMBEDDINGS_FORMAT!r} version {EMBEDDINGS_VERSION}")
+        raise ValueError(
+            f"{path}: format {index.get('format')!r} version {index.get('version')!r}, this video_ens "
+            f"reads {EMBEDDINGS_FORMAT!r} version {EMBEDDINGS_VERSION}"
+        )
     return index
 
 
@@ -595,7 +648,7 @@ def iter_embedding_shards(folder: str | os.PathLike, *, mmap: bool = True) -> It
     memory-mapped by default (nothing is read until used)."""
     folder = Path(folder)
     index = _read_index(folder)
-    branches = sorted((a for a in index["arrays"] if a.startswith("branch")), key=lambda a: int(a[len("branch"):]))
+    branches = sorted((a for a in index["arrays"] if a.startswith("branch")), key=lambda a: int(a[len("branch") :]))
 
     def load(name: str, array: str) -> np.ndarray:
         return np.load(folder / f"{name}.{array}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -616,8 +669,12 @@ def read_embeddings(folder: str | os.PathLike) -> dict[str, Any]:
     if not shards:
         dims = index["arrays"]
         n_branch = sum(a.startswith("branch") for a in dims)
-        return {"ids": [], "base": np.zeros((0, *dims.get("base", [0])), np.float32),
-                "branches": np.zeros((n_branch, 0, *dims.get("branch0", [0])), np.float32), "index": index}
+        return {
+            "ids": [],
+            "base": np.zeros((0, *dims.get("base", [0])), np.float32),
+            "branches": np.zeros((n_branch, 0, *dims.get("branch0", [0])), np.float32),
+            "index": index,
+        }
     return {
         "ids": [i for s in shards for i in s["ids"]],
         "base": np.concatenate([s["base"] for s in shards]),
@@ -628,7 +685,12 @@ def read_embeddings(folder: str | os.PathLike) -> dict[str, Any]:
 
 def embeddings_metadata(predictor: Predictor) -> dict[str, Any]:
     """What an embeddings index records about how the rows were made."""
-    return {"model": predictor.recipe.model.name, "num_branches": predictor.model.num_branches,
-            "weights": predictor.weights, "mode": predictor.mode, "precision": predictor.precision,
-            "pooling": "base: output averaged over time and space; branch i: its classifier input (EnsembleNet.embed)"
-                       "; both averaged over the views of an input"}
+    return {
+        "model": predictor.recipe.model.name,
+        "num_branches": predictor.model.num_branches,
+        "weights": predictor.weights,
+        "mode": predictor.mode,
+        "precision": predictor.precision,
+        "pooling": "base: output averaged over time and space; branch i: its classifier input (EnsembleNet.embed)"
+        "; both averaged over the views of an input",
+    }

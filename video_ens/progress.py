@@ -28,8 +28,10 @@ def progress_line(done: int, total: int | None, seconds: float, *, bad: int = 0)
     rate = done / max(seconds, 1e-9)
     if total:
         eta = (total - done) / rate if rate > 0 else float("inf")
-        text = (f"evaluated inputs {done}/{total} ({100 * done / total:.1f}%) on rank 0, {rate:.1f} inputs/s, "
-                f"eta {format_duration(max(eta, 0.0))}")
+        text = (
+            f"evaluated inputs {done}/{total} ({100 * done / total:.1f}%) on rank 0, {rate:.1f} inputs/s, "
+            f"eta {format_duration(max(eta, 0.0))}"
+        )
     else:
         text = f"evaluated {done} inputs on rank 0, {rate:.1f} inputs/s"
     return text + (f"; {bad} bad sample(s) skipped so far" if bad else "")
@@ -51,8 +53,11 @@ def merge_bad_samples(per_rank: list[dict]) -> dict[str, Any]:
 
 def gather_bad_samples(stats: dict) -> dict[str, Any]:
     """`merge_bad_samples` over all ranks (a collective when torch.distributed is initialised)."""
-    mine = {"bad": int(stats.get("bad") or 0), "bad_by_reason": dict(stats.get("bad_by_reason") or {}),
-            "last_bad": list(stats.get("last_bad") or [])}
+    mine = {
+        "bad": int(stats.get("bad") or 0),
+        "bad_by_reason": dict(stats.get("bad_by_reason") or {}),
+        "last_bad": list(stats.get("last_bad") or []),
+    }
     parts = [mine]
     if dist.is_initialized():
         parts = [None] * dist.world_size()

@@ -83,12 +83,17 @@ def class_rows(per_class: dict, task: str, names: Sequence[str] | None) -> list[
     ens, branches = per_class["ensemble"], per_class["branches"]
     num_classes = len(ens["support"])
     if names is not None and len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for {num_classes} classes: the label map of the evaluation "
-                         "set's _info.json does not match the model's outputs")
+        raise ValueError(
+            f"{len(names)} class names for {num_classes} classes: the label map of the evaluation "
+            "set's _info.json does not match the model's outputs"
+        )
     rows = []
     for c in range(num_classes):
-        row: dict[str, Any] = {"class": c, "name": names[c] if names is not None else None,
-                               "support": int(ens["support"][c])}
+        row: dict[str, Any] = {
+            "class": c,
+            "name": names[c] if names is not None else None,
+            "support": int(ens["support"][c]),
+        }
         if task == "single_label":
             for key in (k for k in ens if k.startswith("top")):
                 row[key] = _none_if_nan(ens[key][c])
@@ -132,19 +137,28 @@ def confused_pairs(confusion: Any, names: Sequence[str] | None, top: int = CONFU
     matrix = np.asarray(confusion)
     support = matrix.sum(axis=1)
     return [
-        {"true": t, "true_name": names[t] if names else None, "predicted": p,
-         "predicted_name": names[p] if names else None, "count": n, "share": n / int(support[t])}
+        {
+            "true": t,
+            "true_name": names[t] if names else None,
+            "predicted": p,
+            "predicted_name": names[p] if names else None,
+            "count": n,
+            "share": n / int(support[t]),
+        }
         for t, p, n in most_confused(matrix, top)
     ]
 
 
-def class_report(per_class: dict, task: str, names: Sequence[str] | None, out_dir: str | os.PathLike, *,
-                 title: str = "") -> dict[str, Any]:
+def class_report(
+    per_class: dict, task: str, names: Sequence[str] | None, out_dir: str | os.PathLike, *, title: str = ""
+) -> dict[str, Any]:
     """eval.json's per-class fields from `evaluate(per_class=True)["per_class"]`: "class_names", "per_class", and for
     single-label data "confused_pairs" and "confusion_png", the name of OUT_DIR/confusion.png, written here. Without
     matplotlib "confusion_png" is null, "confusion_png_error" says why, and a warning is logged."""
-    out: dict[str, Any] = {"class_names": list(names) if names is not None else None,
-                           "per_class": class_rows(per_class, task, names)}
+    out: dict[str, Any] = {
+        "class_names": list(names) if names is not None else None,
+        "per_class": class_rows(per_class, task, names),
+    }
     if task != "single_label":
         return out
     confusion = per_class["ensemble"]["confusion"]
@@ -198,8 +212,9 @@ def confused_table(pairs: list[dict]) -> str:
     lines = ["| true class | predicted as | count | % of the true class |", "|---|---|---:|---:|"]
     for p in pairs:
         true = _md(f"{p['true_name']} ({p['true']})" if p["true_name"] is not None else str(p["true"]))
-        pred = _md(f"{p['predicted_name']} ({p['predicted']})" if p["predicted_name"] is not None
-                   else str(p["predicted"]))
+        pred = _md(
+            f"{p['predicted_name']} ({p['predicted']})" if p["predicted_name"] is not None else str(p["predicted"])
+        )
         lines.append(f"| {true} | {pred} | {p['count']} | {100 * p['share']:.1f} |")
     return "\n".join(lines)
 
@@ -217,7 +232,7 @@ def bad_sample_lines(bad: dict | None, limit: int | None = None) -> list[str]:
 
 
 def bad_sample_summary(bad: dict | None) -> str:
-    """"2 (decode 1, label 1)" from a "bad_sample_keys" dict."""
+    """ "2 (decode 1, label 1)" from a "bad_sample_keys" dict."""
     bad = bad or {}
     reasons = ", ".join(f"{k} {v}" for k, v in (bad.get("bad_by_reason") or {}).items())
     return f"{bad.get('bad', 0)}" + (f" ({reasons})" if reasons else "")
@@ -273,20 +288,28 @@ def report_markdown(out: dict, *, with_class_table: bool = True) -> str:
         what = "top-1 accuracy" if single else "AP (the mean of these is mAP)"
         lines += [f"## Per class (ensemble), worst {what} first", ""]
         if single:
-            lines += ["In %: topk, the share of the class's samples whose class is among the k best; precision, "
-                      "the share of the samples predicted as the class that are of it; then each branch's top-1.",
-                      ""]
+            lines += [
+                "In %: topk, the share of the class's samples whose class is among the k best; precision, "
+                "the share of the samples predicted as the class that are of it; then each branch's top-1.",
+                "",
+            ]
         if empty:
-            lines += [f"{empty} class(es) without {'samples' if single else 'positives'} in the evaluation set "
-                      "are left out.", ""]
+            lines += [
+                f"{empty} class(es) without {'samples' if single else 'positives'} in the evaluation set are left out.",
+                "",
+            ]
         lines += [class_table(rows, task), ""]
     if "confused_pairs" in out:
         pairs = out["confused_pairs"]
         lines += ["## Most confused classes (ensemble)", ""]
         lines += [confused_table(pairs), ""] if pairs else ["No sample was predicted as another class.", ""]
     if out.get("confusion_png"):
-        lines += ["## Confusion matrix (ensemble)", "", f"![confusion matrix of the ensemble]({out['confusion_png']})",
-                  ""]
+        lines += [
+            "## Confusion matrix (ensemble)",
+            "",
+            f"![confusion matrix of the ensemble]({out['confusion_png']})",
+            "",
+        ]
     elif out.get("confusion_png_error"):
         lines += ["## Confusion matrix (ensemble)", "", f"Not drawn: {out['confusion_png_error']}", ""]
     return "\n".join(lines)
@@ -308,16 +331,18 @@ def kaggle_submission(video_ids: Sequence[str], classes: Any, scores: Any, *, to
     """
     classes, scores = np.asarray(classes), np.asarray(scores)
     if classes.ndim != 2 or classes.shape != scores.shape or classes.shape[0] != len(video_ids):
-        raise ValueError(f"classes {classes.shape} and scores {scores.shape} must both be (V, k) for "
-                         f"{len(video_ids)} video ids")
+        raise ValueError(
+            f"classes {classes.shape} and scores {scores.shape} must both be (V, k) for {len(video_ids)} video ids"
+        )
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     lines = [KAGGLE_HEADER]
     for video_id, row_classes, row_scores in zip(video_ids, classes, scores, strict=True):
         video_id = str(video_id)
         if not video_id or any(ch in video_id for ch in ",\r\n"):
-            raise ValueError(f"video id {video_id!r} cannot be a CSV field of the submission (empty, or a comma or "
-                             "line break in it)")
+            raise ValueError(
+                f"video id {video_id!r} cannot be a CSV field of the submission (empty, or a comma or line break in it)"
+            )
         order = np.lexsort((row_classes, -row_scores))[:top_k]
         pairs = " ".join(f"{int(row_classes[i])} {float(row_scores[i]):g}" for i in order)  # the starter's "%i %g"
         lines.append(f"{video_id},{pairs}")
@@ -344,8 +369,9 @@ def read_video_ids(folder: str | os.PathLike) -> dict[str, str]:
                     meta = json.loads(tar.extractfile(member).read())
                     video_id = meta["video_id"]
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{shard}: sample {key!r}, field 'json': no readable \"video_id\" ({e}); "
-                                     "reconvert the dataset") from None
+                    raise ValueError(
+                        f"{shard}: sample {key!r}, field 'json': no readable \"video_id\" ({e}); reconvert the dataset"
+                    ) from None
                 ids[key] = str(video_id)
     return ids
 
@@ -357,8 +383,10 @@ def write_kaggle_submission(path: str | os.PathLike, top: dict, dataset: str | o
     keys = [str(k) for k in top["ids"]]
     missing = [k for k in keys if k not in video_ids]
     if missing:
-        raise ValueError(f"{len(missing)} evaluated sample(s) have no <key>.json with a video_id in {dataset} (e.g. "
-                         f"{missing[0]!r}): evaluate the dataset folder the submission is for")
+        raise ValueError(
+            f"{len(missing)} evaluated sample(s) have no <key>.json with a video_id in {dataset} (e.g. "
+            f"{missing[0]!r}): evaluate the dataset folder the submission is for"
+        )
     text = kaggle_submission([video_ids[k] for k in keys], top["classes"], top["scores"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     durable.write_atomic(path, text)

@@ -47,13 +47,14 @@ def _check_options(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.fork is not None and cfg.fork not in forks:
         close = closest(cfg.fork, forks)
         hint = f"; did you mean {close!r}?" if close else "."
-        raise FieldError("fork", f"{cfg.fork!r} is not a layer of model {cfg.name}{hint} Valid forks: {', '.join(forks)}")
+        raise FieldError(
+            "fork", f"{cfg.fork!r} is not a layer of model {cfg.name}{hint} Valid forks: {', '.join(forks)}"
+        )
     return options
 
 
 IMAGE_EVAL_CROP_FRACTION = 0.875
 """Image evaluation's default: a centre crop of crop_size out of a short side of crop_size / 0.875 (224 of 256)."""
-
 
 
 @dataclass
@@ -104,12 +105,15 @@ class ModelConfig:
     matching no tensor is an error."""
 
     def __post_init__(self) -> None:
-        check(bool(self.name), "name", "is required: name a model preset, e.g. \"s3dg_ens2\" or \"s3dg_tiny\"")
-        check(self.init_from is None or bool(self.init_from.strip()), "init_from",
-               "is empty: give a weights file, a run folder or a checkpoint folder, or null")
+        check(bool(self.name), "name", 'is required: name a model preset, e.g. "s3dg_ens2" or "s3dg_tiny"')
+        check(
+            self.init_from is None or bool(self.init_from.strip()),
+            "init_from",
+            "is empty: give a weights file, a run folder or a checkpoint folder, or null",
+        )
         check(not self.init_exclude or self.init_from is not None, "init_exclude", "needs model.init_from")
         for i, pattern in enumerate(self.init_exclude):
-            check(bool(pattern), f"init_exclude[{i}]", "is empty: give a glob pattern such as \"branches.*.fc.*\"")
+            check(bool(pattern), f"init_exclude[{i}]", 'is empty: give a glob pattern such as "branches.*.fc.*"')
         check(self.num_branches is None or self.num_branches >= 1, "num_branches", "must be >= 1")
         check(self.width_ratio is None or 0 < self.width_ratio <= 4, "width_ratio", "must be in (0, 4]")
         check(self.num_classes is None or self.num_classes >= 2, "num_classes", "must be >= 2")
@@ -317,7 +321,7 @@ class OptimConfig:
         check(0 < self.exp_gamma <= 1, "exp_gamma", "must be in (0, 1]")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 (or null to disable)")
-        check(not (self.nesterov and self.name != "sgd"), "nesterov", "applies to name=\"sgd\" only")
+        check(not (self.nesterov and self.name != "sgd"), "nesterov", 'applies to name="sgd" only')
 
     def peak_lr(self, global_batch_size: int) -> float:
         """The peak learning rate of a run with this global batch: lr, scaled when lr_scaling is "linear"."""

@@ -138,8 +138,9 @@ def class_aps_from_top_k(top_idx: np.ndarray, top_val: np.ndarray, labels: np.nd
     aps = np.full(num_classes, np.nan)
     # A Python loop over classes: 3862 short lists take ~0.25 s for 30k videos; the list building is vectorised.
     for c in np.flatnonzero(positives):
-        aps[c] = _average_precision(values[bounds[c] : bounds[c + 1]], hits[bounds[c] : bounds[c + 1]],
-                                    int(positives[c]))
+        aps[c] = _average_precision(
+            values[bounds[c] : bounds[c + 1]], hits[bounds[c] : bounds[c + 1]], int(positives[c])
+        )
     return aps
 
 

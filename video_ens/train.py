@@ -81,17 +81,29 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_launcher()
     ap = argparse.ArgumentParser(prog="python -m video_ens.train", description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
-    ap.add_argument("--run-dir", default=None,
-                    help="run folder (default: runs/<recipe name>, with a hash of the overrides that make another "
-                         "run: video_ens.config.default_run_dir)")
+    ap.add_argument(
+        "--run-dir",
+        default=None,
+        help="run folder (default: runs/<recipe name>, with a hash of the overrides that make another "
+        "run: video_ens.config.default_run_dir)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--dry-run", action="store_true", help="validate, build model and data, run one step, write nothing")
-    ap.add_argument("--check", action="store_true",
-                    help="check what needs no process group (model, data paths and fit, run folder free and "
-                         "resumable), start nothing, write nothing: launch.sh's last step before torchrun")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="validate, build model and data, run one step, write nothing"
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="check what needs no process group (model, data paths and fit, run folder free and "
+        "resumable), start nothing, write nothing: launch.sh's last step before torchrun",
+    )
     ap.add_argument("--world-size", type=int, default=1, help="with --check: the number of processes of the run")
-    ap.add_argument("--node-rank", type=int, default=0,
-                    help="with --check: this node's rank; the run folder is checked by node 0 (rank 0 owns it)")
+    ap.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="with --check: this node's rank; the run folder is checked by node 0 (rank 0 owns it)",
+    )
     args = ap.parse_args(argv)
 
     try:
@@ -136,10 +148,18 @@ def check_before_launch(recipe, input_spec: dict, *, world_size: int, run_dir: P
     trackers.check_available(recipe.train.loggers)
     loader.check_compatible(recipe.data, recipe.model.name, input_spec)
     root = loader.resolve_paths(recipe.data)
-    train_data = loader.train_stream(recipe.data, input_spec=input_spec, micro_batch_size=micro, rank=0,
-                                     world_size=world_size, seed=recipe.train.seed, root=root)
-    eval_data = loader.eval_stream(recipe.data, recipe.eval, input_spec=input_spec, rank=0, world_size=world_size,
-                                   root=root)
+    train_data = loader.train_stream(
+        recipe.data,
+        input_spec=input_spec,
+        micro_batch_size=micro,
+        rank=0,
+        world_size=world_size,
+        seed=recipe.train.seed,
+        root=root,
+    )
+    eval_data = loader.eval_stream(
+        recipe.data, recipe.eval, input_spec=input_spec, rank=0, world_size=world_size, root=root
+    )
     try:
         check_num_classes(recipe, train_data.num_classes, root.train)
     finally:
@@ -173,11 +193,18 @@ def lock_run_folder(run_dir: Path) -> None:
         os.close(fd)
         if e.errno in (errno.EACCES, errno.EAGAIN):
             raise RecipeError(_in_use(run_dir, owner)) from None
-        LOG.warning(f"{path}: cannot lock ({e.strerror}): this file system has no POSIX locks, so nothing stops a "
-                    "second launch on this run folder")
+        LOG.warning(
+            f"{path}: cannot lock ({e.strerror}): this file system has no POSIX locks, so nothing stops a "
+            "second launch on this run folder"
+        )
         return
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "launcher_pid": os.getppid(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "launcher_pid": os.getppid(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _HELD[os.path.realpath(path)] = fd
@@ -213,12 +240,16 @@ def _owner_record(fd: int) -> dict:
 
 def _in_use(run_dir: Path, owner: dict | None) -> str:
     if owner and "pid" in owner:
-        who = (f"pid {owner['pid']} on host {owner.get('host', '?')} (rank 0 of a run started "
-               f"{owner.get('started', '?')}; its launcher is pid {owner.get('launcher_pid', '?')})")
+        who = (
+            f"pid {owner['pid']} on host {owner.get('host', '?')} (rank 0 of a run started "
+            f"{owner.get('started', '?')}; its launcher is pid {owner.get('launcher_pid', '?')})"
+        )
     else:
         who = "a process that has not recorded itself yet"
-    return (f"run folder {run_dir} is in use by {who}: wait for that run to end or stop it, or give another "
-            "--run-dir. The lock ends with the process that holds it: a crashed run leaves none")
+    return (
+        f"run folder {run_dir} is in use by {who}: wait for that run to end or stop it, or give another "
+        "--run-dir. The lock ends with the process that holds it: a crashed run leaves none"
+    )
 
 
 def _own_run_folder(run_dir: Path) -> None:
@@ -283,7 +314,9 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
             # A dry run on a machine without a GPU (a login node) still checks everything else of a GPU recipe.
             LOG.warning('dry run without CUDA: train.bn_sync "sync_bn" is checked on a GPU only; BN runs per rank here')
         elif device.type != "cuda":
-            raise RecipeError('train.bn_sync: "sync_bn" needs CUDA (SyncBatchNorm does not run on CPU); use "all_reduce"')
+            raise RecipeError(
+                'train.bn_sync: "sync_bn" needs CUDA (SyncBatchNorm does not run on CPU); use "all_reduce"'
+            )
         else:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -296,11 +329,22 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
     # Samples a data worker died on, kept over restarts (video_ens/data/crashes.py); a dry run writes nothing.
     quarantine = None if dry_run else run_dir / "quarantine.jsonl"
     train_data = loader.train_stream(
-        recipe.data, input_spec=model.input_spec, micro_batch_size=micro, rank=dist.rank(), world_size=world,
-        seed=recipe.train.seed, root=data_root, quarantine=quarantine,
+        recipe.data,
+        input_spec=model.input_spec,
+        micro_batch_size=micro,
+        rank=dist.rank(),
+        world_size=world,
+        seed=recipe.train.seed,
+        root=data_root,
+        quarantine=quarantine,
     )
     eval_data = loader.eval_stream(
-        recipe.data, recipe.eval, input_spec=model.input_spec, rank=dist.rank(), world_size=world, root=data_root,
+        recipe.data,
+        recipe.eval,
+        input_spec=model.input_spec,
+        rank=dist.rank(),
+        world_size=world,
+        root=data_root,
         quarantine=quarantine,
     )
     try:
@@ -315,9 +359,16 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
             with tempfile.TemporaryDirectory(prefix="video_ens_dry_run_") as scratch:
                 # no tracker run either: W&B or MLflow would keep a run of the dry run
                 quiet = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, loggers=[]))
-                trainer = Trainer(recipe=quiet, run_dir=Path(scratch), engine=eng, criterion=criterion,
-                                  train_data=train_data, eval_data=None, device=device,
-                                  metrics_task=loader.metrics_task(recipe.data))
+                trainer = Trainer(
+                    recipe=quiet,
+                    run_dir=Path(scratch),
+                    engine=eng,
+                    criterion=criterion,
+                    train_data=train_data,
+                    eval_data=None,
+                    device=device,
+                    metrics_task=loader.metrics_task(recipe.data),
+                )
                 trainer.total_steps = 1
                 trainer.fit(save_fn=lambda t: None)
                 trainer.log.close()
@@ -339,9 +390,17 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
         # FLOPs per training sample for the TFLOP/s log: DBoF's count covers only the video-level part, so add the
         # frame-level base at the number of frames trained on.
         flops = size["flops"] + size.get("frame_flops", 0) * recipe.data.frames
-        trainer = Trainer(recipe=recipe, run_dir=run_dir, engine=eng, criterion=criterion, train_data=train_data,
-                          eval_data=eval_data, device=device, metrics_task=loader.metrics_task(recipe.data),
-                          flops_per_sample=flops)
+        trainer = Trainer(
+            recipe=recipe,
+            run_dir=run_dir,
+            engine=eng,
+            criterion=criterion,
+            train_data=train_data,
+            eval_data=eval_data,
+            device=device,
+            metrics_task=loader.metrics_task(recipe.data),
+            flops_per_sample=flops,
+        )
         if state is not None:
             trainer.restore(state)
             LOG.info(f"resumed from {latest[1]} at step {trainer.step}")
@@ -410,8 +469,10 @@ def _initialise(recipe, model, run_dir: Path | None) -> InitReport | None:
         return None
     latest = engine.latest_checkpoint(run_dir / "checkpoints") if run_dir is not None else None
     if latest is not None:
-        LOG.info(f"model.init_from ({recipe.model.init_from}) is not applied: this run resumes from its own "
-                 f"checkpoint {latest[1].name}, whose weights win")
+        LOG.info(
+            f"model.init_from ({recipe.model.init_from}) is not applied: this run resumes from its own "
+            f"checkpoint {latest[1].name}, whose weights win"
+        )
         return None
     report = init_model(model, recipe.model.init_from, exclude=recipe.model.init_exclude)
     LOG.info(report.summary())
@@ -456,12 +517,18 @@ def _log_model_table(recipe, size: dict, run_dir: Path, model) -> None:
     rows = [f"  {name:<16} {n:>14,} params  {100 * n / total:5.1f}%" for name, n in parts]
     frame = f"; {_si(size['frame_flops'])} FLOPs per frame in the base" if "frame_flops" in size else ""
     LOG.info(
-        f"model {recipe.model.name}: {model.num_branches} branch(es), BatchNorm folded\n" + "\n".join(rows)
+        f"model {recipe.model.name}: {model.num_branches} branch(es), BatchNorm folded\n"
+        + "\n".join(rows)
         + f"\n  {'total':<16} {total:>14,} params, {_si(size['flops'])} FLOPs per sample ({size['counted']}, "
         f"input {size['input']}){frame}"
     )
-    record = {"kind": "model", "step": 0, "num_branches": model.num_branches, "size": size,
-              "params_by_part": dict(parts)}
+    record = {
+        "kind": "model",
+        "step": 0,
+        "num_branches": model.num_branches,
+        "size": size,
+        "params_by_part": dict(parts),
+    }
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -478,8 +545,12 @@ def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
 
     from . import durable
 
-    out = {"ensemble": result.get("ensemble", {}), "branches": result.get("branches", []),
-           "num_samples": result.get("num_samples", 0), "recipe": recipe_to_dict(recipe)}
+    out = {
+        "ensemble": result.get("ensemble", {}),
+        "branches": result.get("branches", []),
+        "num_samples": result.get("num_samples", 0),
+        "recipe": recipe_to_dict(recipe),
+    }
     # The weights first, so that an eval.json is never published before the weights it describes; each file is
     # fsynced before its rename and the folder after it, and a full disk leaves the previous file, naming the path.
     # Serialised in memory (one more copy of the weights, 4 bytes per fp32 parameter) rather than with save_file,

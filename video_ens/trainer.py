@@ -214,8 +214,11 @@ class Trainer:
         total = int(round(t.epochs * self.steps_per_epoch))
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self._running_stats = [
-            buf for m in engine.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None
+            buf
+            for m in engine.module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buf is not None
         ]
         self.step = 0  # optimizer steps done
         self.bad_in_a_row = 0
@@ -253,8 +256,11 @@ class Trainer:
                 "resume with the original values to continue exactly"
             )
         # the layout this resume runs with: at another world size the global batch stays, micro x accum x ranks
-        layout = {"world_size": dist.world_size(), "micro_batch_size": self.engine.train_micro_batch_size_per_gpu(),
-                  "grad_accum_steps": self.accum}
+        layout = {
+            "world_size": dist.world_size(),
+            "micro_batch_size": self.engine.train_micro_batch_size_per_gpu(),
+            "grad_accum_steps": self.accum,
+        }
         self.log.resumed(self.step, {"changed": changes, "batch": layout})
 
     # ------------------------------------------------------------------ the loop
@@ -294,9 +300,14 @@ class Trainer:
                     wait = self._data_wait()
                     # The share of the window this rank spent waiting for its data workers: near 0 when the input
                     # pipeline keeps up, near 1 when the run is bound by it (add data.num_workers or cores).
-                    record = {**terms, "lr": lr, "samples_per_s": rate, "epoch": self.step / self.steps_per_epoch,
-                              "data_wait": round(min(1.0, (wait - window_wait) / dt), 4),
-                              "bad_samples": gather_bad_samples(self.train_data.stats)}  # every rank's
+                    record = {
+                        **terms,
+                        "lr": lr,
+                        "samples_per_s": rate,
+                        "epoch": self.step / self.steps_per_epoch,
+                        "data_wait": round(min(1.0, (wait - window_wait) / dt), 4),
+                        "bad_samples": gather_bad_samples(self.train_data.stats),
+                    }  # every rank's
                     if self.flops_per_sample and self.device.type == "cuda":
                         # forward + backward ~ 3x the forward FLOPs, per GPU
                         record["tflops_per_gpu"] = 3 * self.flops_per_sample * rate / dist.world_size() / 1e12
@@ -392,15 +403,27 @@ class Trainer:
         else:
             self.bad_in_a_row = 0
         n = sums["branch"].numel()
-        vec = torch.cat([sums["loss"].reshape(1), sums["ensemble"].reshape(1), sums["branch"].reshape(-1),
-                         sums["ensemble_truth"].reshape(1), sums["branch_truth"].reshape(-1)])
+        vec = torch.cat(
+            [
+                sums["loss"].reshape(1),
+                sums["ensemble"].reshape(1),
+                sums["branch"].reshape(-1),
+                sums["ensemble_truth"].reshape(1),
+                sums["branch_truth"].reshape(-1),
+            ]
+        )
         vec = vec / self.accum
         if dist.is_initialized():
             tdist.all_reduce(vec, op=tdist.ReduceOp.SUM)
             vec /= dist.world_size()
         vec = vec.tolist()
-        terms = {"loss": vec[0], "ensemble": vec[1], "branch": vec[2 : 2 + n], "ensemble_truth": vec[2 + n],
-                 "branch_truth": vec[3 + n :]}
+        terms = {
+            "loss": vec[0],
+            "ensemble": vec[1],
+            "branch": vec[2 : 2 + n],
+            "ensemble_truth": vec[2 + n],
+            "branch_truth": vec[3 + n :],
+        }
         return terms, stop
 
     def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
@@ -421,8 +444,15 @@ class Trainer:
         if self.eval_data is None:
             return {}
         all_reduce_bn_stats(self.engine.module)
-        result = evaluate(self.engine.module, self.eval_data, task=self.metrics_task, top_k=self.recipe.eval.top_k,
-                          device=self.device, precision=self.recipe.train.precision, log_every=0)
+        result = evaluate(
+            self.engine.module,
+            self.eval_data,
+            task=self.metrics_task,
+            top_k=self.recipe.eval.top_k,
+            device=self.device,
+            precision=self.recipe.train.precision,
+            log_every=0,
+        )
         self.log.write("eval", self.step, result)
         if dist.is_main():
             ens = ", ".join(f"{k}={v:.4f}" for k, v in result["ensemble"].items())

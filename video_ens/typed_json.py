@@ -42,6 +42,7 @@ def closest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return close[0] if close else None
 
+
 def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if tp is type(None):

@@ -55,7 +55,7 @@ def split_name(name: str) -> tuple[int | None, str] | None:
 
 
 def part_of(name: str) -> str:
-    """"base", "branch i", or the name's first component for a tensor outside both."""
+    """ "base", "branch i", or the name's first component for a tensor outside both."""
     key = split_name(name)
     if key is None:
         return name.split(".", 1)[0]
@@ -83,22 +83,34 @@ def resolve_source(source: str | Path) -> WeightsSource:
     if path.is_file():
         return WeightsSource(path, "safetensors", str(path))
     if not path.is_dir():
-        raise RecipeError(f"model.init_from: {path}: no such file or folder (give a model.safetensors, a run folder "
-                          "or a checkpoint folder RUN/checkpoints/step_NNNNNNNNN)")
+        raise RecipeError(
+            f"model.init_from: {path}: no such file or folder (give a model.safetensors, a run folder "
+            "or a checkpoint folder RUN/checkpoints/step_NNNNNNNNN)"
+        )
     if (path / "complete.json").is_file() or path.name.startswith("step_"):
         if not (path / "complete.json").is_file():
-            raise RecipeError(f"model.init_from: {path} is not a complete checkpoint (no complete.json: a save that "
-                              "did not finish); name a complete one, or the run folder")
+            raise RecipeError(
+                f"model.init_from: {path} is not a complete checkpoint (no complete.json: a save that "
+                "did not finish); name a complete one, or the run folder"
+            )
         return WeightsSource(path, "checkpoint", f"{path} (DeepSpeed checkpoint)")
     if (path / "model.safetensors").is_file():
-        return WeightsSource(path / "model.safetensors", "safetensors",
-                             f"{path / 'model.safetensors'} (the final weights of run folder {path})")
+        return WeightsSource(
+            path / "model.safetensors",
+            "safetensors",
+            f"{path / 'model.safetensors'} (the final weights of run folder {path})",
+        )
     latest = engine.latest_checkpoint(path / "checkpoints")
     if latest is not None:
-        return WeightsSource(latest[1], "checkpoint",
-                             f"{latest[1]} (the newest checkpoint of run folder {path}, which has no model.safetensors)")
-    raise RecipeError(f"model.init_from: {path} is a folder with neither a model.safetensors nor a complete "
-                      "checkpoint under checkpoints/: name a weights file, a run folder or a checkpoint folder")
+        return WeightsSource(
+            latest[1],
+            "checkpoint",
+            f"{latest[1]} (the newest checkpoint of run folder {path}, which has no model.safetensors)",
+        )
+    raise RecipeError(
+        f"model.init_from: {path} is a folder with neither a model.safetensors nor a complete "
+        "checkpoint under checkpoints/: name a weights file, a run folder or a checkpoint folder"
+    )
 
 
 def _not_safetensors(path: Path, error: Exception) -> RecipeError:
@@ -302,8 +314,10 @@ class InitReport:
     def warnings(self) -> list[str]:
         out = []
         if self.unused:
-            out.append(f"{len(self.unused)} tensor(s) of {self.source.path} were not used (the model has no place "
-                       f"for them), e.g. {', '.join(self.unused[:3])}")
+            out.append(
+                f"{len(self.unused)} tensor(s) of {self.source.path} were not used (the model has no place "
+                f"for them), e.g. {', '.join(self.unused[:3])}"
+            )
         for group in self.identical_branches:
             out.append(
                 f"branches {', '.join(map(str, group))} start from the same weights (a one-branch source): they stay "
@@ -314,20 +328,30 @@ class InitReport:
         return out
 
     def summary(self) -> str:
-        rows = [f"initialised from {self.source.description}"
-                + (f", init_exclude {json.dumps(list(self.exclude))}" if self.exclude else "")]
+        rows = [
+            f"initialised from {self.source.description}"
+            + (f", init_exclude {json.dumps(list(self.exclude))}" if self.exclude else "")
+        ]
         rows.append(f"  {'part':<10} {'tensors':>8} {'loaded':>8} {'values':>14} {'excluded':>9} {'new':>6}  from")
         for part, c in self.parts.items():
             origin = ", ".join(self.branch_sources.get(part, [])) or "-"
-            rows.append(f"  {part:<10} {c['tensors']:>8} {c['loaded']:>8} {c['loaded_values']:>14,} "
-                        f"{c['excluded']:>9} {c['new']:>6}  {origin}")
+            rows.append(
+                f"  {part:<10} {c['tensors']:>8} {c['loaded']:>8} {c['loaded_values']:>14,} "
+                f"{c['excluded']:>9} {c['new']:>6}  {origin}"
+            )
         return "\n".join(rows)
 
     def record(self) -> dict:
         """The metrics.jsonl "init" line's values."""
-        return {"source": str(self.source.path), "source_kind": self.source.kind, "exclude": list(self.exclude),
-                "parts": self.parts, "from": self.branch_sources, "unused": len(self.unused),
-                "identical_branches": self.identical_branches}
+        return {
+            "source": str(self.source.path),
+            "source_kind": self.source.kind,
+            "exclude": list(self.exclude),
+            "parts": self.parts,
+            "from": self.branch_sources,
+            "unused": len(self.unused),
+            "identical_branches": self.identical_branches,
+        }
 
 
 def _report(plan: InitPlan, model_shapes: dict[str, tuple[int, ...]], source: WeightsSource, exclude) -> InitReport:
@@ -390,8 +414,9 @@ def check_init(model: nn.Module, source: str | Path, *, exclude=()) -> InitRepor
 # --------------------------------------------------------------------------------------------------- importing
 
 
-def load_public_state_dict(arch: str, *, weights: str | None = None, path: str | Path | None = None,
-                           progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+def load_public_state_dict(
+    arch: str, *, weights: str | None = None, path: str | Path | None = None, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], str]:
     """A public state dict and where it came from: torchvision's published `weights` for `arch` (downloaded once
     into torch.hub's cache, its SHA-256 prefix checked), or a local file `path` (.safetensors, or a .pth/.bin read
     with weights_only=True: tensors only, no code runs)."""
@@ -402,8 +427,9 @@ def load_public_state_dict(arch: str, *, weights: str | None = None, path: str |
         if weights not in known:
             raise ValueError(f"unknown weights {weights!r} for {arch}: torchvision publishes {', '.join(known)}")
         url = known[weights]
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress, check_hash=True,
-                                                   weights_only=True)
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=progress, check_hash=True, weights_only=True
+        )
         return state, f"torchvision {arch} {weights} ({url})"
     path = Path(path)
     if not path.is_file():
@@ -416,8 +442,9 @@ def load_public_state_dict(arch: str, *, weights: str | None = None, path: str |
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises UnpicklingError (or a RuntimeError wrapping it)
-            raise ValueError(f"{path}: refused to load: it holds objects other than tensors "
-                             f"({str(e).splitlines()[0][:160]})") from None
+            raise ValueError(
+                f"{path}: refused to load: it holds objects other than tensors ({str(e).splitlines()[0][:160]})"
+            ) from None
     for key in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -427,16 +454,21 @@ def load_public_state_dict(arch: str, *, weights: str | None = None, path: str |
     return state, str(path)
 
 
-def import_pretrained(arch: str, out: str | Path, *, weights: str | None = None, path: str | Path | None = None,
-                      progress: bool = True) -> importers.Imported:
+def import_pretrained(
+    arch: str, out: str | Path, *, weights: str | None = None, path: str | Path | None = None, progress: bool = True
+) -> importers.Imported:
     """Map a public `arch` state dict ("resnet152", "s3d") to video_ens names and write it to `out` (safetensors,
     metadata: the model, its origin, the build keywords, the exclusions it needs)."""
     if arch not in importers.IMPORTERS:
         raise ValueError(f"unknown architecture {arch!r}: importers exist for {', '.join(importers.IMPORTERS)}")
     state, origin = load_public_state_dict(arch, weights=weights, path=path, progress=progress)
     imported = importers.IMPORTERS[arch](state)
-    metadata = {"model": imported.model, "imported_from": origin, "build": json.dumps(imported.build),
-                "init_exclude": json.dumps(list(imported.exclude))}
+    metadata = {
+        "model": imported.model,
+        "imported_from": origin,
+        "build": json.dumps(imported.build),
+        "init_exclude": json.dumps(list(imported.exclude)),
+    }
     save_weights(out, imported.state, metadata=metadata)
     return imported
 

@@ -51,8 +51,12 @@ def test_pipeline_mode_on_converted_shards(tmp_path):
     args = ["--mode", "pipeline", "--shards", str(shards), "--frames", "8", "--crop-size", "16"]
     args += ["--short-side-range", "16", "24", "--workers", "0", "1", "--repeat", "1", "2", "--batch-size", "4"]
     args += ["--clips", "16", "--rounds", "1", "--out", str(out)]
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), *args],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     measured = {(r["workers"], r["repeat"]): r for r in rows if r["backend"] == "pyav"}

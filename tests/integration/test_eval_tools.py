@@ -87,8 +87,7 @@ def _free_port() -> int:
 
 
 def _run(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -140,8 +139,16 @@ def _recipe_dict(kinetics: Path, **eval_cfg) -> dict:
     return {
         "description": "test: tiny S3D-G evaluation",
         "model": {"name": MODEL},
-        "data": {"kind": "clip", "train_shards": str(kinetics / "train"), "val_shards": str(kinetics / "val"),
-                 "frames": 16, "frame_stride": 1, "crop_size": 64, "short_side": [64, 72], "num_workers": 0},
+        "data": {
+            "kind": "clip",
+            "train_shards": str(kinetics / "train"),
+            "val_shards": str(kinetics / "val"),
+            "frames": 16,
+            "frame_stride": 1,
+            "crop_size": 64,
+            "short_side": [64, 72],
+            "num_workers": 0,
+        },
         "objective": {"structure": "codistillation", "weight": 2.0},
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"mode": "full", "batch_size": 2, **eval_cfg},
@@ -223,8 +230,22 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     common = ["--run-dir", str(run_dir), "--save-scores"]
     out = _run([str(TOOLS / "eval.py"), *common, "--out", str(one)])
     # two gloo ranks, and temporal windows on top: the 40-frame videos go through full_clip_forward
-    _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-          str(TOOLS / "eval.py"), *common, "--out", str(two), "--max-chunk-frames", "16"])
+    _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            str(TOOLS / "eval.py"),
+            *common,
+            "--out",
+            str(two),
+            "--max-chunk-frames",
+            "16",
+        ]
+    )
     a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     assert a["num_samples"] == b["num_samples"] == read_info(kinetics / "val").num_samples == NUM_VAL
     assert a["ensemble"] == b["ensemble"] and a["branches"] == b["branches"]
@@ -238,8 +259,14 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     # Independent expectation: the same weights, one pass per video here, ranks counted by hand.
     model = _loaded_model(run_dir)
     recipe = load_recipe(run_dir / "recipe.json")
-    stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
-                                root=loader.DataPaths(train=kinetics / "train", val=kinetics / "val"))
+    stream = loader.eval_stream(
+        recipe.data,
+        recipe.eval,
+        input_spec=model.input_spec,
+        rank=0,
+        world_size=1,
+        root=loader.DataPaths(train=kinetics / "train", val=kinetics / "val"),
+    )
     probs, targets = {}, {}
     with torch.no_grad():
         for batch in stream.batches():
@@ -293,8 +320,9 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
     root = loader.DataPaths(train=kinetics / "train", val=kinetics / "val")
 
     def stream():
-        return loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
-                                  root=root)
+        return loader.eval_stream(
+            recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1, root=root
+        )
 
     result = evaluate(model, stream(), task="single_label", top_k=20, device=torch.device("cpu"), keep_scores=True)
     assert result["num_samples"] == NUM_VAL and result["inputs"] == NUM_VAL * 30
@@ -322,16 +350,34 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
 def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kinetics_bad, tmp_path):
     folder, keys = kinetics_bad
     out_dir = tmp_path / "bad"
-    out = _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                str(TOOLS / "eval.py"), "--run-dir", str(run_dir), "--set", f"data.val_shards={folder}",
-                "--out", str(out_dir), "--log-every", "1"])
+    out = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            str(TOOLS / "eval.py"),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"data.val_shards={folder}",
+            "--out",
+            str(out_dir),
+            "--log-every",
+            "1",
+        ]
+    )
     result = json.loads((out_dir / "eval.json").read_text())
     assert result["num_samples"] == NUM_VAL - 2 and result["dataset_size"] == NUM_VAL
     assert result["bad_samples"] == 2  # the count, as before
     bad = result["bad_sample_keys"]
     assert bad["bad"] == 2 and bad["bad_by_reason"] == {"decode": 1, "label": 1}
-    assert [(r["key"], r["reason"], r["rank"]) for r in bad["last_bad"]] == [(keys[1], "decode", 0),
-                                                                              (keys[4], "label", 1)]
+    assert [(r["key"], r["reason"], r["rank"]) for r in bad["last_bad"]] == [
+        (keys[1], "decode", 0),
+        (keys[4], "label", 1),
+    ]
     log = out.stderr
     assert f"{keys[1]} (decode" in log and f"{keys[4]} (label: label " in log
     assert "2 of 6 samples could not be evaluated (bad samples: 2 (decode 1, label 1))" in log
@@ -356,8 +402,13 @@ def yt8m_run(tmp_path_factory) -> Path:
     recipe = {
         "description": "test: tiny DBoF evaluation",
         "model": {"name": "dbof_tiny_ens2"},
-        "data": {"kind": "features", "train_shards": str(root / "train"), "val_shards": str(root / "val"),
-                 "frames": 25, "num_workers": 0},
+        "data": {
+            "kind": "features",
+            "train_shards": str(root / "train"),
+            "val_shards": str(root / "val"),
+            "frames": 25,
+            "num_workers": 0,
+        },
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": "sigmoid_bce"},
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"batch_size": 3, "top_k": 20},
@@ -396,8 +447,14 @@ def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
     model = create_model("dbof_tiny_ens2")
     load_weights(model, yt8m_run / "model.safetensors")
     model.eval()
-    stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
-                                root=loader.DataPaths(train=recipe.data.train_shards, val=str(val)))
+    stream = loader.eval_stream(
+        recipe.data,
+        recipe.eval,
+        input_spec=model.input_spec,
+        rank=0,
+        world_size=1,
+        root=loader.DataPaths(train=recipe.data.train_shards, val=str(val)),
+    )
     expected, labels, scores = {}, [], []
     with torch.no_grad():
         for batch in stream.batches():
@@ -432,7 +489,8 @@ def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
 def test_kaggle_option_needs_features_data(run_dir, capsys):
     assert _tool("eval").main(["--run-dir", str(run_dir), "--kaggle", "x.csv"]) == 2
     assert "--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind is 'clip'" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_load_weights_is_strict(run_dir):
@@ -446,16 +504,23 @@ def test_load_weights_is_strict(run_dir):
 # tools/plot.py and tools/compare.py
 
 
-def _fake_run(parent: Path, name: str, *, model: str, structure: str, weight: float, top1: float, branches: int,
-              **eval_json):
+def _fake_run(
+    parent: Path, name: str, *, model: str, structure: str, weight: float, top1: float, branches: int, **eval_json
+):
     run = parent / name
     run.mkdir()
-    recipe = {"model": {"name": model}, "objective": {"structure": structure, "weight": weight},
-              "data": {"train_shards": "x", "val_shards": "y"}}
+    recipe = {
+        "model": {"name": model},
+        "objective": {"structure": structure, "weight": weight},
+        "data": {"train_shards": "x", "val_shards": "y"},
+    }
     (run / "recipe.json").write_text(json.dumps(recipe))
-    result = {"ensemble": {"top1": top1, "top5": top1 + 0.2}, "num_samples": 10,
-              "branches": [{"top1": top1 - 0.02 * (i + 1), "top5": top1 + 0.1} for i in range(branches)],
-              **eval_json}
+    result = {
+        "ensemble": {"top1": top1, "top5": top1 + 0.2},
+        "num_samples": 10,
+        "branches": [{"top1": top1 - 0.02 * (i + 1), "top5": top1 + 0.1} for i in range(branches)],
+        **eval_json,
+    }
     (run / "eval.json").write_text(json.dumps(result))
     return run
 
@@ -467,15 +532,31 @@ def _curves_run(parent: Path, name: str, evals: dict[int, float]) -> Path:
 
     run = parent / name
     run.mkdir()
-    (run / "recipe.json").write_text(json.dumps({"model": {"name": "s3dg_tiny_ens2"},
-                                                 "objective": {"structure": "codistillation", "weight": 2.0}}))
+    (run / "recipe.json").write_text(
+        json.dumps({"model": {"name": "s3dg_tiny_ens2"}, "objective": {"structure": "codistillation", "weight": 2.0}})
+    )
     log = MetricsLog(run)  # the trainer's own writer, so the format is the one training produces
     for step in range(1, 9):
-        log.write("train", step, {"loss": 6.0 - 0.3 * step, "ensemble": 2.0 - 0.1 * step,
-                                  "branch": [2.0 - 0.1 * step, 2.1 - 0.1 * step], "lr": 0.1 * (1 - step / 9)})
+        log.write(
+            "train",
+            step,
+            {
+                "loss": 6.0 - 0.3 * step,
+                "ensemble": 2.0 - 0.1 * step,
+                "branch": [2.0 - 0.1 * step, 2.1 - 0.1 * step],
+                "lr": 0.1 * (1 - step / 9),
+            },
+        )
         if step in evals:
-            log.write("eval", step, {"ensemble": {"top1": evals[step], "top5": 1.0}, "num_samples": 6,
-                                     "branches": [{"top1": 0.5, "top5": 1.0}, {"top1": 0.25, "top5": 0.75}]})
+            log.write(
+                "eval",
+                step,
+                {
+                    "ensemble": {"top1": evals[step], "top5": 1.0},
+                    "num_samples": 6,
+                    "branches": [{"top1": 0.5, "top5": 1.0}, {"top1": 0.25, "top5": 0.75}],
+                },
+            )
     log.close()
     return run
 
@@ -500,8 +581,13 @@ def test_training_curves_png(tmp_path):
     fig = curves_figure(run)
     assert fig.get_suptitle() == "s3dg_tiny_ens2 (2 branches), co-distillation μ=2\nrun: curves_run"
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
-    assert set(panels) == {"training loss", "learning rate", "validation top1", "validation top5",
-                           "final evaluation (step 8, 6 samples)"}
+    assert set(panels) == {
+        "training loss",
+        "learning rate",
+        "validation top1",
+        "validation top5",
+        "final evaluation (step 8, 6 samples)",
+    }
     # top-5 sits at 100%: the autoscale margin ran that axis to 104%; every percentage axis stays within 0-100
     for title in ("validation top1", "validation top5", "final evaluation (step 8, 6 samples)"):
         lo, hi = panels[title].get_ylim()
@@ -550,8 +636,7 @@ def test_sweep_png_and_points(tmp_path):
 
 
 def test_compare_sizes_and_metrics(run_dir, tmp_path):
-    other = _fake_run(tmp_path, "base", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5,
-                      branches=1)
+    other = _fake_run(tmp_path, "base", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5, branches=1)
     out = _run([str(TOOLS / "compare.py"), str(run_dir), str(other), "--json", "--branches"])
     rows = {r["run"]: r for r in json.loads(out.stdout)}
     for name, row in ((MODEL, rows["tiny_mu2"]), ("s3dg_tiny", rows["base"])):
@@ -567,15 +652,36 @@ def test_compare_sizes_and_metrics(run_dir, tmp_path):
 
 
 def test_compare_table_shows_evaluation_mode_and_sample_count(tmp_path):
-    clips = _fake_run(tmp_path, "clips", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5,
-                      branches=1, mode="clips", views_per_video=30, dataset_size=12,
-                      recipe={"model": {"name": "s3dg_tiny"}, "eval": {"mode": "clips", "num_clips": 10, "num_crops": 3}})
-    full = _fake_run(tmp_path, "full", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.6,
-                     branches=1, mode="full", dataset_size=10)
+    clips = _fake_run(
+        tmp_path,
+        "clips",
+        model="s3dg_tiny",
+        structure="codistillation",
+        weight=2.0,
+        top1=0.5,
+        branches=1,
+        mode="clips",
+        views_per_video=30,
+        dataset_size=12,
+        recipe={"model": {"name": "s3dg_tiny"}, "eval": {"mode": "clips", "num_clips": 10, "num_crops": 3}},
+    )
+    full = _fake_run(
+        tmp_path,
+        "full",
+        model="s3dg_tiny",
+        structure="codistillation",
+        weight=2.0,
+        top1=0.6,
+        branches=1,
+        mode="full",
+        dataset_size=10,
+    )
     compare = _tool("compare")
     rows = [compare.row(compare.read_run(d), branches=False) for d in (clips, full)]
-    assert [(r["eval_mode"], r["num_samples"], r["dataset_size"]) for r in rows] == [("clips 10x3", 10, 12),
-                                                                                      ("full", 10, 10)]
+    assert [(r["eval_mode"], r["num_samples"], r["dataset_size"]) for r in rows] == [
+        ("clips 10x3", 10, 12),
+        ("full", 10, 10),
+    ]
     head, body = compare.table(rows, branches=False)
     cells = [dict(zip(head, line, strict=True)) for line in body]
     assert [(c["eval"], c["samples"]) for c in cells] == [("clips 10x3", "10/12"), ("full", "10")]

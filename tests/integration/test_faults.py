@@ -103,13 +103,28 @@ def _run(tmp_path: Path, bad_steps: list[int], max_bad: int) -> tuple[list[dict]
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(run_dir),
-           json.dumps(bad_steps), str(max_bad)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        str(run_dir),
+        json.dumps(bad_steps),
+        str(max_bad),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')),
-                     key=lambda r: r["rank"])
+    results = sorted(
+        (json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')), key=lambda r: r["rank"]
+    )
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return results, log
 

@@ -46,7 +46,9 @@ def test_gpu_check_script_runs_every_section(tmp_path):
         assert not r["error"], r
         assert float(r["ms"]) > 0
     # 3 passes x (eager, triton) for the one smoke shape
-    assert {(r["pas"], r["impl"]) for r in swap} == {(p, i) for p in ("fwd", "bwd", "fwdbwd") for i in ("eager", "triton")}
+    assert {(r["pas"], r["impl"]) for r in swap} == {
+        (p, i) for p in ("fwd", "bwd", "fwdbwd") for i in ("eager", "triton")
+    }
     assert {r["op"] for r in models} == {"train_step:dbof_tiny", "train_step:s3dg_tiny"}
     assert {r["impl"] for r in models} == {"model:kernels=reference", "model:kernels=triton"}
     assert {r["op"] for r in gates} == {"feature_gate", "context_gate", "gate_epilogue"}

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("images")
     demo.make_images(str(root), num_train=32, num_val=12, shard_size=8)
     return root
@@ -41,11 +42,24 @@ def _recipe(images: Path, model: dict, zero: int = 1, **train_fields) -> dict:
     return {
         "description": "test: tiny ResNet, init_from",
         "model": {"options": {"image_size": 32}, **model},
-        "data": {"kind": "image", "train_shards": str(images / "train"), "val_shards": str(images / "val"),
-                 "crop_size": 32, "short_side": [32, 36], "num_workers": 0},
+        "data": {
+            "kind": "image",
+            "train_shards": str(images / "train"),
+            "val_shards": str(images / "val"),
+            "crop_size": 32,
+            "short_side": [32, 36],
+            "num_workers": 0,
+        },
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
-        "train": {"epochs": 100, "max_steps": 2, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
-                  "log_every": 1, **train_fields},
+        "train": {
+            "epochs": 100,
+            "max_steps": 2,
+            "global_batch_size": 8,
+            "precision": "fp32",
+            "device": "cpu",
+            "log_every": 1,
+            **train_fields,
+        },
         "eval": {"batch_size": 4},
         "deepspeed": {"zero_stage": zero},
     }
@@ -60,8 +74,13 @@ def _train(recipe: dict, run: Path):
     path.write_text(json.dumps(recipe))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "video_ens.train", str(path), "--run-dir", str(run)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "video_ens.train", str(path), "--run-dir", str(run)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return path, out.stderr
 
@@ -95,11 +114,24 @@ def test_the_runs_weights_evaluate_to_its_metrics_in_a_fresh_model(baseline):
             report = init_model(model, source)
             assert all(c["new"] == 0 for c in report.parts.values())
             assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
-            stream = loader.eval_stream(recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1,
-                                        root=loader.resolve_paths(recipe.data))
+            stream = loader.eval_stream(
+                recipe.data,
+                recipe.eval,
+                input_spec=model.input_spec,
+                rank=0,
+                world_size=1,
+                root=loader.resolve_paths(recipe.data),
+            )
             try:
-                result = evaluate(model, stream, task=loader.metrics_task(recipe.data), top_k=recipe.eval.top_k,
-                                  device=torch.device("cpu"), precision=recipe.train.precision, log_every=0)
+                result = evaluate(
+                    model,
+                    stream,
+                    task=loader.metrics_task(recipe.data),
+                    top_k=recipe.eval.top_k,
+                    device=torch.device("cpu"),
+                    precision=recipe.train.precision,
+                    log_every=0,
+                )
             finally:
                 stream.close()
             assert result["num_samples"] == saved["num_samples"] == 12
@@ -110,8 +142,13 @@ def test_the_runs_weights_evaluate_to_its_metrics_in_a_fresh_model(baseline):
 
 def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights(images, baseline, tmp_path):
     _, source = baseline
-    model = {"name": "resnet_tiny", "num_branches": 2, "width_ratio": 1.0, "init_from": str(source),
-             "init_exclude": ["branches.*.fc.*"]}
+    model = {
+        "name": "resnet_tiny",
+        "num_branches": 2,
+        "width_ratio": 1.0,
+        "init_from": str(source),
+        "init_exclude": ["branches.*.fc.*"],
+    }
     run = tmp_path / "two_branch"
     path, log = _train(_recipe(images, model, max_steps=1), run)
     assert f"initialised from {source / 'model.safetensors'} (the final weights of run folder {source})" in log
@@ -121,8 +158,14 @@ def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights
         names = list(create_model("resnet_tiny", num_branches=2, width_ratio=1.0).state_dict())
     base = sum(n.startswith("base.") for n in names)
     branch = sum(n.startswith("branches.0.") for n in names)
-    assert init["parts"]["base"] == {"tensors": base, "loaded": base, "loaded_values": init["parts"]["base"][
-        "loaded_values"], "excluded": 0, "new": 0, "new_values": 0}
+    assert init["parts"]["base"] == {
+        "tensors": base,
+        "loaded": base,
+        "loaded_values": init["parts"]["base"]["loaded_values"],
+        "excluded": 0,
+        "new": 0,
+        "new_values": 0,
+    }
     for b in ("branch 0", "branch 1"):
         part = init["parts"][b]
         assert (part["tensors"], part["loaded"], part["excluded"], part["new"]) == (branch, branch - 2, 2, 2)
@@ -137,8 +180,10 @@ def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights
     assert [r["kind"] for r in records].count("init") == 1
     assert [r["step"] for r in records if r["kind"] == "resume"] == [1]
     # a ZeRO-1 checkpoint keeps the whole module: what init_from reads from it is the run's final export
-    final, saved = load_file(str(run / "model.safetensors")), engine.checkpoint_weights(run / "checkpoints" /
-                                                                                       "step_000000002")
+    final, saved = (
+        load_file(str(run / "model.safetensors")),
+        engine.checkpoint_weights(run / "checkpoints" / "step_000000002"),
+    )
     assert set(saved) == set(final) and all(torch.equal(saved[k], v) for k, v in final.items())
 
 
@@ -150,6 +195,9 @@ def test_the_launch_check_refuses_narrower_branches_naming_the_tensors(images, b
     err = capsys.readouterr().err
     assert "model.init_from:" in err and "tensor(s) of another shape" in err
     assert "branches.0.block3.unit1.conv1.weight (22, 64, 1, 1) <- branches.0.block3.unit1.conv1.weight" in err
-    path.write_text(json.dumps(_recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source),
-                                                "init_exclude": ["branches.*"]})))
+    path.write_text(
+        json.dumps(
+            _recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source), "init_exclude": ["branches.*"]})
+        )
+    )
     assert train.main([str(path), "--check", "--run-dir", str(tmp_path / "run")]) == 0

@@ -87,14 +87,25 @@ def run_dir(demo, tmp_path_factory) -> Path:
     run.mkdir()
     recipe = {
         "model": {"name": MODEL},
-        "data": {"kind": "clip", "train_shards": str(demo / "train"), "val_shards": str(demo / "val"), "frames": 16,
-                 "frame_stride": 1, "crop_size": 64, "short_side": [64, 72], "num_workers": 0},
+        "data": {
+            "kind": "clip",
+            "train_shards": str(demo / "train"),
+            "val_shards": str(demo / "val"),
+            "frames": 16,
+            "frame_stride": 1,
+            "crop_size": 64,
+            "short_side": [64, 72],
+            "num_workers": 0,
+        },
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"mode": "full", "batch_size": 2},
     }
     dump_recipe(recipe_from_dict(recipe), run / "recipe.json")
-    save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(run / "model.safetensors"),
-              metadata={"model": MODEL})
+    save_file(
+        {k: v.contiguous() for k, v in model.eval().state_dict().items()},
+        str(run / "model.safetensors"),
+        metadata={"model": MODEL},
+    )
     return run
 
 
@@ -126,8 +137,15 @@ def other_containers(clips, tmp_path_factory) -> tuple[Path, Path]:
     return folder / "remux.mkv", folder / "transcode.avi"
 
 
-def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", fmt: str | None = None,
-            rotation: float | None = None, sar: Fraction | None = None) -> Path:
+def _encode(
+    path: Path,
+    frames: np.ndarray,
+    *,
+    codec: str = "libx264",
+    fmt: str | None = None,
+    rotation: float | None = None,
+    sar: Fraction | None = None,
+) -> Path:
     with av.open(str(path), "w", format=fmt) as c:
         s = c.add_stream(codec, rate=16)
         s.height, s.width = frames.shape[1:3]
@@ -152,15 +170,23 @@ def _predictor(run: Path, *overrides: str) -> Predictor:
     return Predictor.load(recipe=run / "recipe.json", weights=run / "model.safetensors", overrides=overrides)
 
 
-@pytest.mark.parametrize("overrides", [(), ("eval.mode=clips", "eval.num_clips=2", "eval.num_crops=3")],
-                         ids=["full", "clips2x3"])
+@pytest.mark.parametrize(
+    "overrides", [(), ("eval.mode=clips", "eval.num_clips=2", "eval.num_crops=3")], ids=["full", "clips2x3"]
+)
 def test_predictions_on_the_demo_clips_equal_evaluation_of_their_shards(run_dir, demo, clips, overrides):
     pred = _predictor(run_dir, *overrides)
     r = pred.recipe
-    stream = loader.eval_stream(r.data, r.eval, input_spec=pred.model.input_spec, rank=0, world_size=1,
-                                root=loader.DataPaths(train=demo / "train", val=demo / "val"))
-    scores = evaluate(pred.model, stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_scores=True,
-                      log_every=0)["scores"]
+    stream = loader.eval_stream(
+        r.data,
+        r.eval,
+        input_spec=pred.model.input_spec,
+        rank=0,
+        world_size=1,
+        root=loader.DataPaths(train=demo / "train", val=demo / "val"),
+    )
+    scores = evaluate(
+        pred.model, stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_scores=True, log_every=0
+    )["scores"]
     assert len(scores["ids"]) == NUM_VAL
     for j, key in enumerate(scores["ids"]):
         result = pred.predict(str(clips / f"{key}.mp4"))
@@ -177,8 +203,22 @@ def test_tool_json_lines_embeddings_and_skipped_files(run_dir, demo, clips, othe
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 40)
     out = tmp_path / "emb"
-    args = [str(TOOLS / "predict.py"), "--run-dir", str(run_dir), "--json", "--top-k", "20", "--embeddings", str(out),
-            "--shard-size", "4", str(clips), str(listing), str(bad), str(tmp_path / "missing.mp4")]
+    args = [
+        str(TOOLS / "predict.py"),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        "--top-k",
+        "20",
+        "--embeddings",
+        str(out),
+        "--shard-size",
+        "4",
+        str(clips),
+        str(listing),
+        str(bad),
+        str(tmp_path / "missing.mp4"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,8 +263,21 @@ def test_exit_status_text_output_and_recipe_overrides(run_dir, demo, clips, tmp_
     assert "none of the 2 input(s) could be predicted" in err and f"skipped {bad}" in err
 
     first = sorted(clips.glob("*.mp4"))[0]
-    args = ["--recipe", str(run_dir / "recipe.json"), "--weights", str(run_dir / "model.safetensors"), "--branches",
-            "--top-k", "2", "--set", "eval.mode=clips", "--set", "eval.num_clips=2", "--set", "eval.num_crops=1"]
+    args = [
+        "--recipe",
+        str(run_dir / "recipe.json"),
+        "--weights",
+        str(run_dir / "model.safetensors"),
+        "--branches",
+        "--top-k",
+        "2",
+        "--set",
+        "eval.mode=clips",
+        "--set",
+        "eval.num_clips=2",
+        "--set",
+        "eval.num_crops=1",
+    ]
     assert tool.main([*args, str(first)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(first) and [line[:11] for line in lines[1:]] == ["  ensemble ", "  branch 0 ", "  branch 1 "]
@@ -262,8 +315,7 @@ def test_a_phone_video_is_turned_upright_and_anamorphic_pixels_made_square(run_d
     view = ClipEvalTransform(short_side=64, crop_size=64, num_crops=1)(shown)  # (1, 3, 24, 64, 64)
     with torch.no_grad():
         out = pred.model(view)
-    np.testing.assert_allclose(got.branches, torch.softmax(out.branches[:, 0], -1).double().numpy(), rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(got.branches, torch.softmax(out.branches[:, 0], -1).double().numpy(), rtol=0, atol=1e-5)
     unturned = pred.predict(str(plain))
     assert np.abs(unturned.ensemble - got.ensemble).max() > 1e-3  # the turn changed what the model saw
 
@@ -279,6 +331,7 @@ def test_converter_turns_rotated_and_anamorphic_clips_upright(tmp_path):
     if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
         pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation: PyAV >= 18)")
     from video_ens.data import convert_kinetics
+
     frames = np.zeros((6, 48, 64, 3), np.uint8)
     frames[:, :24, :16] = 255  # white: top half, left quarter
     videos = tmp_path / "videos"
@@ -301,14 +354,24 @@ def test_converter_turns_rotated_and_anamorphic_clips_upright(tmp_path):
                 samples[sample.video_id] = sample
         return samples
 
-    for short_side, sizes in ((None, {"plain": (64, 48), "phone": (48, 64), "wide": (128, 48)}),
-                              (32, {"plain": (42, 32), "phone": (32, 42), "wide": (86, 32)})):
+    for short_side, sizes in (
+        (None, {"plain": (64, 48), "phone": (48, 64), "wide": (128, 48)}),
+        (32, {"plain": (42, 32), "phone": (32, 42), "wide": (86, 32)}),
+    ):
         out = tmp_path / f"out{short_side}"
-        info = convert_kinetics.convert(annotations=str(tmp_path / "clips.csv"), videos=str(videos), out=str(out),
-                                        short_side=short_side, seed=None, progress=False)
+        info = convert_kinetics.convert(
+            annotations=str(tmp_path / "clips.csv"),
+            videos=str(videos),
+            out=str(out),
+            short_side=short_side,
+            seed=None,
+            progress=False,
+        )
         assert info.num_samples == 3
-        assert {Path(d["source"].split("(")[1].rstrip(")")).stem: (d["rotation"], d["mirror"], d["sar"])
-                for d in info.extra["display"]} == {"phone": (270, False, "1"), "wide": (0, False, "2")}
+        assert {
+            Path(d["source"].split("(")[1].rstrip(")")).stem: (d["rotation"], d["mirror"], d["sar"])
+            for d in info.extra["display"]
+        } == {"phone": (270, False, "1"), "wide": (0, False, "2")}
         for name, sample in stored(out).items():
             assert (sample.width, sample.height) == sizes[name], (short_side, name)
             assert read_display(sample.video).identity  # nothing left to apply

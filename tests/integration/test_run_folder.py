@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("images")
     demo.make_images(str(root), num_train=32, num_val=8, shard_size=8)
     return root
@@ -37,11 +38,24 @@ def _recipe(images: Path, **train) -> dict:
     return {
         "description": "test: tiny ResNet, run folder ownership",
         "model": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
-        "data": {"kind": "image", "train_shards": str(images / "train"), "val_shards": str(images / "val"),
-                 "crop_size": 32, "short_side": [32, 36], "num_workers": 0},
+        "data": {
+            "kind": "image",
+            "train_shards": str(images / "train"),
+            "val_shards": str(images / "val"),
+            "crop_size": 32,
+            "short_side": [32, 36],
+            "num_workers": 0,
+        },
         "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant"},
-        "train": {"epochs": 100, "max_steps": 2, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
-                  "log_every": 1, **train},
+        "train": {
+            "epochs": 100,
+            "max_steps": 2,
+            "global_batch_size": 8,
+            "precision": "fp32",
+            "device": "cpu",
+            "log_every": 1,
+            **train,
+        },
         "eval": {"batch_size": 4},
     }
 
@@ -54,8 +68,7 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               **extra)
+    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 
@@ -69,16 +82,23 @@ def _write_recipe(folder: Path, recipe: dict, name: str = "tiny_resnet.json") ->
 
 def _train(recipe: Path, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m video_ens.train` as one process (no torchrun): the rank-side checks, without launch.sh's."""
-    return subprocess.run([sys.executable, "-m", "video_ens.train", str(recipe), *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "video_ens.train", str(recipe), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _launch(recipe: Path, *args: str, cwd: Path, nproc: int = 1, background: bool = False, timeout: float = 300):
     cmd = ["bash", str(ROOT / "launch.sh"), str(recipe), *args]
     env = _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
     if background:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,8 +129,11 @@ def _ok(out: subprocess.CompletedProcess) -> None:
 
 
 def _train_steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if '"kind": "train"' in line]
+    return [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "train"' in line
+    ]
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
@@ -163,9 +186,24 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
 
         # torchrun without launch.sh: rank 0 finds the folder locked, and both ranks leave with that error
         direct = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "-m", "video_ens.train", str(recipe), "--run-dir", str(run)],
-            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "video_ens.train",
+                str(recipe),
+                "--run-dir",
+                str(run),
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert direct.returncode != 0
         assert f"pid {owner['pid']} on host {socket.gethostname()}" in direct.stderr, direct.stderr[-3000:]
@@ -209,8 +247,20 @@ def test_resuming_a_different_recipe_is_refused_unless_forced(finished, tmp_path
     assert _train_steps(run) == [1, 2, 3]
     assert json.loads((run / "recipe.json").read_text())["train"]["max_steps"] == 3
 
-    _ok(_train(recipe, "--run-dir", str(run), "--set", "train.seed=1", "--set", "train.resume=force",
-               "--set", "train.max_steps=4", cwd=work))
+    _ok(
+        _train(
+            recipe,
+            "--run-dir",
+            str(run),
+            "--set",
+            "train.seed=1",
+            "--set",
+            "train.resume=force",
+            "--set",
+            "train.max_steps=4",
+            cwd=work,
+        )
+    )
     assert _train_steps(run) == [1, 2, 3, 4]
     resumed = json.loads((run / "recipe.json").read_text())["train"]
     assert (resumed["seed"], resumed["resume"]) == (1, "force")

@@ -30,6 +30,7 @@ CHECKPOINT = 4  # the world-size resumes start here: epoch 1, one step into it (
 @pytest.fixture(scope="module")
 def yt8m(tmp_path_factory) -> Path:
     from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("yt8m")
     demo.make_yt8m(str(root), num_train=64, num_validate=24, shard_size=16)
     return root
@@ -45,13 +46,29 @@ def _recipe(data: Path, *, zero: int = 1, steps: int = STEPS, optim: dict | None
         # threshold, so it is partitioned between forward passes like a large model's, and the 97 x 97 context gate
         # does not split evenly over 2 or 4 ranks (padded partitions)
         "model": {"name": "dbof_tiny_ens2", "options": {"cluster_size": 97}},
-        "data": {"kind": "features", "train_shards": str(data / "train"), "val_shards": str(data / "val"),
-                 "frames": 25, "num_workers": 0, "samples_per_epoch": 60},
+        "data": {
+            "kind": "features",
+            "train_shards": str(data / "train"),
+            "val_shards": str(data / "val"),
+            "frames": 25,
+            "num_workers": 0,
+            "samples_per_epoch": 60,
+        },
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": "sigmoid_bce"},
         "optim": optim or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 1},
-        "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 16, "micro_batch_size": 2,
-                  "precision": "fp32", "device": "cpu", "log_every": 1, "checkpoint_every": 2,
-                  "keep_checkpoints": 10, "seed": 0, **train},
+        "train": {
+            "epochs": 100,
+            "max_steps": steps,
+            "global_batch_size": 16,
+            "micro_batch_size": 2,
+            "precision": "fp32",
+            "device": "cpu",
+            "log_every": 1,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 10,
+            "seed": 0,
+            **train,
+        },
         "deepspeed": {"zero_stage": zero},
         "eval": {"mode": "full", "max_frames": 32, "batch_size": 4},
     }
@@ -77,8 +94,9 @@ def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, background: bool = F
     cmd = ["bash", str(ROOT / "launch.sh"), str(path), "--run-dir", str(run_dir)]
     env = _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
     if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out
@@ -235,12 +253,20 @@ def test_zero3_trains_resumes_and_exports_exactly_as_zero1(zero_runs):
     assert _per_step(three, "loss", "lr") == losses
     assert [(r["step"], r["changed"]) for r in _records(three, "resume")] == [(4, [])]
     # ZeRO-3's export comes from the partitions in its checkpoint (zero_to_fp32), ZeRO-1's from the module
-    _assert_same_tensors(load_file(str(three / "model_step4.safetensors")),
-                         _module_weights(one / "checkpoints" / "step_000000004"), "ZeRO-3 export at step 4")
-    _assert_same_tensors(load_file(str(three / "model.safetensors")), load_file(str(one / "model.safetensors")),
-                         "ZeRO-3 export at step 8")
-    assert json.loads((three / "eval.json").read_text())["ensemble"] == json.loads((one / "eval.json").read_text())[
-        "ensemble"]
+    _assert_same_tensors(
+        load_file(str(three / "model_step4.safetensors")),
+        _module_weights(one / "checkpoints" / "step_000000004"),
+        "ZeRO-3 export at step 4",
+    )
+    _assert_same_tensors(
+        load_file(str(three / "model.safetensors")),
+        load_file(str(one / "model.safetensors")),
+        "ZeRO-3 export at step 8",
+    )
+    assert (
+        json.loads((three / "eval.json").read_text())["ensemble"]
+        == json.loads((one / "eval.json").read_text())["ensemble"]
+    )
 
 
 # ------------------------------------------------------------------------------- another world size
@@ -309,15 +335,35 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(world, accum_run, zero_r
 
     from video_ens.engine import full_parameter_states, latest_checkpoint
 
-    sources = {"zero1": (accum_run, accum_run / "checkpoints" / "step_000000004"),
-               "zero3": (zero_runs["zero3"], zero_runs["zero3"] / "checkpoints" / "step_000000004")}
+    sources = {
+        "zero1": (accum_run, accum_run / "checkpoints" / "step_000000004"),
+        "zero3": (zero_runs["zero3"], zero_runs["zero3"] / "checkpoints" / "step_000000004"),
+    }
     script = tmp_path / "reshard.py"
     script.write_text(RESHARD)
     args = [str(a) for name, (run, ckpt) in sources.items() for a in (name, run / "recipe.json", ckpt)]
     port = str(_free_port())
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                          "--master-addr", "127.0.0.1", "--master-port", port, str(script), str(tmp_path), *args],
-                         env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(world),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            str(script),
+            str(tmp_path),
+            *args,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "written by 2 rank(s)" in out.stdout + out.stderr
     for name, (_, ckpt) in sources.items():
@@ -328,5 +374,8 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(world, accum_run, zero_r
         for key in saved:
             _assert_same_tensors(again[key], saved[key], f"{name} {key} after a resume on {world} rank(s)")
         buffers = {k: v for k, v in model["module"].items() if k not in saved["fp32"]}
-        _assert_same_tensors(load_file(str(tmp_path / f"{name}_module.safetensors")), {**saved["fp32"], **buffers},
-                             f"{name} module on {world} rank(s)")
+        _assert_same_tensors(
+            load_file(str(tmp_path / f"{name}_module.safetensors")),
+            {**saved["fp32"], **buffers},
+            f"{name} module on {world} rank(s)",
+        )

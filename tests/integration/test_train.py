@@ -33,6 +33,7 @@ RTOL = 2e-4  # same torch build and thread count; a changed formula moves losses
 def demo_root(tmp_path_factory):
     """Small demo datasets of all three kinds, made once per session through the real converters."""
     from video_ens.data import demo
+
     root = tmp_path_factory.mktemp("demo")
     demo.make_kinetics(str(root / "kinetics"), num_train=48, num_val=12, shard_size=8)
     demo.make_yt8m(str(root / "yt8m"), num_train=64, num_validate=24, shard_size=16)
@@ -42,17 +43,38 @@ def demo_root(tmp_path_factory):
 
 def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **train) -> dict:
     data = {
-        "s3dg": {"kind": "clip", "train_shards": str(demo_root / "kinetics/train"),
-                 "val_shards": str(demo_root / "kinetics/val"), "frames": 16, "frame_stride": 2, "crop_size": 64,
-                 "short_side": [64, 72], "flip": False, "num_workers": 0},
-        "dbof": {"kind": "features", "train_shards": str(demo_root / "yt8m/train"),
-                 "val_shards": str(demo_root / "yt8m/val"), "frames": 25, "num_workers": 0},
-        "resnet": {"kind": "image", "train_shards": str(demo_root / "images/train"),
-                   "val_shards": str(demo_root / "images/val"), "crop_size": 32, "short_side": [32, 36],
-                   "num_workers": 0},
+        "s3dg": {
+            "kind": "clip",
+            "train_shards": str(demo_root / "kinetics/train"),
+            "val_shards": str(demo_root / "kinetics/val"),
+            "frames": 16,
+            "frame_stride": 2,
+            "crop_size": 64,
+            "short_side": [64, 72],
+            "flip": False,
+            "num_workers": 0,
+        },
+        "dbof": {
+            "kind": "features",
+            "train_shards": str(demo_root / "yt8m/train"),
+            "val_shards": str(demo_root / "yt8m/val"),
+            "frames": 25,
+            "num_workers": 0,
+        },
+        "resnet": {
+            "kind": "image",
+            "train_shards": str(demo_root / "images/train"),
+            "val_shards": str(demo_root / "images/val"),
+            "crop_size": 32,
+            "short_side": [32, 36],
+            "num_workers": 0,
+        },
     }[family]
-    model = {"s3dg": {"name": "s3dg_tiny_ens2"}, "dbof": {"name": "dbof_tiny_ens2"},
-             "resnet": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}}}[family]
+    model = {
+        "s3dg": {"name": "s3dg_tiny_ens2"},
+        "dbof": {"name": "dbof_tiny_ens2"},
+        "resnet": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
+    }[family]
     loss = "sigmoid_bce" if family == "dbof" else "softmax_ce"
     return {
         "description": f"test: tiny {family}, 2 ranks, ZeRO-{zero}",
@@ -60,8 +82,17 @@ def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **tr
         "data": data,
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": loss},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
-        "train": {"epochs": 100, "max_steps": steps, "global_batch_size": 8, "precision": "fp32", "device": "cpu",
-                  "log_every": 1, "checkpoint_every": 0, "seed": 0, **train},
+        "train": {
+            "epochs": 100,
+            "max_steps": steps,
+            "global_batch_size": 8,
+            "precision": "fp32",
+            "device": "cpu",
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "seed": 0,
+            **train,
+        },
         "deepspeed": {"zero_stage": zero},
         "eval": {"mode": "full", "max_frames": 32, "batch_size": 4},
     }
@@ -87,8 +118,9 @@ def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, env=None, extra=(), 
     cmd = ["bash", str(ROOT / "launch.sh"), str(path), "--run-dir", str(run_dir), *extra]
     env = env or _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
     if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return out
 
@@ -295,7 +327,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     # the restart trained exactly the steps after the newest complete checkpoint, no more, no fewer
     lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
     assert lines_after - lines_before == steps - resume_from[0]
-    marks = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "resume"' in line]
+    marks = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "resume"' in line
+    ]
     assert [(m["step"], m["changed"]) for m in marks] == [(resume_from[0], [])]  # same setup: nothing changed
 
 
@@ -502,23 +536,40 @@ def test_eval_tool_on_the_exported_weights_matches_training_eval(family, trained
     """tools/eval.py on model.safetensors (no DeepSpeed) gives the metrics training reported at its end."""
     run = trained(family, 1)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "eval.py"), "--run-dir", str(run), "--out", str(tmp_path),
-         "--precision", "fp32"],
-        capture_output=True, text=True, timeout=300, env=_env(),
+        [
+            sys.executable,
+            str(ROOT / "tools" / "eval.py"),
+            "--run-dir",
+            str(run),
+            "--out",
+            str(tmp_path),
+            "--precision",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
     _check(out)
     ours, training = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, run))
     assert ours["num_samples"] == training["num_samples"]
-    for head_ours, head_train in zip([ours["ensemble"], *ours["branches"]],
-                                     [training["ensemble"], *training["branches"]], strict=True):
+    for head_ours, head_train in zip(
+        [ours["ensemble"], *ours["branches"]], [training["ensemble"], *training["branches"]], strict=True
+    ):
         assert head_ours == pytest.approx(head_train, abs=1e-6)
 
 
 def test_training_curves_plot_from_a_real_run(trained, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot.py"), "curves", str(trained("s3dg", 1)),
-                          "--out", str(png)], capture_output=True, text=True, timeout=300, env=_env())
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot.py"), "curves", str(trained("s3dg", 1)), "--out", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     _check(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -540,8 +591,9 @@ def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
     stays within 10% (+64 MiB) of what it was a fifth of the way in, and when the job ends no process it started is
     left. The series is written to rss.csv beside the run."""
     steps = 4000
-    recipe = _recipe("dbof", demo_root, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20,
-                     epochs=10_000)
+    recipe = _recipe(
+        "dbof", demo_root, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20, epochs=10_000
+    )
     recipe["data"].update(num_workers=1, samples_per_epoch=2000)
     proc = _launch(recipe, tmp_path / "soak", background=True)
     samples: list[tuple[float, int, int]] = []  # (progress in [0, 1], total RSS in KiB, processes)
@@ -559,7 +611,9 @@ def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
         _kill_job(proc)
         pytest.fail("soak run did not finish in 900 s")
     assert proc.returncode == 0, proc.stdout.read()[-3000:]
-    (tmp_path / "rss.csv").write_text("progress,rss_kib,processes\n" + "".join(f"{a:.4f},{b},{c}\n" for a, b, c in samples))
+    (tmp_path / "rss.csv").write_text(
+        "progress,rss_kib,processes\n" + "".join(f"{a:.4f},{b},{c}\n" for a, b, c in samples)
+    )
     # compare like with like: samples taken with the usual process count (evaluation workers start at the first
     # evaluation; a worker of an evaluation that fails mid-way would be replaced)
     full = collections.Counter(c for _, _, c in samples).most_common(1)[0][0]  # ranks + data workers, usually

@@ -83,9 +83,19 @@ def test_missing_model_section_names_model_name():
 
 
 def test_overrides_go_through_the_same_checks():
-    r = recipe_from_dict(apply_overrides(MINIMAL, ["optim.lr=0.5", "objective.structure=ensembling",
-                                                    "objective.weight=-1.5", "data.short_side=[240, 300]",
-                                                    "train.max_steps=null", "model.options.widths_scale=0.25"]))
+    r = recipe_from_dict(
+        apply_overrides(
+            MINIMAL,
+            [
+                "optim.lr=0.5",
+                "objective.structure=ensembling",
+                "objective.weight=-1.5",
+                "data.short_side=[240, 300]",
+                "train.max_steps=null",
+                "model.options.widths_scale=0.25",
+            ],
+        )
+    )
     assert r.optim.lr == 0.5
     assert r.objective.structure == "ensembling" and r.objective.weight == -1.5
     assert r.data.short_side == (240, 300)
@@ -184,8 +194,9 @@ def test_cli_validates_without_torch(tmp_path):
     ok = subprocess.run([sys.executable, "-c", code, str(src), "--quiet"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-c", code, str(src), "--set", "optim.lrr=1"], capture_output=True, text=True)
-    got = subprocess.run([sys.executable, "-c", code, str(src), "--get", "data.train_shards"], capture_output=True,
-                         text=True)
+    got = subprocess.run(
+        [sys.executable, "-c", code, str(src), "--get", "data.train_shards"], capture_output=True, text=True
+    )
     assert got.stdout == "data/t\n"
     assert bad.returncode == 2
     assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in bad.stderr
@@ -216,22 +227,49 @@ FEATURES = {"kind": "features", "train_shards": "data/t", "val_shards": "data/v"
     [
         ({"name": "s3dg_ens3"}, "model.name: unknown model 's3dg_ens3'; did you mean 's3dg_ens2'? Known models: "),
         ({"name": "s3dg_tiny", "fork": "block9"}, "model.fork: 'block9' is not a layer of model s3dg_tiny. Valid"),
-        ({"name": "s3dg_tiny", "fork": "Mixed4f"}, "model.fork: 'Mixed4f' is not a layer of model s3dg_tiny; did you mean 'Mixed_4f'?"),
+        (
+            {"name": "s3dg_tiny", "fork": "Mixed4f"},
+            "model.fork: 'Mixed4f' is not a layer of model s3dg_tiny; did you mean 'Mixed_4f'?",
+        ),
         ({"name": "dbof_tiny", "fork": "MaxPool_4a"}, "Valid forks: pool"),
         ({"name": "s3dg_tiny", "options": {"bogus": 1}}, "model.options.bogus: unknown option of model s3dg_tiny"),
         ({"name": "s3dg_tiny", "options": {"kernel": "auto"}}, "did you mean 'model.options.kernels'? Valid options: "),
         ({"name": "s3dg_tiny", "options": {"dropuot": 0.1}}, "did you mean 'model.dropout'?"),
-        ({"name": "s3dg_tiny", "options": {"dropout": 0.1}}, "model.options.dropout: is a model field: set model.dropout"),
-        ({"name": "dbof_tiny", "options": {"cluster_size": "big"}}, 'model.options.cluster_size: expected an integer, got "big"'),
-        ({"name": "dbof_tiny", "options": {"branch_hidden_size": 2.5}}, "model.options.branch_hidden_size: expected an integer, got 2.5"),
-        ({"name": "resnet_tiny", "options": {"widths": [8, "a", 32, 64]}}, "model.options.widths[1]: expected an integer"),
+        (
+            {"name": "s3dg_tiny", "options": {"dropout": 0.1}},
+            "model.options.dropout: is a model field: set model.dropout",
+        ),
+        (
+            {"name": "dbof_tiny", "options": {"cluster_size": "big"}},
+            'model.options.cluster_size: expected an integer, got "big"',
+        ),
+        (
+            {"name": "dbof_tiny", "options": {"branch_hidden_size": 2.5}},
+            "model.options.branch_hidden_size: expected an integer, got 2.5",
+        ),
+        (
+            {"name": "resnet_tiny", "options": {"widths": [8, "a", 32, 64]}},
+            "model.options.widths[1]: expected an integer",
+        ),
         ({"name": "resnet_tiny", "options": {"se": 1}}, "model.options.se: expected true or false"),
         ({"name": "s3dg_tiny", "options": {"kernels": 3}}, "model.options.kernels: expected a string"),
-        ({"name": "s3dg_tiny", "options": {"kernels": "cuda"}}, "model.options.kernels: kernels must be one of ('auto', "),
-        ({"name": "resnet_tiny", "fork": "block9"}, "model.fork: 'block9' is not a layer of model resnet_tiny; did you mean 'block4'? Valid forks: stem, block1, block2, block3, block4"),
+        (
+            {"name": "s3dg_tiny", "options": {"kernels": "cuda"}},
+            "model.options.kernels: kernels must be one of ('auto', ",
+        ),
+        (
+            {"name": "resnet_tiny", "fork": "block9"},
+            "model.fork: 'block9' is not a layer of model resnet_tiny; did you mean 'block4'? Valid forks: stem, block1, block2, block3, block4",
+        ),
         # the forks and the checks see the preset's options under the recipe's: two blocks, and seresnet's se=True
-        ({"name": "resnet_tiny", "fork": "block3", "options": {"widths": [8, 16], "units": [2, 2]}}, "Valid forks: stem, block1, block2"),
-        ({"name": "seresnet_tiny", "options": {"se_reduction": 0}}, "model.options.se_reduction: se_reduction must be >= 1"),
+        (
+            {"name": "resnet_tiny", "fork": "block3", "options": {"widths": [8, 16], "units": [2, 2]}},
+            "Valid forks: stem, block1, block2",
+        ),
+        (
+            {"name": "seresnet_tiny", "options": {"se_reduction": 0}},
+            "model.options.se_reduction: se_reduction must be >= 1",
+        ),
     ],
 )
 def test_model_section_is_checked_against_the_builder(model, expect):
@@ -250,7 +288,9 @@ def test_model_options_get_the_builders_types():
     with pytest.raises(RecipeError, match=r"model.options.widths\[2\]: expected an integer, got 32.0: write 32"):
         recipe_from_dict(_with_model({"name": "resnet_tiny", "options": {"widths": [8, 16, 32.0, 64]}}))
     r = recipe_from_dict(_with_model({"name": "s3dg_tiny", "options": {"widths_scale": 1, "kernels": "auto"}}))
-    assert r.model.options == {"widths_scale": 1.0, "kernels": "auto"} and type(r.model.options["widths_scale"]) is float
+    assert (
+        r.model.options == {"widths_scale": 1.0, "kernels": "auto"} and type(r.model.options["widths_scale"]) is float
+    )
     assert r.model.builder_kwargs() == {"widths_scale": 1.0, "kernels": "auto"}
 
 
@@ -322,8 +362,9 @@ def test_model_errors_stop_the_launch_check_without_torch(tmp_path):
         ("model.fork=block9", "model.fork: 'block9' is not a layer"),
         ('model.options={"bogus": 1}', "model.options.bogus: unknown option"),
     ]:
-        out = subprocess.run([sys.executable, "-c", code, str(src), "--quiet", "--set", override], capture_output=True,
-                             text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(src), "--quiet", "--set", override], capture_output=True, text=True
+        )
         assert out.returncode == 2, (override, out.stderr)
         assert expect in out.stderr
 
@@ -334,7 +375,10 @@ def test_model_errors_stop_the_launch_check_without_torch(tmp_path):
 @pytest.mark.parametrize(
     "patch, expect",
     [
-        ({"data": {"clip_crop": "resized"}}, 'data.clip_crop: "resized" is not one of "scale_jitter", "resized_crop"; did you mean "resized_crop"?'),
+        (
+            {"data": {"clip_crop": "resized"}},
+            'data.clip_crop: "resized" is not one of "scale_jitter", "resized_crop"; did you mean "resized_crop"?',
+        ),
         ({"data": {"crop_scale": [0.5, 0.2]}}, "data.crop_scale: must be [min, max] with 0 < min <= max <= 1"),
         ({"data": {"crop_scale": [0.5, 1.5]}}, "data.crop_scale: must be"),
         ({"data": {"crop_ratio": [0, 1]}}, "data.crop_ratio: must be [min, max] with 0 < min <= max"),
@@ -352,7 +396,9 @@ def test_crop_and_eval_scale_errors(patch, expect):
 
 def test_eval_scale_defaults():
     r = recipe_from_dict(MINIMAL)
-    assert r.data.clip_crop == "scale_jitter" and r.data.crop_scale == (0.08, 1.0) and r.data.crop_ratio == (3 / 4, 4 / 3)
+    assert (
+        r.data.clip_crop == "scale_jitter" and r.data.crop_scale == (0.08, 1.0) and r.data.crop_ratio == (3 / 4, 4 / 3)
+    )
     assert r.eval.short_side is None and r.eval.crop_size is None
     # clips: the low end of the training scale (S3D-G / I3D / PySlowFast: short side 256, crop 224)
     assert r.eval.view_size(r.data) == (256, 224)
@@ -361,10 +407,15 @@ def test_eval_scale_defaults():
     # images: crop / 0.875, unless stated
     img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny"]))
     assert img.eval.view_size(img.data) == (256, 224)
-    img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "data.crop_size=32",
-                                                     "data.short_side=[32, 36]"]))
+    img = recipe_from_dict(
+        apply_overrides(
+            MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "data.crop_size=32", "data.short_side=[32, 36]"]
+        )
+    )
     assert img.eval.view_size(img.data) == (37, 32)
-    img = recipe_from_dict(apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "eval.short_side=288"]))
+    img = recipe_from_dict(
+        apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "eval.short_side=288"])
+    )
     assert img.eval.view_size(img.data) == (288, 224)
 
 
@@ -396,17 +447,24 @@ def test_integers_given_as_floats_or_out_of_range_stop_the_launch_check(tmp_path
     """`python -m video_ens.config` (before torchrun) refuses them: train.seed=1e308 used to fail only in
     torch.manual_seed, after the process group had started."""
     src = _write(tmp_path, MINIMAL)
-    out = subprocess.run([sys.executable, "-m", "video_ens.config", str(src), "--quiet", "--world-size", "2",
-                          "--set", override], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "video_ens.config", str(src), "--quiet", "--world-size", "2", "--set", override],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2, (override, out.stderr)
     assert expect in out.stderr
 
 
 def test_the_learning_rate_is_checked_after_linear_scaling():
     """lr=1e308 is finite, but scaled to the global batch it is not: the check runs on the value the run uses."""
-    raw = {**MINIMAL, "optim": {"lr": 1e308, "lr_scaling": "linear", "reference_batch_size": 256},
-           "train": {"global_batch_size": 512}}
-    assert "optim.lr: with optim.lr_scaling \"linear\" the peak learning rate 1e+308 x 512 / 256 is inf" in _error(raw)
+    raw = {
+        **MINIMAL,
+        "optim": {"lr": 1e308, "lr_scaling": "linear", "reference_batch_size": 256},
+        "train": {"global_batch_size": 512},
+    }
+    assert 'optim.lr: with optim.lr_scaling "linear" the peak learning rate 1e+308 x 512 / 256 is inf' in _error(raw)
     raw["optim"]["lr_scaling"] = "none"
     assert recipe_from_dict(raw).optim.peak_lr(512) == 1e308
 
@@ -422,14 +480,23 @@ def test_default_run_folder_names_differ_across_seeds_and_overrides(tmp_path):
     src = _write(tmp_path, MINIMAL)
     plain = default_run_dir(src, [])
     assert plain == Path("runs") / "r"
-    for same in (["train.max_steps=100"], ["data.num_workers=8", "eval.batch_size=2"], ["train.resume=force"],
-                 ["train.seed=0"], ["optim.lr=0.1"]):  # 0 and 0.1 are the values the file resolves to
+    for same in (
+        ["train.max_steps=100"],
+        ["data.num_workers=8", "eval.batch_size=2"],
+        ["train.resume=force"],
+        ["train.seed=0"],
+        ["optim.lr=0.1"],
+    ):  # 0 and 0.1 are the values the file resolves to
         assert default_run_dir(src, same) == plain, same
     seed1 = default_run_dir(src, ["train.seed=1"])
     assert seed1.parent == plain.parent and seed1.name.startswith("r-") and len(seed1.name) == len("r-") + 8
     assert default_run_dir(src, ["train.seed=1", "train.max_steps=9"]) == seed1
-    others = {seed1, default_run_dir(src, ["train.seed=2"]), default_run_dir(src, ["optim.lr=0.2"]),
-              default_run_dir(src, ["train.seed=1", "optim.lr=0.2"])}
+    others = {
+        seed1,
+        default_run_dir(src, ["train.seed=2"]),
+        default_run_dir(src, ["optim.lr=0.2"]),
+        default_run_dir(src, ["train.seed=1", "optim.lr=0.2"]),
+    }
     assert len(others) == 4 and plain not in others
 
 
@@ -437,8 +504,19 @@ def test_resume_differences_name_the_fields_a_resume_may_not_change():
     from video_ens.config import resume_differences
 
     old = recipe_to_dict(recipe_from_dict(MINIMAL))
-    new = recipe_from_dict(apply_overrides(MINIMAL, ["train.seed=3", "optim.lr=0.2", "train.max_steps=50",
-                                                     "data.num_workers=1", "eval.num_clips=2", "description=x"]))
+    new = recipe_from_dict(
+        apply_overrides(
+            MINIMAL,
+            [
+                "train.seed=3",
+                "optim.lr=0.2",
+                "train.max_steps=50",
+                "data.num_workers=1",
+                "eval.num_clips=2",
+                "description=x",
+            ],
+        )
+    )
     assert resume_differences(old, new) == ["optim.lr: 0.1 -> 0.2", "train.seed: 0 -> 3"]
     # a field the checkpoint's code did not have counts as its default; one this code no longer has is ignored
     del old["data"]["frame_stride"]

@@ -46,8 +46,11 @@ class _Stream:
         rng = np.random.default_rng(1)
         self.num_classes, self.num_samples = CLASSES, videos + len(bad)
         self.aggregate = "mean" if views > 1 else "first"
-        self.rows = [(f"vid{v:02d}", view, rng.standard_normal(4).astype(np.float32), v % CLASSES)
-                     for v in range(videos) for view in range(views)]
+        self.rows = [
+            (f"vid{v:02d}", view, rng.standard_normal(4).astype(np.float32), v % CLASSES)
+            for v in range(videos)
+            for view in range(views)
+        ]
         self.views, self.batch, self.bad = views, batch, list(bad)
         self.stats: dict = {}
 
@@ -61,8 +64,11 @@ class _Stream:
                     reasons = self.stats["bad_by_reason"]
                     reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
                     self.stats["last_bad"].append(record)
-            out = {"ids": [r[0] for r in rows], "inputs": torch.from_numpy(np.stack([r[2] for r in rows])),
-                   "target": torch.tensor([r[3] for r in rows])}
+            out = {
+                "ids": [r[0] for r in rows],
+                "inputs": torch.from_numpy(np.stack([r[2] for r in rows])),
+                "target": torch.tensor([r[3] for r in rows]),
+            }
             if self.views > 1:
                 out["view_ids"] = torch.tensor([r[1] for r in rows])
             yield out
@@ -84,8 +90,15 @@ def log_lines():
 
 def test_progress_lines_show_total_percentage_rate_and_eta(log_lines):
     stream = _Stream(videos=5, views=6, batch=4)  # 30 inputs in 8 batches
-    evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"), log_every=2,
-             views_per_sample=6)
+    evaluate(
+        _LinearEnsemble(),
+        stream,
+        task="single_label",
+        top_k=5,
+        device=torch.device("cpu"),
+        log_every=2,
+        views_per_sample=6,
+    )
     progress = [line for line in log_lines if line.startswith("evaluated")]
     assert len(progress) == 4
     pattern = r"evaluated inputs (\d+)/30 \(([\d.]+)%\) on rank 0, [\d.]+ inputs/s, eta \d+:\d\d:\d\d"
@@ -98,42 +111,55 @@ def test_progress_of_a_one_view_stream_needs_no_views_per_sample(log_lines):
     stream = _Stream(videos=9, views=1, batch=3)
     evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"), log_every=1)
     assert [line.split(" (")[0] for line in log_lines if line.startswith("evaluated")] == [
-        "evaluated inputs 3/9", "evaluated inputs 6/9", "evaluated inputs 9/9"]
+        "evaluated inputs 3/9",
+        "evaluated inputs 6/9",
+        "evaluated inputs 9/9",
+    ]
 
 
 def test_progress_line_without_total_and_duration_format():
     assert progress_line(350, None, 3.5) == "evaluated 350 inputs on rank 0, 100.0 inputs/s"
     line = progress_line(100, 400, 10.0, bad=2)
-    assert line == ("evaluated inputs 100/400 (25.0%) on rank 0, 10.0 inputs/s, eta 0:00:30; "
-                    "2 bad sample(s) skipped so far")
+    assert line == (
+        "evaluated inputs 100/400 (25.0%) on rank 0, 10.0 inputs/s, eta 0:00:30; 2 bad sample(s) skipped so far"
+    )
     assert format_duration(3725) == "1:02:05" and format_duration(float("inf")) == "?"
     # The loader's split of N samples over R ranks: [N r / R, N (r + 1) / R).
     assert [rank_share(10, r, 4) for r in range(4)] == [2, 3, 2, 3]
 
 
 def test_bad_samples_are_named_in_the_result():
-    bad = [{"key": "vid77", "reason": "decode", "detail": "InvalidDataError: no frames"},
-           {"key": "vid78", "reason": "label", "detail": "label 9 outside [0, 6)"}]
+    bad = [
+        {"key": "vid77", "reason": "decode", "detail": "InvalidDataError: no frames"},
+        {"key": "vid78", "reason": "label", "detail": "label 9 outside [0, 6)"},
+    ]
     stream = _Stream(videos=4, views=1, batch=3, bad=bad)
-    result = evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"),
-                      log_every=0)
+    result = evaluate(_LinearEnsemble(), stream, task="single_label", top_k=5, device=torch.device("cpu"), log_every=0)
     assert result["bad_samples"] == 2 and result["num_samples"] == 4
     assert result["bad_sample_keys"] == {
-        "bad": 2, "bad_by_reason": {"decode": 1, "label": 1}, "last_bad": [{**r, "rank": 0} for r in bad]}
+        "bad": 2,
+        "bad_by_reason": {"decode": 1, "label": 1},
+        "last_bad": [{**r, "rank": 0} for r in bad],
+    }
 
 
 def test_bad_samples_of_all_ranks_merge():
     ranks = [
-        {"bad": 12, "bad_by_reason": {"decode": 11, "shard": 1},
-         "last_bad": [{"key": "a", "reason": "decode", "detail": "x"}]},
+        {
+            "bad": 12,
+            "bad_by_reason": {"decode": 11, "shard": 1},
+            "last_bad": [{"key": "a", "reason": "decode", "detail": "x"}],
+        },
         {"bad": 0, "bad_by_reason": {}, "last_bad": []},
         {"bad": 1, "bad_by_reason": {"decode": 1}, "last_bad": [{"key": "b", "reason": "decode", "detail": "y"}]},
     ]
     assert merge_bad_samples(ranks) == {
         "bad": 13,
         "bad_by_reason": {"decode": 12, "shard": 1},
-        "last_bad": [{"key": "a", "reason": "decode", "detail": "x", "rank": 0},
-                     {"key": "b", "reason": "decode", "detail": "y", "rank": 2}],
+        "last_bad": [
+            {"key": "a", "reason": "decode", "detail": "x", "rank": 0},
+            {"key": "b", "reason": "decode", "detail": "y", "rank": 2},
+        ],
     }
 
 
@@ -141,8 +167,16 @@ def test_multi_view_scores_are_per_video_averages():
     videos, views = 7, 5
     stream = _Stream(videos=videos, views=views, batch=3)  # a video's views straddle batches
     model = _LinearEnsemble()
-    result = evaluate(model, stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_scores=True,
-                      log_every=0, views_per_sample=views)
+    result = evaluate(
+        model,
+        stream,
+        task="single_label",
+        top_k=5,
+        device=torch.device("cpu"),
+        keep_scores=True,
+        log_every=0,
+        views_per_sample=views,
+    )
     scores = result["scores"]
     assert list(scores["ids"]) == [f"vid{v:02d}" for v in range(videos)]
     assert list(scores["views"]) == [views] * videos and list(scores["targets"]) == [v % CLASSES for v in range(videos)]
@@ -162,8 +196,17 @@ def test_per_class_and_top_predictions_of_a_multi_view_stream():
     videos, views = 12, 5
     stream = _Stream(videos=videos, views=views, batch=4)
     model = _LinearEnsemble()
-    result = evaluate(model, stream, task="single_label", top_k=3, device=torch.device("cpu"), log_every=0,
-                      views_per_sample=views, per_class=True, keep_top=True)
+    result = evaluate(
+        model,
+        stream,
+        task="single_label",
+        top_k=3,
+        device=torch.device("cpu"),
+        log_every=0,
+        views_per_sample=views,
+        per_class=True,
+        keep_top=True,
+    )
     with torch.no_grad():
         out = model(torch.from_numpy(np.stack([r[2] for r in stream.rows])))
     ensemble = out.ensemble.numpy().reshape(videos, views, CLASSES).astype(np.float64).mean(1)  # (V, C)
@@ -194,8 +237,11 @@ def test_evaluation_reaches_a_model_only_through_its_interface():
     """evaluate.py imports the model interface (video_ens.models.ensemble), never a family's layers; a model without
     a windowed whole-clip forward is told so instead of being walked."""
     tree = ast.parse(Path(video_ens.evaluate.__file__).read_text())
-    models = {f"{node.module}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-              and (node.module or "").split(".")[0] == "models"}
+    models = {
+        f"{node.module}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "models"
+    }
     assert models == {"models.ensemble"}, models
     clip = torch.zeros(1, 3, 20, 4, 4)
     with pytest.raises(ValueError, match="_LinearEnsemble has no windowed whole-clip forward.*--max-chunk-frames 0"):

@@ -247,21 +247,24 @@ def test_a_tar_member_over_the_byte_budget_is_skipped_unread(tmp_path):
     info["shards"][0]["count"] = info["num_samples"] = 4
     info["shards"][0]["bytes"] = shard.stat().st_size
     (tmp_path / "d" / "_info.json").write_text(json.dumps(info))
-    run = _in_child(f"""
+    run = _in_child(
+        f"""
         from pathlib import Path
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_hostile_samples import _cfg, _eval_all, _reasons
         ids, stats = _eval_all(_cfg(Path({str(tmp_path / "d")!r}), "clip"))
         print(len(ids), _reasons(stats), stats["last_bad"][0]["detail"])
-    """, limit_gib=1.5)
+    """,
+        limit_gib=1.5,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith(f"3 {{'{key}': 'budget'}}") and "data.max_member_bytes" in run.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------- fuzz
 
-FUZZ = r'''
+FUZZ = r"""
 import io, json, sys, random, tempfile, traceback
 import numpy as np, torch
 sys.path.insert(0, TESTS)
@@ -377,7 +380,7 @@ import resource
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"counts": counts, "memory": memory, "escaped": escaped[:5], "n_escaped": len(escaped),
                   "peak_rss": peak}))
-'''
+"""
 
 
 def test_fuzz_every_decoder_only_skips(tmp_path):
@@ -517,6 +520,7 @@ def test_workers_leave_stop_signals_to_their_rank(tmp_path):
     rows = [_video_sample(i, _clip(seed=i)) for i in range(8)]
     _write(tmp_path / "d", "video", rows)
     cfg = _cfg(tmp_path / "d", "clip", num_workers=2, samples_per_epoch=8)
+
     def stream():
         return loader.train_stream(cfg, input_spec=_input_spec("clip"), micro_batch_size=2, rank=0, world_size=1,
                                    seed=0, root=loader.resolve_paths(cfg), quarantine=tmp_path / "q.jsonl")  # fmt: skip

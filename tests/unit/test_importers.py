@@ -130,8 +130,14 @@ def test_resnet152_stem_and_every_unit_that_strides_alike_compute_torchvision_fu
                 unit.act = relu6
             compared += 1
     # the documented stride difference, and only it: torchvision's first units of layer2-4, our last of block1-3
-    assert differ == [("layer1.2", "block1.unit3"), ("layer2.0", "block2.unit1"), ("layer2.7", "block2.unit8"),
-                      ("layer3.0", "block3.unit1"), ("layer3.35", "block3.unit36"), ("layer4.0", "block4.unit1")]
+    assert differ == [
+        ("layer1.2", "block1.unit3"),
+        ("layer2.0", "block2.unit1"),
+        ("layer2.7", "block2.unit8"),
+        ("layer3.0", "block3.unit1"),
+        ("layer3.35", "block3.unit36"),
+        ("layer4.0", "block4.unit1"),
+    ]
     assert compared == 44
 
 

@@ -187,8 +187,11 @@ def _private_uses(path: Path) -> list[str]:
 
 
 def _is_sys_path(node: ast.AST) -> bool:
-    return isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) and (
-        node.value.id == "sys"
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and (node.value.id == "sys")
     )
 
 

@@ -564,7 +564,11 @@ def test_image_crop_ranges_reach_the_train_transform(data, monkeypatch):
     list(_train(_cfg(data, "image", samples_per_epoch=4), batch=4).batches(0, 0))
     assert {(c["scale"], c["ratio"]) for c in calls} == {((0.08, 1.0), (3 / 4, 4 / 3))}  # the defaults: as before
     calls.clear()
-    list(_train(_cfg(data, "image", samples_per_epoch=4, crop_scale=(0.5, 1.0), crop_ratio=(1.0, 1.0)), batch=4).batches(0, 0))
+    list(
+        _train(_cfg(data, "image", samples_per_epoch=4, crop_scale=(0.5, 1.0), crop_ratio=(1.0, 1.0)), batch=4).batches(
+            0, 0
+        )
+    )
     assert {(c["scale"], c["ratio"]) for c in calls} == {((0.5, 1.0), (1.0, 1.0))}
 
 
@@ -805,8 +809,9 @@ def test_shared_memory_too_small_for_the_batches_in_flight_is_named(data, monkey
         f_bavail = f_blocks
 
     monkeypatch.setattr(loader.os, "statvfs", lambda path: Fs)
-    stream = _train(_cfg(data, num_workers=2, samples_per_epoch=6, frames=64, crop_size=224, short_side=(256, 320)),
-                    batch=3)
+    stream = _train(
+        _cfg(data, num_workers=2, samples_per_epoch=6, frames=64, crop_size=224, short_side=(256, 320)), batch=3
+    )
     with pytest.raises(RuntimeError, match=r"/dev/shm, which holds 64 MiB in all.*--shm-size=1g"):
         next(iter(stream.batches(0, 0)))
     loader.check_shared_memory(1 << 20, 2, "small")  # 6 MiB in flight: fits

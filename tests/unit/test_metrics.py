@@ -391,8 +391,10 @@ def test_mean_sync_adds_views_split_over_ranks_and_refuses_a_view_on_two():
     ids = np.arange(videos)
 
     def ranks(extra=None):
-        a, b = (EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean")
-                for _ in "ab")
+        a, b = (
+            EnsembleMetrics(task="single_label", num_classes=CLASSES, num_branches=N_BRANCHES, aggregate="mean")
+            for _ in "ab"
+        )
         for acc, rank_views in ((a, (0, 2)), (b, (1, 3))):
             for view in rank_views:
                 _feed(acc, ids, scores[view], ensembles[view], target, batch=4, views=np.full(videos, view))
@@ -402,8 +404,9 @@ def test_mean_sync_adds_views_split_over_ranks_and_refuses_a_view_on_two():
 
     # Each rank's sum, then the ranks in order: (v0 + v2) + (v1 + v3), by hand in float64.
     sums = [_hand_mean(scores, ensembles, pair) for pair in ([0, 2], [1, 3])]
-    expected = _expected_single_label((sums[0][0] * 2 + sums[1][0] * 2) / 4, (sums[0][1] * 2 + sums[1][1] * 2) / 4,
-                                      target)
+    expected = _expected_single_label(
+        (sums[0][0] * 2 + sums[1][0] * 2) / 4, (sums[0][1] * 2 + sums[1][1] * 2) / 4, target
+    )
     assert _sync_as(ranks()).compute() == expected
     with pytest.raises(ValueError, match=r"sample id 2: view\(s\) \[0\] arrived twice"):
         _sync_as(ranks(extra=True))
@@ -416,8 +419,9 @@ def test_mean_scores_average_the_views_per_id():
     order = np.random.default_rng(0).permutation(videos)
     names = np.array([f"vid{i}" for i in range(videos)])
     for view in range(views):
-        acc.update(names[order], scores[view][:, order], ensembles[view][order], target[order],
-                   view_ids=np.full(videos, view))
+        acc.update(
+            names[order], scores[view][:, order], ensembles[view][order], target[order], view_ids=np.full(videos, view)
+        )
     out = acc.mean_scores()
     branches, ensemble = _hand_mean(scores, ensembles, range(views))
     assert list(out["ids"]) == sorted(names) and list(out["views"]) == [views] * videos
@@ -480,12 +484,15 @@ def _evaluate(rank, world):
         video, clip = rows // DIST_CLIPS, rows % DIST_CLIPS
         clip_ens = clip_scores[:, rows].mean(0)
         clips.update(video, clip_scores[:, rows], clip_ens, clip_target[video], view_ids=clip)
-    return {"videos": _jsonable(videos.sync().compute(per_class=True)),
-            "clips": _jsonable(clips.sync().compute(per_class=True))}
+    return {
+        "videos": _jsonable(videos.sync().compute(per_class=True)),
+        "clips": _jsonable(clips.sync().compute(per_class=True)),
+    }
 
 
 def _jsonable(result: dict) -> dict:
     """compute(per_class=True) as JSON values: arrays as lists, NaN (a class without samples) as None."""
+
     def convert(value):
         if isinstance(value, dict):
             return {k: convert(v) for k, v in value.items()}
@@ -530,12 +537,16 @@ def test_sync_across_two_gloo_ranks_equals_single_process(tmp_path):
 # Six samples of classes 0, 0, 0, 1, 1, 2 over four classes (class 3 has none), with ties at the top of s2, s3, s5:
 # the lower class index wins a tie, as in topk_accuracy.
 #                        c0    c1    c2    c3     target  arg-max  target's rank
-PC_SCORES = np.array([[0.60, 0.30, 0.10, 0.00],  # 0     0        0
-                      [0.20, 0.50, 0.30, 0.00],  # 0     1        2
-                      [0.40, 0.40, 0.20, 0.00],  # 0     0 (tie)  0
-                      [0.10, 0.45, 0.45, 0.00],  # 1     1 (tie)  0
-                      [0.10, 0.30, 0.60, 0.00],  # 1     2        1
-                      [0.45, 0.10, 0.45, 0.00]])  # 2    0 (tie)  1
+PC_SCORES = np.array(
+    [
+        [0.60, 0.30, 0.10, 0.00],  # 0     0        0
+        [0.20, 0.50, 0.30, 0.00],  # 0     1        2
+        [0.40, 0.40, 0.20, 0.00],  # 0     0 (tie)  0
+        [0.10, 0.45, 0.45, 0.00],  # 1     1 (tie)  0
+        [0.10, 0.30, 0.60, 0.00],  # 1     2        1
+        [0.45, 0.10, 0.45, 0.00],
+    ]
+)  # 2    0 (tie)  1
 PC_TARGET = np.array([0, 0, 0, 1, 1, 2])
 PC_TOP1 = [2 / 3, 1 / 2, 0 / 1, np.nan]  # class 0: s0, s2 of three; class 1: s3 of two; class 2: s5 missed
 PC_TOP2 = [2 / 3, 2 / 2, 1 / 1, np.nan]  # s1's target ranks third
@@ -576,8 +587,13 @@ def test_accumulator_per_class_single_label_by_hand(aggregate):
         acc.update(ids[:1], np.stack([wrong, wrong]), wrong, PC_TARGET[:1])
     else:  # two views per sample, +-0.25 on a whole row: their mean is the hand-made row, ties kept bit for bit
         for shift, view in ((0.25, 0), (-0.25, 1)):
-            acc.update(ids, np.stack([PC_SCORES + shift, other + shift]), PC_SCORES + shift, PC_TARGET,
-                       view_ids=np.full(6, view))
+            acc.update(
+                ids,
+                np.stack([PC_SCORES + shift, other + shift]),
+                PC_SCORES + shift,
+                PC_TARGET,
+                view_ids=np.full(6, view),
+            )
     result = acc.compute(per_class=True)
     assert result["ensemble"] == {"top1": 0.5, "top2": pytest.approx(5 / 6)}
     assert set(result["per_class"]) == {"ensemble", "branches"}

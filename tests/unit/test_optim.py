@@ -13,7 +13,9 @@ EPOCH = 1000
 
 
 def _lr(seen, total=10 * EPOCH, gb=100, **kw):
-    return lr_at(OptimConfig(**kw), samples_seen=seen, total_samples=total, samples_per_epoch=EPOCH, global_batch_size=gb)
+    return lr_at(
+        OptimConfig(**kw), samples_seen=seen, total_samples=total, samples_per_epoch=EPOCH, global_batch_size=gb
+    )
 
 
 def test_step_decay_paper_resnet():
@@ -65,7 +67,9 @@ def test_param_groups_decay_weights_and_bn_gamma_not_biases():
     assert {id(p) for p in groups[0]["params"]} == {id(conv.weight), id(fc.weight)}
 
 
-@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
 def test_create_optimizer(name, cls):
     m = nn.Linear(3, 2)
     opt = create_optimizer(m, OptimConfig(name=name, weight_decay=0.1), lr=0.5)

@@ -101,8 +101,9 @@ def _marker_frame(i: int = 0) -> np.ndarray:
     return a
 
 
-def _write(path: Path, *, rotation=None, hflip=False, vflip=False, sar=None, tag=None, frames=None,
-           lossless=True, fmt=None) -> Path:
+def _write(
+    path: Path, *, rotation=None, hflip=False, vflip=False, sar=None, tag=None, frames=None, lossless=True, fmt=None
+) -> Path:
     frames = frames if frames is not None else [_marker_frame(i) for i in range(2)]
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w", format=fmt) as c:
@@ -135,11 +136,19 @@ def _needs_display_rotation():
 # picture (checked against it in the test when ffmpeg is installed): degrees count counter-clockwise; a vertical
 # flip is a mirror plus a half turn.
 ORIENTATIONS = {
-    (0, False, False): (0, False), (90, False, False): (90, False), (180, False, False): (180, False),
-    (270, False, False): (270, False), (-90, False, False): (270, False),
-    (0, True, False): (0, True), (90, True, False): (90, True), (180, True, False): (180, True),
-    (270, True, False): (270, True), (0, False, True): (180, True), (90, False, True): (270, True),
-    (180, False, True): (0, True), (270, False, True): (90, True),
+    (0, False, False): (0, False),
+    (90, False, False): (90, False),
+    (180, False, False): (180, False),
+    (270, False, False): (270, False),
+    (-90, False, False): (270, False),
+    (0, True, False): (0, True),
+    (90, True, False): (90, True),
+    (180, True, False): (180, True),
+    (270, True, False): (270, True),
+    (0, False, True): (180, True),
+    (90, False, True): (270, True),
+    (180, False, True): (0, True),
+    (270, False, True): (90, True),
 }
 
 
@@ -156,8 +165,11 @@ def test_display_matrices_turn_and_mirror_frames_as_ffmpeg_shows_them(tmp_path):
         assert np.array_equal(shown, expected)
         assert display.size(W, H) == shown.shape[2:0:-1]
         if FFMPEG:
-            raw = subprocess.run([FFMPEG, "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
-                                  "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+            raw = subprocess.run(
+                [FFMPEG, "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                capture_output=True,
+                check=True,
+            ).stdout
             assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(shown[0].shape), shown[0])
     # the phone case by hand: stored landscape, the white top-left block ends up top-right after a clockwise turn
     shown = apply_display(decode_frames(tmp_path / "r-90_00.mp4", [0]), read_display(tmp_path / "r-90_00.mp4"))[0]
@@ -211,12 +223,18 @@ def test_find_inputs_walks_folders_reads_lists_and_names_what_is_missing(tmp_pat
     lst = tmp_path / "lists" / "more.txt"
     lst.parent.mkdir()
     lst.write_text("# my clips\n\n../clips/b.mp4\n../odd.name\nmissing.avi\n")
-    found, missing = find_inputs([clips, tmp_path / "odd.name", lst, tmp_path / "empty", tmp_path / "nope.mp4"],
-                                 "clip")
-    assert found == [str(clips / "a.MKV"), str(clips / "b.mp4"), str(clips / "sub" / "c.webm"),
-                     str(tmp_path / "odd.name")]  # b.mp4 and odd.name again from the list: kept once
+    found, missing = find_inputs([clips, tmp_path / "odd.name", lst, tmp_path / "empty", tmp_path / "nope.mp4"], "clip")
+    assert found == [
+        str(clips / "a.MKV"),
+        str(clips / "b.mp4"),
+        str(clips / "sub" / "c.webm"),
+        str(tmp_path / "odd.name"),
+    ]  # b.mp4 and odd.name again from the list: kept once
     assert [(Path(s.id).name, s.reason.split(" (")[0]) for s in missing] == [
-        ("missing.avi", "no such file or folder"), ("empty", "no clip files"), ("nope.mp4", "no such file or folder")]
+        ("missing.avi", "no such file or folder"),
+        ("empty", "no clip files"),
+        ("nope.mp4", "no such file or folder"),
+    ]
     images, _ = find_inputs([clips], "image")
     assert images == []
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -244,8 +262,11 @@ def test_feature_files_in_every_accepted_layout(tmp_path):
     bad[2, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     (tmp_path / "text.npy").write_text("not numpy")
-    for name, message in (("bad.npy", r"shape \(7, 1000\); expected .npy of shape \(T, 1152\)"),
-                          ("nan.npy", "NaN or inf"), ("text.npy", "not a readable feature file")):
+    for name, message in (
+        ("bad.npy", r"shape \(7, 1000\); expected .npy of shape \(T, 1152\)"),
+        ("nan.npy", "NaN or inf"),
+        ("text.npy", "not a readable feature file"),
+    ):
         with pytest.raises(InputError, match=message) as e:
             load_features(str(tmp_path / name), rgb_dim=1024, audio_dim=128, max_frames=300)
         assert str(tmp_path / name) in str(e.value)
@@ -259,11 +280,18 @@ def _predictor(tmp_path: Path, model_name: str, data: dict, *, labels: list[str]
     model = create_model(model_name).eval()
     absent = {"train_shards": str(tmp_path / "absent"), "val_shards": str(tmp_path / "absent_val")}
     loss = "sigmoid_bce" if data["kind"] == "features" else "softmax_ce"
-    recipe = {"model": {"name": model_name}, "data": {**absent, **data}, "objective": {"loss": loss},
-              "train": {"precision": "fp32", "device": "cpu"}}
+    recipe = {
+        "model": {"name": model_name},
+        "data": {**absent, **data},
+        "objective": {"loss": loss},
+        "train": {"precision": "fp32", "device": "cpu"},
+    }
     dump_recipe(recipe_from_dict(recipe), tmp_path / "recipe.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"),
-              metadata={"model": model_name})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "w.safetensors"),
+        metadata={"model": model_name},
+    )
     names = None
     if labels is not None:
         names = tmp_path / "names.txt"
@@ -343,12 +371,16 @@ def test_embeddings_stream_in_shards_through_atomic_writes_and_read_back(tmp_pat
     np.testing.assert_array_equal(got["base"], np.stack([r[1] for r in rows]).astype(np.float32))
     np.testing.assert_array_equal(got["branches"], np.stack([r[2] for r in rows], axis=1).astype(np.float32))
     index = got["index"]
-    assert index["complete"] and index["model"] == "m" and index["arrays"] == {"base": [6], "branch0": [4],
-                                                                               "branch1": [4]}
+    assert (
+        index["complete"] and index["model"] == "m" and index["arrays"] == {"base": [6], "branch0": [4], "branch1": [4]}
+    )
     assert [s["count"] for s in index["shards"]] == [2, 2, 1]
     # every file through write_atomic; each shard's arrays and ids before the index that lists it
-    assert writes[:5] == ["index.json", "000000.base.npy", "000000.branch0.npy", "000000.branch1.npy",
-                          "000000.ids.json"] and writes[5] == "index.json" and writes[-1] == "index.json"
+    assert (
+        writes[:5] == ["index.json", "000000.base.npy", "000000.branch0.npy", "000000.branch1.npy", "000000.ids.json"]
+        and writes[5] == "index.json"
+        and writes[-1] == "index.json"
+    )
     assert set(p.name for p in out.iterdir()) == set(writes)
     shards = list(predict.iter_embedding_shards(out))
     assert isinstance(shards[0]["base"], np.memmap) and [len(s["ids"]) for s in shards] == [2, 2, 1]

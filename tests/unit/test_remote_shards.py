@@ -41,6 +41,7 @@ def demo(tmp_path_factory) -> Path:
     """The demo Kinetics set (kinetics/train, kinetics/val), plus noinfo/ (training shards without _info.json) and
     broken_val/ (the validation _info.json with one of its two shards missing)."""
     from video_ens.data import demo as demo_data
+
     root = tmp_path_factory.mktemp("remote")
     demo_data.make_kinetics(str(root / "kinetics"), num_train=12, num_val=8, shard_size=4, frames=16, size=48)
     (root / "noinfo").mkdir()

@@ -86,32 +86,56 @@ def test_read_video_ids_from_the_samples(tmp_path):
 # Per-class arrays of a 3-class, 2-branch single-label evaluation (what EnsembleMetrics.compute(per_class=True)
 # returns); class 2 has no sample.
 SINGLE = {
-    "ensemble": {"support": np.array([4, 2, 0]), "top1": np.array([0.75, 0.5, np.nan]),
-                 "top5": np.array([1.0, 1.0, np.nan]), "confusion": np.array([[3, 1, 0], [0, 1, 1], [0, 0, 0]]),
-                 "predicted": np.array([3, 2, 1])},
+    "ensemble": {
+        "support": np.array([4, 2, 0]),
+        "top1": np.array([0.75, 0.5, np.nan]),
+        "top5": np.array([1.0, 1.0, np.nan]),
+        "confusion": np.array([[3, 1, 0], [0, 1, 1], [0, 0, 0]]),
+        "predicted": np.array([3, 2, 1]),
+    },
     "branches": [{"top1": np.array([0.5, 0.5, np.nan])}, {"top1": np.array([0.25, 1.0, np.nan])}],
 }
 
 
 def test_class_rows_single_label_by_hand():
     rows = class_rows(SINGLE, "single_label", ["walk", "run|jog", "swim"])
-    assert rows[0] == {"class": 0, "name": "walk", "support": 4, "top1": 0.75, "top5": 1.0, "predicted": 3,
-                       "precision": 1.0, "branch_top1": [0.5, 0.25]}
+    assert rows[0] == {
+        "class": 0,
+        "name": "walk",
+        "support": 4,
+        "top1": 0.75,
+        "top5": 1.0,
+        "predicted": 3,
+        "precision": 1.0,
+        "branch_top1": [0.5, 0.25],
+    }
     assert rows[1]["precision"] == 0.5 and rows[1]["branch_top1"] == [0.5, 1.0]  # 1 of the 2 predicted as it
-    assert rows[2] == {"class": 2, "name": "swim", "support": 0, "top1": None, "top5": None, "predicted": 1,
-                       "precision": 0.0, "branch_top1": [None, None]}
+    assert rows[2] == {
+        "class": 2,
+        "name": "swim",
+        "support": 0,
+        "top1": None,
+        "top5": None,
+        "predicted": 1,
+        "precision": 0.0,
+        "branch_top1": [None, None],
+    }
     json.dumps(rows, allow_nan=False)  # strict JSON: no NaN
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         class_rows(SINGLE, "single_label", ["a", "b"])
 
 
 def test_class_rows_multi_label_and_its_table():
-    per_class = {"ensemble": {"support": np.array([3, 0, 1]), "ap": np.array([0.5, np.nan, 0.25])},
-                 "branches": [{"ap": np.array([0.4, np.nan, 0.2])}]}
+    per_class = {
+        "ensemble": {"support": np.array([3, 0, 1]), "ap": np.array([0.5, np.nan, 0.25])},
+        "branches": [{"ap": np.array([0.4, np.nan, 0.2])}],
+    }
     rows = class_rows(per_class, "multi_label", None)
-    assert rows == [{"class": 0, "name": None, "support": 3, "ap": 0.5, "branch_ap": [0.4]},
-                    {"class": 1, "name": None, "support": 0, "ap": None, "branch_ap": [None]},
-                    {"class": 2, "name": None, "support": 1, "ap": 0.25, "branch_ap": [0.2]}]
+    assert rows == [
+        {"class": 0, "name": None, "support": 3, "ap": 0.5, "branch_ap": [0.4]},
+        {"class": 1, "name": None, "support": 0, "ap": None, "branch_ap": [None]},
+        {"class": 2, "name": None, "support": 1, "ap": 0.25, "branch_ap": [0.2]},
+    ]
     table = class_table(rows, "multi_label").splitlines()
     assert table[0] == "| class | name | positives | AP | branches' AP |"
     assert table[2:] == ["| 2 |  | 1 | 25.00 | 20.00 |", "| 0 |  | 3 | 50.00 | 40.00 |"]  # worst first, no class 1
@@ -125,32 +149,52 @@ def test_confused_pairs_by_hand():
         {"true": 0, "true_name": "walk", "predicted": 1, "predicted_name": "run", "count": 1, "share": 0.25},
     ]
     assert confused_pairs(SINGLE["ensemble"]["confusion"], None, top=1) == [
-        {"true": 1, "true_name": None, "predicted": 2, "predicted_name": None, "count": 1, "share": 0.5}]
+        {"true": 1, "true_name": None, "predicted": 2, "predicted_name": None, "count": 1, "share": 0.5}
+    ]
 
 
 def _eval_out(**extra) -> dict:
     """An eval.json as tools/eval.py writes it, before the per-class fields."""
-    return {"ensemble": {"top1": 0.5, "top5": 1.0}, "branches": [{"top1": 0.5, "top5": 1.0}] * 2, "num_samples": 6,
-            "mode": "full", "views_per_video": None, "throughput": {"samples_per_s": 3.0, "inputs_per_s": 3.0,
-                                                                    "seconds": 2.0, "inputs": 6, "metrics_seconds": 0},
-            "model": "s3dg_tiny_ens2", "num_branches": 2, "dataset": "data/val", "dataset_size": 6, "bad_samples": 0,
-            "bad_sample_keys": {"bad": 0}, "weights": "model.safetensors", "world_size": 1, "device": "cpu",
-            "precision": "fp32", "max_chunk_frames": None, **extra}
+    return {
+        "ensemble": {"top1": 0.5, "top5": 1.0},
+        "branches": [{"top1": 0.5, "top5": 1.0}] * 2,
+        "num_samples": 6,
+        "mode": "full",
+        "views_per_video": None,
+        "throughput": {"samples_per_s": 3.0, "inputs_per_s": 3.0, "seconds": 2.0, "inputs": 6, "metrics_seconds": 0},
+        "model": "s3dg_tiny_ens2",
+        "num_branches": 2,
+        "dataset": "data/val",
+        "dataset_size": 6,
+        "bad_samples": 0,
+        "bad_sample_keys": {"bad": 0},
+        "weights": "model.safetensors",
+        "world_size": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "max_chunk_frames": None,
+        **extra,
+    }
 
 
 def test_report_markdown_sections():
     names = ["walk", "run|jog", "swim"]
-    out = _eval_out(class_names=names, per_class=class_rows(SINGLE, "single_label", names),
-                    confused_pairs=confused_pairs(SINGLE["ensemble"]["confusion"], names),
-                    confusion_png="confusion.png")
+    out = _eval_out(
+        class_names=names,
+        per_class=class_rows(SINGLE, "single_label", names),
+        confused_pairs=confused_pairs(SINGLE["ensemble"]["confusion"], names),
+        confusion_png="confusion.png",
+    )
     md = report_markdown(out)
     assert "- classes: 3 (names from the dataset's _info.json)" in md
     assert "| ensemble | 50.00 | 100.00 |" in md  # the metric table as before
     lines = md.splitlines()
     header = lines.index("| class | name | samples | top1 | top5 | precision | branches' top1 |")
     # worst top-1 first; the '|' in a name escaped; class 2 (no sample) left out and said so
-    assert lines[header + 2 : header + 4] == ["| 1 | run\\|jog | 2 | 50.00 | 100.00 | 50.00 | 50.00 / 100.00 |",
-                                              "| 0 | walk | 4 | 75.00 | 100.00 | 100.00 | 50.00 / 25.00 |"]
+    assert lines[header + 2 : header + 4] == [
+        "| 1 | run\\|jog | 2 | 50.00 | 100.00 | 50.00 | 50.00 / 100.00 |",
+        "| 0 | walk | 4 | 75.00 | 100.00 | 100.00 | 50.00 / 25.00 |",
+    ]
     assert "1 class(es) without samples in the evaluation set are left out." in md
     assert "| run\\|jog (1) | swim (2) | 1 | 50.0 |" in md
     assert "![confusion matrix of the ensemble](confusion.png)" in md
@@ -206,8 +250,10 @@ def test_without_matplotlib_figures_raise_and_eval_reports_why(monkeypatch, tmp_
 
 
 def test_plots_and_report_import_without_matplotlib():
-    code = ("import sys, video_ens.plots, video_ens.report; "
-            "assert 'matplotlib' not in sys.modules, 'imported at module level'; print('ok')")
+    code = (
+        "import sys, video_ens.plots, video_ens.report; "
+        "assert 'matplotlib' not in sys.modules, 'imported at module level'; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -219,6 +265,10 @@ def test_most_confused_orders_by_count_then_share_then_index():
     assert most_confused(confusion, top=10) == [(0, 1, 3), (2, 1, 3), (1, 0, 2), (1, 2, 2)]  # no empty cell
     assert most_confused(np.diag([4, 5]), top=5) == []  # the diagonal is never a confusion
     # every mistake once (test_metrics' hand-made predictions): the larger share of its class first
-    assert most_confused([[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], top=10) == [(2, 0, 1), (1, 2, 1), (0, 1, 1)]
+    assert most_confused([[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], top=10) == [
+        (2, 0, 1),
+        (1, 2, 1),
+        (0, 1, 1),
+    ]
     with pytest.raises(ValueError, match="square"):
         most_confused(np.zeros((2, 3)))

@@ -11,8 +11,11 @@ from video_ens.train import check_num_classes
 def test_a_classifier_narrower_or_wider_than_the_label_map_is_named_with_the_fix():
     recipe = load_recipe("recipes/demo_kinetics_s3dg_mu2.json")  # s3dg_tiny_ens2 preset: 8 classes
     check_num_classes(recipe, 8, "data/demo/kinetics/train")
-    with pytest.raises(RecipeError, match=r"model.num_classes: .* has 8 classes but the dataset d/train has 400: "
-                                          r"set model.num_classes to 400"):
+    with pytest.raises(
+        RecipeError,
+        match=r"model.num_classes: .* has 8 classes but the dataset d/train has 400: "
+        r"set model.num_classes to 400",
+    ):
         check_num_classes(recipe, 400, "d/train")
 
 
@@ -33,8 +36,10 @@ def test_a_locked_run_folder_names_its_owner_and_a_dead_owner_leaves_no_lock(tmp
     from video_ens.train import lock_run_folder, run_folder_owner
 
     run = tmp_path / "run"
-    code = "import sys, time; from pathlib import Path; from video_ens.train import lock_run_folder; " \
-           "lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
+    code = (
+        "import sys, time; from pathlib import Path; from video_ens.train import lock_run_folder; "
+        "lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

@@ -241,7 +241,9 @@ def test_clip_eval_views():
     assert spec.boxes(48, 64) == [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]  # scaled: 32 x 43, lefts 0, 5, 11
     views = spec(clip)
     for view, (_, left, _, _) in zip(views, spec.boxes(48, 64), strict=True):
-        expected = tf.normalize(tf.resize(tf.to_float(clip[:, :, left : left + 48]), 32, 32), tf.VIDEO_MEAN, tf.VIDEO_STD)
+        expected = tf.normalize(
+            tf.resize(tf.to_float(clip[:, :, left : left + 48]), 32, 32), tf.VIDEO_MEAN, tf.VIDEO_STD
+        )
         assert torch.equal(view, expected.permute(1, 0, 2, 3))
     with pytest.raises(ValueError, match="num_crops"):
         tf.ClipEvalTransform(num_crops=10)
@@ -319,8 +321,11 @@ def test_device_step_equals_the_cpu_reference():
         assert {a.flip for a in augments} == {True, False}
         frames, extent = _padded(clips, augments)
         got = tf.finish_clips(
-            frames, extent, size=32,
-            flip=torch.tensor([a.flip for a in augments]), colour=torch.tensor([a.colour for a in augments]),
+            frames,
+            extent,
+            size=32,
+            flip=torch.tensor([a.flip for a in augments]),
+            colour=torch.tensor([a.colour for a in augments]),
         )
         assert got.shape == (6, 3, 5, 32, 32) and got.dtype == torch.float32
         for b, (clip, augment) in enumerate(zip(clips, augments, strict=True)):

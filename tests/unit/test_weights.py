@@ -73,8 +73,10 @@ def test_a_run_folder_and_its_weights_file_load_every_tensor(baselines):
         for name, value in model.state_dict().items():
             assert torch.equal(value, source.state_dict()[name]), name  # BN statistics and counters included
         assert report.source.path == run / "model.safetensors"
-        expect = {"base": sum(k.startswith("base.") for k in model.state_dict()),
-                  "branch 0": sum(k.startswith("branches.0.") for k in model.state_dict())}
+        expect = {
+            "base": sum(k.startswith("base.") for k in model.state_dict()),
+            "branch 0": sum(k.startswith("branches.0.") for k in model.state_dict()),
+        }
         assert {p: c["loaded"] for p, c in report.parts.items()} == expect
         assert all(c["new"] == 0 and c["excluded"] == 0 for c in report.parts.values())
         assert report.warnings() == []
@@ -112,8 +114,11 @@ def test_the_fork_may_sit_elsewhere_in_the_source(baselines):
     # the other way round: the source's block2 exists once per branch, so no single tensor fills a shared block2
     two = _trained_like(_build("resnet_tiny", 4, num_branches=2, width_ratio=1.0, fork="block1", image_size=32), 2)
     path = _save(two, run.parent / "forked_low.safetensors")
-    with pytest.raises(RecipeError, match=r"base\.block2\.unit1\.conv1\.weight \(the source has it in each of its 2 "
-                                          r"branches, none shared\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"base\.block2\.unit1\.conv1\.weight \(the source has it in each of its 2 "
+        r"branches, none shared\)",
+    ):
         init_model(_build("resnet_tiny", 5, image_size=32), path)
 
 
@@ -124,11 +129,19 @@ def test_narrower_branches_are_refused_and_excluding_them_keeps_their_fresh_weig
     with pytest.raises(RecipeError) as e:
         init_model(model, run)
     message = str(e.value)
-    narrower = [k for k in model.state_dict() if k.startswith("branches.") and not k.endswith("num_batches_tracked")
-                and model.state_dict()[k].shape != source.state_dict()["branches.0." + k.split(".", 2)[2]].shape]
+    narrower = [
+        k
+        for k in model.state_dict()
+        if k.startswith("branches.")
+        and not k.endswith("num_batches_tracked")
+        and model.state_dict()[k].shape != source.state_dict()["branches.0." + k.split(".", 2)[2]].shape
+    ]
     assert f"{len(narrower)} tensor(s) of another shape" in message
-    assert "branches.0.block3.unit1.conv1.weight (22, 64, 1, 1) <- branches.0.block3.unit1.conv1.weight (32, 64, 1, 1)" \
-        in message and "exclude 'branches.*'" in message
+    assert (
+        "branches.0.block3.unit1.conv1.weight (22, 64, 1, 1) <- branches.0.block3.unit1.conv1.weight (32, 64, 1, 1)"
+        in message
+        and "exclude 'branches.*'" in message
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a refused init changed the model"
     report = init_model(model, run, exclude=["branches.*"])
     for name, value in model.state_dict().items():
@@ -148,7 +161,9 @@ def test_a_new_class_count_is_refused_naming_the_classifier_unless_excluded(base
         init_model(model, run)
     message = str(e.value)
     assert "2 tensor(s) of another shape" in message and "the source does not hold" not in message
-    assert "branches.0.Logits.conv.weight (5, 128, 1, 1, 1) <- branches.0.Logits.conv.weight (8, 128, 1, 1, 1)" in message
+    assert (
+        "branches.0.Logits.conv.weight (5, 128, 1, 1, 1) <- branches.0.Logits.conv.weight (8, 128, 1, 1, 1)" in message
+    )
     assert "branches.0.Logits.conv.bias (5,) <- branches.0.Logits.conv.bias (8,)" in message
     assert '["branches.*.Logits.conv.*"]' in message  # the exclusion that fixes it
     report = init_model(model, run, exclude=["branches.*.Logits.conv.*"])
@@ -201,14 +216,20 @@ def test_the_launch_check_plans_from_the_header_on_a_meta_model(baselines):
     with torch.device("meta"):
         meta = create_model("s3dg_tiny", num_branches=2, width_ratio=1.0)
     planned = check_init(meta, run, exclude=["branches.*.Logits.conv.*"])
-    real = init_model(_build("s3dg_tiny", 3, num_branches=2, width_ratio=1.0), run, exclude=["branches.*.Logits.conv.*"])
+    real = init_model(
+        _build("s3dg_tiny", 3, num_branches=2, width_ratio=1.0), run, exclude=["branches.*.Logits.conv.*"]
+    )
     assert planned.parts == real.parts and planned.branch_sources == real.branch_sources
     with torch.device("meta"), pytest.raises(RecipeError, match="of another shape"):
         check_init(create_model("s3dg_tiny_ens2"), run)
 
 
 def _raw(**model):
-    return {"model": {"name": "resnet_tiny", **model}, "data": {"kind": "image", "train_shards": "data/train", "val_shards": "data/val"}, "train": {"global_batch_size": 8}}
+    return {
+        "model": {"name": "resnet_tiny", **model},
+        "data": {"kind": "image", "train_shards": "data/train", "val_shards": "data/val"},
+        "train": {"global_batch_size": 8},
+    }
 
 
 def test_recipe_fields_and_what_a_resume_may_change(tmp_path):
@@ -220,8 +241,10 @@ def test_recipe_fields_and_what_a_resume_may_change(tmp_path):
         recipe_from_dict(_raw(init_from="x", init_exclude=[""]))
     # the starting weights define the run: another init_from is another run, not a resume of this one
     saved = recipe_to_dict(recipe_from_dict(_raw()))
-    assert resume_differences(saved, recipe) == ['model.init_exclude: [] -> ["branches.*.fc.*"]',
-                                                 'model.init_from: null -> "runs/base"']
+    assert resume_differences(saved, recipe) == [
+        'model.init_exclude: [] -> ["branches.*.fc.*"]',
+        'model.init_from: null -> "runs/base"',
+    ]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(_raw()))
     plain = default_run_dir(path)

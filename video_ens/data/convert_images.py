@@ -162,8 +162,9 @@ def convert(
         # closed on an error too, so that the error is not printed behind a progress bar
         bar = tqdm(total=len(tasks), disable=not progress, desc=os.path.basename(out), unit="img", dynamic_ncols=True)
         with bar:
-            for index, sample, reason in map_ordered(_load_image, tasks, workers=workers, chunksize=64,
-                                                     timeout=timeout):
+            for index, sample, reason in map_ordered(
+                _load_image, tasks, workers=workers, chunksize=64, timeout=timeout
+            ):
                 if sample is None:
                     skipped.append((tasks[index].relpath, reason))
                 else:

@@ -314,8 +314,9 @@ def _load_clip(task: _Task) -> tuple[int, dict | None, str | None, dict | None]:
     try:
         display = read_display(task.path)
         if task.short_side or not display.identity:
-            video, rate, num_frames, width, height, note = _reencode(task.path, task.short_side, task.keyint or 16,
-                                                                     display)
+            video, rate, num_frames, width, height, note = _reencode(
+                task.path, task.short_side, task.keyint or 16, display
+            )
             container = "mp4"
             if not display.identity:
                 notes["display"] = {"rotation": display.rotation, "mirror": display.mirror, "sar": str(display.sar)}
@@ -437,8 +438,9 @@ def convert(
             )
         sources = [c.source for c in clips if c.problem is None]
         shortened, displayed = [], []
-        results = map_surviving_crashes(_load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed,
-                                         timeout=timeout)
+        results = map_surviving_crashes(
+            _load_clip, tasks, workers=workers, chunksize=4, crashed=_crashed, timeout=timeout
+        )
         # closed on an error too, so that the error is not printed behind a progress bar
         with _progress(total=len(tasks), enabled=progress, desc=f"{os.path.basename(out)}") as bar:
             for index, sample, reason, note in results:
@@ -447,8 +449,9 @@ def convert(
                 else:
                     w.write(sample)
                     if note and "why" in note:
-                        shortened.append({"source": sources[index], "num_frames": note["num_frames"],
-                                          "why": note["why"]})
+                        shortened.append(
+                            {"source": sources[index], "num_frames": note["num_frames"], "why": note["why"]}
+                        )
                     if note and "display" in note:
                         displayed.append({"source": sources[index], **note["display"]})
                 bar.update(1)

@@ -320,8 +320,10 @@ def _orientation(matrix: Sequence[int], name: str) -> tuple[int, bool]:
     scale = max(abs(a), abs(b), abs(c), abs(d))
     if scale == 0 or not (max(abs(b), abs(c)) < 1e-3 * scale or max(abs(a), abs(d)) < 1e-3 * scale):
         angle = math.degrees(math.atan2(b, a)) if scale else float("nan")
-        raise DecodeError(f"{name}: the display matrix turns the picture by {-angle:.1f} degrees; only multiples "
-                          "of 90 are applied (re-encode the video upright, e.g. with ffmpeg -i, which rotates it)")
+        raise DecodeError(
+            f"{name}: the display matrix turns the picture by {-angle:.1f} degrees; only multiples "
+            "of 90 are applied (re-encode the video upright, e.g. with ffmpeg -i, which rotates it)"
+        )
     sa, sb, sc, sd = (int(np.sign(round(v / scale, 3))) for v in (a, b, c, d))
     grid = np.arange(6).reshape(2, 3)  # (rows q, columns p)
     q, p = np.indices(grid.shape)
@@ -385,8 +387,9 @@ def read_display(src: Source) -> Display:
             except ValueError:
                 raise DecodeError(f"{name}: the stream's rotate tag {tag!r} is not a number") from None
             if degrees % 90:
-                raise DecodeError(f"{name}: the rotate tag turns the picture by {degrees:g} degrees; only multiples "
-                                  "of 90 are applied")
+                raise DecodeError(
+                    f"{name}: the rotate tag turns the picture by {degrees:g} degrees; only multiples of 90 are applied"
+                )
             rotation, mirror = int(-degrees) % 360, False
     return Display(rotation=rotation, mirror=mirror, sar=sar)
 
@@ -407,8 +410,9 @@ def apply_display(frames: torch.Tensor | np.ndarray, display: Display) -> torch.
     if (new_width, new_height) != (width, height):
         lead = x.shape[:-3]
         planes = x.reshape(-1, height, width, 3).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
-        planes = torch.nn.functional.interpolate(planes, size=(new_height, new_width), mode="bilinear",
-                                                 antialias=True, align_corners=False)
+        planes = torch.nn.functional.interpolate(
+            planes, size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
+        )
         x = planes.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(*lead, new_height, new_width, 3)
     if display.rotation:
         x = torch.rot90(x, display.rotation // 90, dims=(-3, -2))  # counter-clockwise, as np.rot90
@@ -498,7 +502,9 @@ class _AvVideo:
             self.width = context.width
             self.height = context.height
             if self.width <= 0 or self.height <= 0:
-                raise DecodeError(f"{name}: the video stream's header gives no picture size ({self.width}x{self.height})")
+                raise DecodeError(
+                    f"{name}: the video stream's header gives no picture size ({self.width}x{self.height})"
+                )
             self.reformatter = VideoReformatter()
             self.decoded = 0  # frames out of the decoder (VideoReader.frames_decoded)
             self.nal_length = _nal_length_size(context)

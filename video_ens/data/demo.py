@@ -53,7 +53,14 @@ KINDS = ("kinetics", "yt8m", "images")
 # Direction, speed, rotation and scaling: move_left vs move_right differ in direction only, move_* vs move_*_fast in
 # speed only (0.45-0.7 against 1.1-1.4 px per frame at 64 px), so a model must measure how far the shape travels.
 MOTION_CLASSES = (
-    "move_left", "move_right", "move_left_fast", "move_right_fast", "rotate_cw", "rotate_ccw", "grow", "shrink"
+    "move_left",
+    "move_right",
+    "move_left_fast",
+    "move_right_fast",
+    "rotate_cw",
+    "rotate_ccw",
+    "grow",
+    "shrink",
 )
 PATTERN_CLASSES = (
     "stripes_horizontal",
@@ -207,8 +214,9 @@ DEMO_H264 = H264Settings(crf=20, preset="fast", keyint=16, mbtree=False)
 def _write_clip(job: tuple) -> str:
     """Render and encode one clip to `path` (runs in a worker)."""
     path, seed, split, index, label, frames, size, fps = job
-    data = encode_h264(render_motion_clip(seed, split, index, label, frames=frames, size=size), Fraction(fps),
-                       DEMO_H264)
+    data = encode_h264(
+        render_motion_clip(seed, split, index, label, frames=frames, size=size), Fraction(fps), DEMO_H264
+    )
     with open(path, "wb") as f:
         f.write(data)
     return path
@@ -505,7 +513,11 @@ def _up_to_date(
             _differs(out, str(e))
         made_with = infos[split].extra.get("demo")
         if made_with != settings:
-            if overwrite == "stale" and isinstance(made_with, dict) and made_with.get("generator") == settings["generator"]:
+            if (
+                overwrite == "stale"
+                and isinstance(made_with, dict)
+                and made_with.get("generator") == settings["generator"]
+            ):
                 if verbose:
                     print(f"{out}: made by an older generator or other settings, regenerating")
                 return None  # demo data from another generator version: safe to replace

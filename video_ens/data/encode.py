@@ -80,7 +80,9 @@ class H264Writer:
         """One frame: a uint8 (H, W, 3) RGB array, or an av.VideoFrame in yuv420p, at the writer's size."""
         if isinstance(frame, np.ndarray):
             if frame.dtype != np.uint8 or frame.shape != (self.height, self.width, 3):
-                raise ValueError(f"expected uint8 ({self.height}, {self.width}, 3) RGB, got {frame.dtype} {frame.shape}")
+                raise ValueError(
+                    f"expected uint8 ({self.height}, {self.width}, 3) RGB, got {frame.dtype} {frame.shape}"
+                )
             frame = self._av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
         elif (frame.format.name, frame.width, frame.height) != ("yuv420p", self.width, self.height):
             raise ValueError(

@@ -454,8 +454,11 @@ class _Guard:
     def admit(self, raw: dict) -> None:
         ident = sample_id(raw)
         if ident in self.quarantine:
-            raise BadSample("quarantined", sample_key(raw), f"{self.quarantine.ids[ident]} (quarantine: "
-                                                            f"{self.quarantine.path or 'this process'})")
+            raise BadSample(
+                "quarantined",
+                sample_key(raw),
+                f"{self.quarantine.ids[ident]} (quarantine: {self.quarantine.path or 'this process'})",
+            )
         self.inflight.set(_worker()[0], ident)
 
     def done(self) -> None:
@@ -1021,5 +1024,9 @@ def eval_stream(
         world_size=world_size,
         batch_size=eval_cfg.batch_size,
     )
-    return EvalStream(plan, num_workers=data_cfg.num_workers, quarantine=Quarantine(quarantine),
-                      worker_timeout_s=data_cfg.worker_timeout_s)
+    return EvalStream(
+        plan,
+        num_workers=data_cfg.num_workers,
+        quarantine=Quarantine(quarantine),
+        worker_timeout_s=data_cfg.worker_timeout_s,
+    )

@@ -212,7 +212,9 @@ def _tar_members(stream, url: str, max_member_bytes: int):
                 key, _ = base_plus_ext(info.name)
                 if key is None:
                     continue  # no extension: not part of any sample (webdataset drops it too)
-                detail = f"{info.name}: {info.size} bytes, over the budget of {max_member_bytes} (data.max_member_bytes)"
+                detail = (
+                    f"{info.name}: {info.size} bytes, over the budget of {max_member_bytes} (data.max_member_bytes)"
+                )
                 yield {"fname": f"{key}.{OVER_BUDGET}", "data": detail.encode(), "__url__": url}
             else:
                 yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
@@ -276,8 +278,13 @@ class SampleStats:
             "last_bad": list(self.last_bad),
             "frames_decoded": c.frames_decoded,
             "frames_delivered": c.frames_delivered,
-            "seconds": {"decode": c.decode_s, "crop": c.crop_s, "batch": self.batch_s,
-                        "batch_cpu": self.batch_cpu_s, "wait": self.wait_s},
+            "seconds": {
+                "decode": c.decode_s,
+                "crop": c.crop_s,
+                "batch": self.batch_s,
+                "batch_cpu": self.batch_cpu_s,
+                "wait": self.wait_s,
+            },
         }
 
 
@@ -292,8 +299,13 @@ class BatchReport:
         self._wall, self._cpu = time.perf_counter(), _thread_cpu()
 
     def finish(self) -> dict:
-        return {"seen": self.seen, "bad": self.bad, "cost": self.cost,
-                "batch_s": time.perf_counter() - self._wall, "batch_cpu_s": _thread_cpu() - self._cpu}
+        return {
+            "seen": self.seen,
+            "bad": self.bad,
+            "cost": self.cost,
+            "batch_s": time.perf_counter() - self._wall,
+            "batch_cpu_s": _thread_cpu() - self._cpu,
+        }
 
 
 def _thread_cpu() -> float:
@@ -491,8 +503,9 @@ def _decoded(raw: dict, decode, *, label_field: str | None = None):
 
 def _frames_within_budget(key: str, frames: int, spec: SampleSpec) -> None:
     if frames > spec.max_video_frames:
-        raise BadSample("budget", key, f"claims {frames} frames, over the budget of {spec.max_video_frames} "
-                                       "(data.max_video_frames)")
+        raise BadSample(
+            "budget", key, f"claims {frames} frames, over the budget of {spec.max_video_frames} (data.max_video_frames)"
+        )
 
 
 def _video(raw: dict, spec: SampleSpec) -> schema.VideoSample:
@@ -506,8 +519,12 @@ def _check_clip_pixels(key: str, clips: int, frames: int, height: int, width: in
     """Before allocating (or growing a micro-batch buffer to) clips x frames boxes of height x width."""
     pixels = clips * frames * height * width
     if pixels > spec.max_clip_pixels:
-        raise BadSample("budget", key, f"{clips} x {frames} frames of {width}x{height} are {pixels:,} pixels, over "
-                                       f"the budget of {spec.max_clip_pixels:,} (data.max_clip_pixels)")
+        raise BadSample(
+            "budget",
+            key,
+            f"{clips} x {frames} frames of {width}x{height} are {pixels:,} pixels, over "
+            f"the budget of {spec.max_clip_pixels:,} (data.max_clip_pixels)",
+        )
 
 
 def _label(value: int, key: str, num_classes: int | None) -> int:
@@ -594,8 +611,9 @@ def train_clips(
         _check_clip_pixels(sample.key, buffer.slots, spec.frames, height, width, spec)
         buffer.ensure(height, width)
         slots = slice(first_slot, first_slot + len(gens))
-        _decode_views(sample, reader, [(w, a.box) for w, a in zip(windows, augments, strict=True)],
-                      buffer.array[slots], cost)
+        _decode_views(
+            sample, reader, [(w, a.box) for w, a in zip(windows, augments, strict=True)], buffer.array[slots], cost
+        )
     for j, augment in enumerate(augments):
         buffer.place(first_slot + j, augment)
     return sample.key, sample.label
@@ -650,8 +668,12 @@ def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tenso
         with Image.open(io.BytesIO(sample.image)) as im:
             width, height = im.size  # from the header: nothing is decoded yet
             if width * height > spec.max_frame_pixels:
-                raise BadSample("budget", sample.key, f"{width}x{height} image, over the budget of "
-                                                      f"{spec.max_frame_pixels:,} pixels (data.max_frame_pixels)")
+                raise BadSample(
+                    "budget",
+                    sample.key,
+                    f"{width}x{height} image, over the budget of "
+                    f"{spec.max_frame_pixels:,} pixels (data.max_frame_pixels)",
+                )
             pixels = np.array(im.convert("RGB"))
     except BadSample:
         raise
@@ -702,8 +724,9 @@ def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | N
             transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size, num_crops=1)
         else:
             clips = uniform_clips(sample.num_frames, spec.frames, spec.frame_stride, view.num_clips)
-            transform = ClipEvalTransform(short_side=view.short_side, crop_size=view.crop_size,
-                                          num_crops=view.num_crops)
+            transform = ClipEvalTransform(
+                short_side=view.short_side, crop_size=view.crop_size, num_crops=view.num_crops
+            )
         with _open(sample, spec, cost) as reader:
             boxes = transform.boxes(reader.height, reader.width)
             views = [(indices, box) for indices in clips for box in boxes]
@@ -713,8 +736,13 @@ def eval_items(raw: dict, spec: SampleSpec, view: EvalView, cost: DecodeCost | N
             _decode_views(sample, reader, views, out, cost)
         multi = view.mode == "clips"
         return [
-            Item(sample.key, torch.from_numpy(out[v, :, : box[2], : box[3]]), sample.label,
-                 view=v if multi else None, extent=(box[2], box[3]))
+            Item(
+                sample.key,
+                torch.from_numpy(out[v, :, : box[2], : box[3]]),
+                sample.label,
+                view=v if multi else None,
+                extent=(box[2], box[3]),
+            )
             for v, (_, box) in enumerate(views)
         ]
     if spec.kind == "features":
@@ -739,8 +767,12 @@ def collate(items: list[Item], spec: SampleSpec, *, pad_to: int | None = None, c
             inputs[b, : it.length] = it.inputs
         batch.update(inputs=inputs, lengths=lengths, target=torch.stack([it.target for it in items]))
     elif spec.kind == "clip":
-        buffer = ClipBuffer(len(items), items[0].inputs.shape[0], height=max(it.extent[0] for it in items),
-                            width=max(it.extent[1] for it in items))
+        buffer = ClipBuffer(
+            len(items),
+            items[0].inputs.shape[0],
+            height=max(it.extent[0] for it in items),
+            width=max(it.extent[1] for it in items),
+        )
         for b, it in enumerate(items):
             h, w = it.extent
             buffer.array[b, :, :h, :w] = it.inputs.numpy()
@@ -753,4 +785,3 @@ def collate(items: list[Item], spec: SampleSpec, *, pad_to: int | None = None, c
     if items[0].view is not None:
         batch["view_ids"] = torch.tensor([it.view for it in items], dtype=torch.int64)
     return batch
-

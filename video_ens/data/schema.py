@@ -300,8 +300,9 @@ def _npy_field(sample: Mapping[str, Any], key: str, name: str, dim: int) -> np.n
         raise SampleError(key, name, f"expected uint8 (T, {dim}), got {dtype} {shape}")
     offset = stream.tell()
     if len(raw) - offset != shape[0] * dim:
-        raise SampleError(key, name, f"header promises {shape[0]} x {dim} bytes of data, the file holds "
-                                     f"{len(raw) - offset}")
+        raise SampleError(
+            key, name, f"header promises {shape[0]} x {dim} bytes of data, the file holds {len(raw) - offset}"
+        )
     data = np.frombuffer(raw, dtype=np.uint8, count=shape[0] * dim, offset=offset)
     return data.reshape(shape[::-1]).T if fortran else data.reshape(shape)
 

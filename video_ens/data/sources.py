@@ -148,11 +148,16 @@ def _list_remote(text: str, field_name: str, data_cfg, evaluation: bool) -> Shar
     if info is None:
         if optional:
             return ShardList(tuple(shards), None, None)
-        need = ("evaluation gives each rank its share by the per-shard sample counts of the dataset's _info.json"
-                if evaluation else "a remote training set takes its size and label map from the dataset's _info.json")
+        need = (
+            "evaluation gives each rank its share by the per-shard sample counts of the dataset's _info.json"
+            if evaluation
+            else "a remote training set takes its size and label map from the dataset's _info.json"
+        )
         fix = "put the converter's _info.json beside the shards"
         if not evaluation:  # a folder URL names no shards: without its _info.json they must be named
-            fix += ", or set data.samples_per_epoch" + (" and name the shards (a brace pattern)" if shards is None else "")
+            fix += ", or set data.samples_per_epoch" + (
+                " and name the shards (a brace pattern)" if shards is None else ""
+            )
         raise RecipeError(f"{field}: no _info.json for {text!r} ({why}): {need}; {fix}")
     by_name = {s.name: s.count for s in info.shards}
     if shards is None:
@@ -201,7 +206,9 @@ def resolve_paths(data_cfg) -> DataPaths:
     """
     train_text = data_cfg.train_shards
     if not train_text:
-        raise RecipeError("data.train_shards: is empty; name a dataset folder (demo recipes: data/demo/<kind>/train, made by launch.sh)")
+        raise RecipeError(
+            "data.train_shards: is empty; name a dataset folder (demo recipes: data/demo/<kind>/train, made by launch.sh)"
+        )
     list_shards(train_text, "train_shards", data_cfg)
     val = data_cfg.val_shards or None
     if val is not None:

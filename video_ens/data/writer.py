@@ -356,8 +356,10 @@ def _result(pool, future, timeout: float | None):
         return future.result(timeout=timeout)
     except TimeoutError:
         kill_workers(pool)
-        raise TimeoutError(f"a worker process gave no result for {timeout:g} s and was killed (a hung decoder?): "
-                           "raise --timeout if items legitimately take longer") from None
+        raise TimeoutError(
+            f"a worker process gave no result for {timeout:g} s and was killed (a hung decoder?): "
+            "raise --timeout if items legitimately take longer"
+        ) from None
 
 
 def kill_workers(pool) -> None:

@@ -161,8 +161,20 @@ S3D_DIFFERENCES = (
 )
 
 # torchvision's `features` index -> our layer; the max-pools (1, 4, 7, 13) hold no tensors.
-_S3D_FEATURES = {0: "Conv2d_1a", 2: "Conv2d_2b", 3: "Conv2d_2c", 5: "Mixed_3b", 6: "Mixed_3c", 8: "Mixed_4b",
-                 9: "Mixed_4c", 10: "Mixed_4d", 11: "Mixed_4e", 12: "Mixed_4f", 14: "Mixed_5b", 15: "Mixed_5c"}
+_S3D_FEATURES = {
+    0: "Conv2d_1a",
+    2: "Conv2d_2b",
+    3: "Conv2d_2c",
+    5: "Mixed_3b",
+    6: "Mixed_3c",
+    8: "Mixed_4b",
+    9: "Mixed_4c",
+    10: "Mixed_4d",
+    11: "Mixed_4e",
+    12: "Mixed_4f",
+    14: "Mixed_5b",
+    15: "Mixed_5c",
+}
 _S3D_FORK = "MaxPool_4a"  # the S3D-G presets' fork: the base runs up to it
 
 
@@ -213,8 +225,12 @@ def import_s3d(state: dict[str, torch.Tensor]) -> Imported:
                 unit(f"{ours}.Branch_{b}.Conv3d_0a_1x1", f"{theirs}.branch{b}.0", 2.0)
                 separable(f"{ours}.Branch_{b}.Conv3d_0b_3x3", f"{theirs}.branch{b}.1")
             unit(f"{ours}.Branch_3.Conv3d_0b_1x1", f"{theirs}.branch3.1", 2.0)
-            for b, last in ((0, "Conv3d_0a_1x1.bn"), (1, "Conv3d_0b_3x3.temporal"), (2, "Conv3d_0b_3x3.temporal"),
-                            (3, "Conv3d_0b_1x1.bn")):
+            for b, last in (
+                (0, "Conv3d_0a_1x1.bn"),
+                (1, "Conv3d_0b_3x3.temporal"),
+                (2, "Conv3d_0b_3x3.temporal"),
+                (3, "Conv3d_0b_1x1.bn"),
+            ):
                 gate(f"{ours}.Branch_{b}", out[f"{ours}.Branch_{b}.{last}.bias"].numel())
     out["branches.0.Logits.conv.weight"] = take("classifier.1.weight") * 2.0  # reads Mixed_5c's gated output
     out["branches.0.Logits.conv.bias"] = take("classifier.1.bias")

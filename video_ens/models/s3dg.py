@@ -227,7 +227,9 @@ def _make_layer(name: str, cin: int, width: Callable[[int], int], kernels: str) 
         return Unit3d(cin, width(64)), width(64)
     if name == "Conv2d_2c":
         cout = width(192)
-        return nn.Sequential(OrderedDict(Conv2d_2c_3x3=SepConv3d(cin, cout), gate=FeatureGate(cout, kernels=kernels))), cout
+        return nn.Sequential(
+            OrderedDict(Conv2d_2c_3x3=SepConv3d(cin, cout), gate=FeatureGate(cout, kernels=kernels))
+        ), cout
     if name in ("MaxPool_2a", "MaxPool_3a"):
         return nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), cin
     if name == "MaxPool_4a":

@@ -56,8 +56,10 @@ def _leaf_window(m: nn.Module) -> tuple[int, int, int, bool] | None:
     """(kernel extent, stride, padding, ceil_mode) of a temporally local leaf along time; None when pointwise."""
     if isinstance(m, _POINTWISE_IN_TIME):
         if isinstance(m, nn.BatchNorm3d) and m.training:
-            raise ValueError("chunked evaluation needs the model in eval mode: BatchNorm with batch statistics couples "
-                             "the chunks; call model.eval()")
+            raise ValueError(
+                "chunked evaluation needs the model in eval mode: BatchNorm with batch statistics couples "
+                "the chunks; call model.eval()"
+            )
         return None
     if isinstance(m, nn.Conv3d):
         if isinstance(m.padding, str):
