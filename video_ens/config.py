@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import durable
 from .model_options import MODEL_FIELDS
 from .sections import (
     IMAGE_EVAL_CROP_FRACTION,
@@ -178,11 +179,9 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe atomically (temp file + rename); `load_recipe` of it gives an equal Recipe."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
-    tmp.replace(path)
+    """Write the resolved recipe atomically and durably (`durable.write_atomic`: a resume compares against it, so a
+    crash leaves the old one or the new one whole); `load_recipe` of it gives an equal Recipe."""
+    durable.write_atomic(path, json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------- run identity

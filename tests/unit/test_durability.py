@@ -284,3 +284,16 @@ def test_run_outputs_on_a_full_disk_name_the_path_and_leave_the_previous_pair(tm
     assert (tmp_path / "eval.json").read_text() == '{"old": true}\n'  # not replaced: it would describe no weights
     assert (tmp_path / "model.safetensors").read_bytes() == b"old weights"
     assert sorted(os.listdir(tmp_path)) == ["eval.json", "model.safetensors"]
+
+
+def test_the_resolved_recipe_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """recipe.json is what a resume compares against: a crash must leave the old one or the whole new one."""
+    from video_ens.config import dump_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "demo_kinetics_s3dg_mu2.json")
+    trace = Trace(monkeypatch)
+    dump_recipe(recipe, tmp_path / "recipe.json")
+    i = trace.rename_of(tmp_path / "recipe.json")
+    assert trace.fsynced(_ino(tmp_path / "recipe.json"), before=i), trace.events
+    assert trace.fsynced(_ino(tmp_path), after=i), trace.events
+    assert load_recipe(tmp_path / "recipe.json") == recipe and os.listdir(tmp_path) == ["recipe.json"]
