@@ -945,3 +945,21 @@ def test_pooled_batches_equal_fresh_ones_and_reuse_their_memory(data):
     assert len(got) == 12 and all(torch.equal(a, b) for a, b in zip(got, reference, strict=True))
     assert len(boxes) > 4  # boxes of many sizes: reused buffers held other boxes before
     assert len(files) <= samples.POOL_BUFFERS
+
+
+def test_an_image_stored_turned_is_read_upright_by_its_exif_orientation():
+    """Training sees a phone photo the way tools/predict.py does: turned by its EXIF orientation."""
+    from PIL import Image
+
+    upright = np.random.default_rng(3).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    samples_ = {}
+    for name, pixels, extra in (("upright", upright, {}), ("turned", np.rot90(upright, 1), {"exif": exif})):
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG", **extra)
+        samples_[name] = schema.encode_image_sample(key=name, image=out.getvalue(), format="png", label=0)
+    spec = samples.SampleSpec.from_config(DataConfig(kind="image", train_shards="x", val_shards="x"), num_classes=2)
+    for raw in samples_.values():
+        _, pixels = samples._image(raw, spec)
+        assert np.array_equal(pixels.numpy(), upright)

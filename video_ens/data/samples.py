@@ -660,7 +660,7 @@ def _multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tensor]:
     """The image sample and its pixels, uint8 (H, W, 3) RGB."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     sample = _decoded(raw, schema.decode_image_sample)
     _label(sample.label, sample.key, spec.num_classes)
@@ -674,6 +674,8 @@ def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tenso
                     f"{width}x{height} image, over the budget of "
                     f"{spec.max_frame_pixels:,} pixels (data.max_frame_pixels)",
                 )
+            # Shown the way its EXIF orientation says (phone photos are stored turned), as predict shows it.
+            ImageOps.exif_transpose(im, in_place=True)
             pixels = np.array(im.convert("RGB"))
     except BadSample:
         raise
