@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launching import free_port, launch_env
 
 from video_ens.config import dump_recipe, load_recipe, recipe_from_dict
 from video_ens.data import loader
@@ -74,20 +73,10 @@ def _random_tiny_s3dg(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -237,7 +226,7 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             str(TOOLS / "eval.py"),
             *common,
             "--out",
@@ -357,7 +346,7 @@ def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kine
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             str(TOOLS / "eval.py"),
             "--run-dir",
             str(run_dir),

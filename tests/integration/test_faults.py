@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launching import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -91,12 +91,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path: Path, bad_steps: list[int], max_bad: int) -> tuple[list[dict], list[dict]]:
     script = tmp_path / "fault.py"
     script.write_text(SCRIPT)
@@ -114,7 +108,7 @@ def _run(tmp_path: Path, bad_steps: list[int], max_bad: int) -> tuple[list[dict]
         "--master-addr",
         "127.0.0.1",
         "--master-port",
-        str(_free_port()),
+        str(free_port()),
         str(script),
         str(run_dir),
         json.dumps(bad_steps),
@@ -183,7 +177,7 @@ def test_an_error_on_one_rank_ends_the_job_at_once_and_is_shown(tmp_path):
     script.write_text(ONE_RANK_FAILS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]  # fmt: skip
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]  # fmt: skip
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     elapsed = time.monotonic() - t0
@@ -253,7 +247,7 @@ def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), str(tmp_path)]  # fmt: skip
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     elapsed = time.monotonic() - t0

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launching import free_port, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -60,19 +61,6 @@ def _recipe(images: Path, **train) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return env
-
-
 def _write_recipe(folder: Path, recipe: dict, name: str = "tiny_resnet.json") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -85,7 +73,7 @@ def _train(recipe: Path, *args: str, cwd: Path, timeout: float = 300) -> subproc
     return subprocess.run(
         [sys.executable, "-m", "video_ens.train", str(recipe), *args],
         cwd=cwd,
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -94,7 +82,7 @@ def _train(recipe: Path, *args: str, cwd: Path, timeout: float = 300) -> subproc
 
 def _launch(recipe: Path, *args: str, cwd: Path, nproc: int = 1, background: bool = False, timeout: float = 300):
     cmd = ["bash", str(ROOT / "launch.sh"), str(recipe), *args]
-    env = _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
+    env = launch_env(NPROC=str(nproc), MASTER_PORT=str(free_port()))
     if background:
         return subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -200,7 +188,7 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
                 str(run),
             ],
             cwd=tmp_path,
-            env=_env(),
+            env=launch_env(),
             capture_output=True,
             text=True,
             timeout=120,
@@ -287,9 +275,9 @@ def test_eval_tool_never_overwrites_the_training_outputs(finished, tmp_path):
     work, run = _copy(finished, tmp_path)
     before = _snapshot(run)
     cmd = [sys.executable, str(ROOT / "tools" / "eval.py"), "--run-dir", str(run)]
-    out = subprocess.run([*cmd, "--out", str(run)], env=_env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*cmd, "--out", str(run)], env=launch_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "training outputs" in out.stderr, out.stderr[-2000:]
-    _ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300))
+    _ok(subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300))
     assert _snapshot(run) == before
     ours = json.loads((run / "eval" / "center_crop" / "eval.json").read_text())
     assert ours["num_samples"] == json.loads(before["eval.json"])["num_samples"]

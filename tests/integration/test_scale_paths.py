@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port, launch, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -74,32 +74,8 @@ def _recipe(data: Path, *, zero: int = 1, steps: int = STEPS, optim: dict | None
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return env
-
-
 def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, background: bool = False):
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.recipe.json"
-    path.write_text(json.dumps(recipe))
-    cmd = ["bash", str(ROOT / "launch.sh"), str(path), "--run-dir", str(run_dir)]
-    env = _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
-    if background:
-        return subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out
+    return launch(recipe, run_dir, nproc=nproc, background=background, check=True)
 
 
 def _records(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -342,7 +318,7 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(world, accum_run, zero_r
     script = tmp_path / "reshard.py"
     script.write_text(RESHARD)
     args = [str(a) for name, (run, ckpt) in sources.items() for a in (name, run / "recipe.json", ckpt)]
-    port = str(_free_port())
+    port = str(free_port())
     out = subprocess.run(
         [
             sys.executable,
@@ -358,7 +334,7 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(world, accum_run, zero_r
             str(tmp_path),
             *args,
         ],
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -13,13 +13,13 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from launching import free_port, launch, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -98,33 +98,6 @@ def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **tr
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(VIRTUAL_ENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1", **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return env
-
-
-def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, env=None, extra=(), timeout=600, background=False):
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.recipe.json"
-    path.write_text(json.dumps(recipe))
-    cmd = ["bash", str(ROOT / "launch.sh"), str(path), "--run-dir", str(run_dir), *extra]
-    env = env or _env(NPROC=str(nproc), MASTER_PORT=str(_free_port()))
-    if background:
-        return subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return out
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     """Per-step total loss from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
     steps = {}
@@ -193,7 +166,7 @@ def trained(demo_root, tmp_path_factory):
     def get(family: str, zero: int) -> Path:
         if (family, zero) not in runs:
             run_dir = base / f"{family}_zero{zero}"
-            _check(_launch(_recipe(family, demo_root, zero=zero), run_dir))
+            _check(launch(_recipe(family, demo_root, zero=zero), run_dir))
             runs[family, zero] = run_dir
         return runs[family, zero]
 
@@ -247,7 +220,7 @@ RESUME_STEPS = 8
 def uninterrupted(demo_root, tmp_path_factory):
     """The per-step losses of the resume tests' recipe, run without interruption."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _check(_launch(_resume_recipe(demo_root), run))
+    _check(launch(_resume_recipe(demo_root), run))
     return _losses(run)
 
 
@@ -281,8 +254,8 @@ def test_elastic_restart_after_one_rank_is_killed(demo_root, uninterrupted, tmp_
     """SIGKILL one rank mid-run under torchrun --max-restarts: the agent restarts the worker group, which resumes
     from the newest complete checkpoint and finishes with the uninterrupted per-step losses, exit code 0."""
     run = tmp_path / "elastic"
-    env = _env(NPROC="2", MASTER_PORT=str(_free_port()), MAX_RESTARTS="1")
-    proc = _launch(_resume_recipe(demo_root), run, env=env, background=True)
+    env = launch_env(NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1")
+    proc = launch(_resume_recipe(demo_root), run, env=env, background=True)
     try:
         _wait_for_step(run, proc, 3)
         os.kill(_worker_of_rank(proc, 1), signal.SIGKILL)
@@ -304,7 +277,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     steps = RESUME_STEPS
     recipe = _resume_recipe(demo_root)
     run = tmp_path / "killed"
-    proc = _launch(recipe, run, background=True)
+    proc = launch(recipe, run, background=True)
     victims: list[int] = []
     try:
         _wait_for_step(run, proc, 5)
@@ -320,7 +293,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     lines_before = (run / "metrics.jsonl").read_text().count('"kind": "train"')
     resume_from = latest_checkpoint(run / "checkpoints")
     assert resume_from is not None and resume_from[0] < steps, "the kill came too late to test anything"
-    _check(_launch(recipe, run))
+    _check(launch(recipe, run))
     resumed, expect = _losses(run), uninterrupted
     assert sorted(resumed) == sorted(expect) == list(range(1, steps + 1))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expect[s] for s in sorted(expect)], rel=1e-6)
@@ -339,9 +312,9 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
     checkpoint is never loaded: the restart removes it, resumes from step 4 and logs the uninterrupted losses."""
     recipe = _resume_recipe(demo_root)
     run = tmp_path / "killed_in_save"
-    env = _env(NPROC="2", MASTER_PORT=str(_free_port()), VIDEO_ENS_FREEZE_IN_SAVE="6")
+    env = launch_env(NPROC="2", MASTER_PORT=str(free_port()), VIDEO_ENS_FREEZE_IN_SAVE="6")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "assets" / "freeze_in_save"), env.get("PYTHONPATH", "")])
-    proc = _launch(recipe, run, env=env, background=True)
+    proc = launch(recipe, run, env=env, background=True)
     marker = run / "frozen_in_save"
     try:
         deadline = time.monotonic() + 300
@@ -364,7 +337,7 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
     assert latest_checkpoint(ckpts)[0] == 4, "an uncommitted checkpoint must never count as complete"
     lines_before = (run / "metrics.jsonl").read_text().count('"kind": "train"')
 
-    _check(_launch(recipe, run))  # the same command, without the fault
+    _check(launch(recipe, run))  # the same command, without the fault
     assert not partial.exists(), "the restart removes the half-written checkpoint"
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
@@ -380,7 +353,7 @@ def uninterrupted_with_workers(demo_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("uninterrupted_workers") / "run"
     recipe = _resume_recipe(demo_root)
     recipe["data"]["num_workers"] = 1
-    _check(_launch(recipe, run))
+    _check(launch(recipe, run))
     return _losses(run)
 
 
@@ -399,7 +372,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     recipe["train"]["eval_every"] = 1
     recipe["eval"]["max_frames"] = 16
     run = tmp_path / "stopped"
-    proc = _launch(recipe, run, background=True)
+    proc = launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
         below = _descendants(proc.pid)  # 2 ranks and a data worker each
@@ -426,7 +399,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     assert latest_checkpoint(run / "checkpoints")[0] == stopped_at, "the stop step itself must be checkpointed"
     lines_before = sum(r["kind"] == "train" for r in log)
 
-    _check(_launch(recipe, run))
+    _check(launch(recipe, run))
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed_at = next(i for i, r in enumerate(log) if r["kind"] == "resume")
     assert log[resumed_at + 1]["kind"] == "eval" and log[resumed_at + 1]["step"] == stopped_at  # the skipped one
@@ -446,7 +419,7 @@ def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_
     recipe["data"]["num_workers"] = 1
     recipe["train"]["max_steps"] = 200
     run = tmp_path / "orphans"
-    proc = _launch(recipe, run, background=True)
+    proc = launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
         below = _descendants(proc.pid)
@@ -478,11 +451,11 @@ def _alive(pid: int) -> bool:
 def test_two_node_launch_on_localhost(demo_root, tmp_path):
     """NNODES=2 with one process per node, both on this machine: the same command with NODE_RANK 0 and 1."""
     recipe = _recipe("resnet", demo_root, zero=2, steps=2)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node in (0, 1):
-        env = _env(NPROC="1", NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(_launch(recipe, tmp_path / "run", env=env, background=True))
+        env = launch_env(NPROC="1", NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(launch(recipe, tmp_path / "run", env=env, background=True))
     outs = []
     for p in procs:
         try:
@@ -498,12 +471,12 @@ def test_two_node_launch_on_localhost(demo_root, tmp_path):
 
 def test_bad_recipe_fails_before_any_process_starts(demo_root, tmp_path):
     recipe = _recipe("resnet", demo_root, zero=1)
-    out = _launch(recipe, tmp_path / "run", extra=["--set", "optim.lrr=0.1"])
+    out = launch(recipe, tmp_path / "run", extra=["--set", "optim.lrr=0.1"])
     assert out.returncode == 2
     assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in out.stderr
     assert "launch:" not in out.stdout, "torchrun must not have been started"
     recipe["train"]["micro_batch_size"] = 3
-    out = _launch(recipe, tmp_path / "run")
+    out = launch(recipe, tmp_path / "run")
     assert out.returncode == 2 and "train.micro_batch_size: 3 does not divide global_batch_size 8" in out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -511,7 +484,7 @@ def test_bad_recipe_fails_before_any_process_starts(demo_root, tmp_path):
 def test_inconsistent_batch_for_the_world_size_is_named(demo_root, tmp_path):
     recipe = _recipe("resnet", demo_root, zero=1)
     recipe["train"].update(global_batch_size=6, micro_batch_size=2, grad_accum_steps=3)  # 2 x 3 x 2 ranks = 12
-    out = _launch(recipe, tmp_path / "run")
+    out = launch(recipe, tmp_path / "run")
     assert out.returncode == 2
     assert "x world size 2 = 12, not train.global_batch_size 6" in out.stderr
     assert "launch:" not in out.stdout, "torchrun must not have been started"
@@ -521,9 +494,9 @@ def test_dry_run_writes_nothing(demo_root, tmp_path):
     """DRY_RUN=1 builds everything and runs one step, leaving no run folder and no scratch folder behind. A GPU
     recipe (sync_bn) can be dry-run on a machine without one: only the GPU-only setting is left unchecked, and said."""
     recipe = _recipe("dbof", demo_root, zero=1, bn_sync="sync_bn")
-    env = _env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(_free_port()), TMPDIR=str(tmp_path / "tmp"))
+    env = launch_env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    out = _launch(recipe, tmp_path / "run", env=env)
+    out = launch(recipe, tmp_path / "run", env=env)
     _check(out)
     assert "--dry-run" in out.stdout
     assert 'dry run without CUDA: train.bn_sync "sync_bn" is checked on a GPU only' in out.stderr
@@ -549,7 +522,7 @@ def test_eval_tool_on_the_exported_weights_matches_training_eval(family, trained
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(),
+        env=launch_env(),
     )
     _check(out)
     ours, training = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, run))
@@ -568,7 +541,7 @@ def test_training_curves_plot_from_a_real_run(trained, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env=_env(),
+        env=launch_env(),
     )
     _check(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -595,7 +568,7 @@ def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
         "dbof", demo_root, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20, epochs=10_000
     )
     recipe["data"].update(num_workers=1, samples_per_epoch=2000)
-    proc = _launch(recipe, tmp_path / "soak", background=True)
+    proc = launch(recipe, tmp_path / "soak", background=True)
     samples: list[tuple[float, int, int]] = []  # (progress in [0, 1], total RSS in KiB, processes)
     seen: set[int] = set()
     deadline = time.monotonic() + 900
