@@ -963,3 +963,22 @@ def test_an_image_stored_turned_is_read_upright_by_its_exif_orientation():
     for raw in samples_.values():
         _, pixels = samples._image(raw, spec)
         assert np.array_equal(pixels.numpy(), upright)
+
+
+def test_batches_dropped_by_a_restart_give_their_buffers_back(data):
+    """A pass left mid-epoch (the trainer evaluates or stops) leaves prefetched batches that the restart drops
+    unseen: their buffers go back to the pool too, so later passes still reuse memory."""
+    import os
+
+    stream = _train(_cfg(data, num_workers=1, samples_per_epoch=24, short_side=(48, 96)), batch=2)
+    for epoch in range(4):  # each leaves its prefetched batches behind
+        partial = stream.batches(epoch, 0)
+        next(partial)
+        del partial
+    files = set()
+    for batch in stream.batches(5, 0):
+        fd, _ = batch["inputs"].untyped_storage()._share_fd_cpu_()
+        files.add(os.fstat(fd).st_ino)
+        del batch
+    stream.close()
+    assert len(files) <= samples.POOL_BUFFERS

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -321,17 +322,36 @@ class Lease:
     """Hands a pooled shared-memory buffer back to the worker that filled it: `release` clears the flag byte in the
     buffer's header, after which that worker may decode the next micro-batch into it. It travels in the batch as
     "_lease" (an object, not a tensor, so pin_memory passes it through untouched); `loader` releases it when the
-    batch's frames are garbage."""
+    batch's frames are garbage. A lease dropped unreleased by the process that received it (a restarted pass drops
+    the batches prefetched for the old one unseen) releases itself; the worker's own copy, and copies that forked
+    children inherit, never do."""
 
     def __init__(self, flag: torch.Tensor):
         self.flag = flag  # uint8 (1,) on the buffer's own storage
+        self.holder: int | None = None  # the pid that received it (set when unpickled there)
+        self.released = False
+
+    def __getstate__(self) -> dict:
+        return {"flag": self.flag}
+
+    def __setstate__(self, state: dict) -> None:
+        self.flag, self.holder, self.released = state["flag"], os.getpid(), False
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` still lives in the leased buffer (False after pin_memory copied it out)."""
         return tensor.untyped_storage().data_ptr() == self.flag.untyped_storage().data_ptr()
 
     def release(self) -> None:
-        self.flag.numpy()[0] = 0
+        if not self.released:  # once: after that the worker may have taken the buffer again
+            self.released = True
+            self.flag.numpy()[0] = 0
+
+    def __del__(self) -> None:
+        try:
+            if self.holder == os.getpid():
+                self.release()
+        except Exception:  # interpreter shutdown (modules torn down): its worker is gone as well
+            pass
 
 
 class _SharedPool:
