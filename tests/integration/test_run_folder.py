@@ -9,9 +9,7 @@ changes it; the other launches are refused before they train, or train one step.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import free_port, launch_env
+from launching import free_port, kill_job, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -88,28 +86,6 @@ def _launch(recipe: Path, *args: str, cwd: Path, nproc: int = 1, background: boo
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launch and every process under it (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    victims, todo = [], [proc.pid]
-    while todo:
-        pid = todo.pop()
-        victims.append(pid)
-        todo.extend(children.get(pid, []))
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
 
 
 def _ok(out: subprocess.CompletedProcess) -> None:
@@ -198,7 +174,8 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
         assert first.poll() is None, "the first run must go on"
         assert sorted((run / "tb").iterdir()) == events
     finally:
-        _kill_tree(first)
+        kill_job(first)
+        first.wait(timeout=60)
 
 
 def test_resuming_a_different_recipe_is_refused_unless_forced(finished, tmp_path):

@@ -7,9 +7,7 @@ source of every world-size resume; one ZeRO-1 and one ZeRO-3 run serve the ZeRO-
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import free_port, launch, launch_env
+from launching import free_port, kill_job, launch, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -95,34 +93,6 @@ def _per_step(run_dir: Path, *fields: str) -> dict[int, tuple]:
     return {r["step"]: tuple(r[f] for f in fields) for r in _records(run_dir)}
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _kill_job(proc: subprocess.Popen) -> None:
-    """SIGSTOP, then SIGKILL, the launcher and every process under it, as a node failure would."""
-    victims = [proc.pid, *_descendants(proc.pid)]
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in victims:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-
 def _module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full module state (weights and buffers) a ZeRO-1/2 checkpoint stores beside its optimizer partitions."""
     from video_ens.engine import safe_torch_load
@@ -160,7 +130,7 @@ def test_gradient_accumulation_kill_and_resume_gives_the_uninterrupted_losses(yt
                 pytest.fail(f"the run ended before it could be killed: {proc.stdout.read()[-3000:]}")
             assert time.monotonic() < deadline, "step 3 not reached in 300 s"
             time.sleep(0.05)  # a step of this model takes ~0.1 s: poll faster than that
-        _kill_job(proc)
+        kill_job(proc)
     finally:
         proc.wait(timeout=60)
     from video_ens.engine import latest_checkpoint

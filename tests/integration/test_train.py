@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import free_port, launch, launch_env
+from launching import descendants, free_port, kill_job, launch, launch_env
 
 pytestmark = pytest.mark.integration
 
@@ -106,48 +106,6 @@ def _losses(run_dir: Path) -> dict[int, float]:
         if rec["kind"] == "train":
             steps[rec["step"]] = rec["loss"]
     return steps
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in their own sessions, so killpg misses them)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _kill_job(proc: subprocess.Popen) -> list[int]:
-    """SIGKILL the launcher and every process under it at once, as a node failure would; returns their pids."""
-    victims = [proc.pid, *_descendants(proc.pid)]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGSTOP)  # freeze first, so nothing runs on between the kills
-        except ProcessLookupError:
-            pass
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return victims
 
 
 def _check(out: subprocess.CompletedProcess) -> None:
@@ -240,7 +198,7 @@ def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float 
 
 
 def _worker_of_rank(proc: subprocess.Popen, rank: int) -> int:
-    for pid in _descendants(proc.pid):
+    for pid in descendants(proc.pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -262,7 +220,7 @@ def test_elastic_restart_after_one_rank_is_killed(demo_root, uninterrupted, tmp_
         out = proc.communicate(timeout=300)[0]
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 0, out[-4000:]
     log = (run / "metrics.jsonl").read_text()
     assert log.count('"kind": "train"') > RESUME_STEPS, "steps after the checkpoint should have run twice"
@@ -281,7 +239,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     victims: list[int] = []
     try:
         _wait_for_step(run, proc, 5)
-        victims = _kill_job(proc)
+        victims = kill_job(proc)
     finally:
         proc.wait(timeout=60)
     deadline = time.monotonic() + 30
@@ -324,7 +282,7 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
             assert time.monotonic() < deadline, "the step-6 save was not reached in 300 s"
             time.sleep(0.1)
         time.sleep(0.5)  # rank 0 stops itself right after writing the marker
-        victims = _kill_job(proc)
+        victims = kill_job(proc)
     finally:
         proc.wait(timeout=60)
     assert len(victims) >= 3
@@ -375,7 +333,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     proc = launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
-        below = _descendants(proc.pid)  # 2 ranks and a data worker each
+        below = descendants(proc.pid)  # 2 ranks and a data worker each
         if how == "SIGUSR1 to torchrun":
             os.kill(proc.pid, signal.SIGUSR1)  # launch.sh execs torchrun: this is the agent
         else:
@@ -384,7 +342,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
         out = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
-            _kill_job(proc)
+            kill_job(proc)
     assert proc.returncode == 143, out[-3000:]
     assert "--shutdown-timeout 120" in out  # torchrun's grace for the save: STOP_GRACE_S, not its 30 s
     assert len(below) >= 4 and not [pid for pid in below if _alive(pid)], "a process of the first launch is left"
@@ -422,7 +380,7 @@ def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_
     proc = launch(recipe, run, background=True)
     try:
         _wait_for_step(run, proc, 3)
-        below = _descendants(proc.pid)
+        below = descendants(proc.pid)
         assert len(below) >= 4, below  # 2 ranks and a data worker each
         checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
         os.kill(proc.pid, signal.SIGKILL)
@@ -434,7 +392,7 @@ def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_
         time.sleep(2)
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
     finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -574,14 +532,14 @@ def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
     deadline = time.monotonic() + 900
     while proc.poll() is None and time.monotonic() < deadline:
         # the ranks and their forked data workers (same command line); not a compiler DeepSpeed may start at first
-        procs = [p for p in _descendants(proc.pid) if _alive(p) and b"video_ens.train" in _cmdline(p)]
+        procs = [p for p in descendants(proc.pid) if _alive(p) and b"video_ens.train" in _cmdline(p)]
         seen.update(procs)
         done = max(_losses(tmp_path / "soak"), default=0) if (tmp_path / "soak" / "metrics.jsonl").exists() else 0
         if len(procs) >= 2 and done:
             samples.append((done / steps, _rss_kib(proc.pid) + sum(_rss_kib(p) for p in procs), len(procs)))
         time.sleep(0.25)
     if proc.poll() is None:
-        _kill_job(proc)
+        kill_job(proc)
         pytest.fail("soak run did not finish in 900 s")
     assert proc.returncode == 0, proc.stdout.read()[-3000:]
     (tmp_path / "rss.csv").write_text(
