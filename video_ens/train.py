@@ -43,7 +43,7 @@ from .models.size import model_size_report
 from .objective import loss_for
 from .optim import create_optimizer, peak_lr
 from .trainer import StopRequested, Trainer, all_reduce_bn_stats
-from .weights import InitReport, check_init, init_model
+from .weights import InitReport, check_init, init_model, save_weights
 
 LOG = dist.get_logger("video_ens.train")
 
@@ -541,8 +541,6 @@ def _si(n: float) -> str:
 
 
 def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
-    from safetensors.torch import save
-
     from . import durable
 
     out = {
@@ -555,8 +553,7 @@ def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
     # fsynced before its rename and the folder after it, and a full disk leaves the previous file, naming the path.
     # Serialised in memory (one more copy of the weights, 4 bytes per fp32 parameter) rather than with save_file,
     # whose errors name no path.
-    blob = save({k: v.contiguous() for k, v in weights.items()}, metadata={"model": recipe.model.name})
-    durable.write_atomic(run_dir / "model.safetensors", blob)
+    save_weights(run_dir / "model.safetensors", weights, metadata={"model": recipe.model.name})
     durable.write_atomic(run_dir / "eval.json", json.dumps(out, indent=2) + "\n")
     LOG.info(f"wrote {run_dir / 'model.safetensors'} and {run_dir / 'eval.json'}")
 
