@@ -126,7 +126,7 @@ def _all_reduce(values: list[float], device: torch.device, op: str) -> list[floa
 
 class _ScoreKeeper:
     """Per-row probabilities of every head, gathered over ranks, for saving scores from a one-view stream
-    (aggregate "first"). Multi-view streams take their per-video averages from the metrics' per-id sums instead
+    (aggregate "none"). Multi-view streams take their per-video averages from the metrics' per-id sums instead
     (`EnsembleMetrics.mean_scores`), so that no one holds every view."""
 
     def __init__(self) -> None:
@@ -149,7 +149,7 @@ class _ScoreKeeper:
         ids = np.asarray([i for p in parts for i in p[0]])
         targets = np.concatenate([t for p in parts for t in p[1]])
         scores = np.concatenate([s for p in parts for s in p[2]])
-        uniq, first = np.unique(ids, return_index=True)  # a repeated id counts once, its first row, as in the metrics
+        uniq, first = np.unique(ids, return_index=True)  # sorted by id, as the metrics (which refuse a repeated id)
         return _scores_dict(uniq.astype(str), np.ones(uniq.size, dtype=np.int64), targets[first], scores[first])
 
 
@@ -211,7 +211,7 @@ def evaluate(
         log_every: log progress on rank 0 every this many batches (0: never): inputs done out of this rank's
             share, percentage, rate and ETA.
         views_per_sample: model inputs per sample (eval.num_clips x eval.num_crops in mode "clips"), for the
-            progress total; a one-view stream (aggregate "first") has 1. Unknown: the progress shows no total.
+            progress total; a one-view stream (aggregate "none") has 1. Unknown: the progress shows no total.
         per_class: also return every head's per-class numbers ("per_class", see EnsembleMetrics.compute): support,
             accuracy and the confusion matrix (single-label) or AP (multi-label). No more memory than the metrics.
         keep_top: also return the ensemble's `top_k` classes and scores per video ("top": {"ids", "classes",

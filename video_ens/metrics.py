@@ -1,7 +1,7 @@
 """Evaluation metrics: top-k accuracy, hit@1, GAP@20 and mAP@20, per branch and for the ensemble.
 
 * Functions on one score matrix (numpy or torch, any float dtype): `topk_accuracy`, `hit_at_one`, `gap`, `mean_ap`,
-  and per class `per_class_accuracy`, `class_average_precision` (whose mean is `mean_ap`), `confusion_matrix`.
+  and per class `class_average_precision` (whose mean is `mean_ap`).
 * `EnsembleMetrics`, a streaming accumulator keyed by sample id: per-batch outputs of every branch and the
   ensemble in, every metric per head out, after an all-gather over ranks.
 
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .starter_ap import class_aps_from_top_k, gap_from_top_k, mean_of_present, top_k_per_video
+from .view_sums import ViewSums, repeated_id_error
 
 # --------------------------------------------------------------------------------------------------------------------
 # Input conversion
@@ -165,7 +166,7 @@ def mean_ap(scores: Any, labels: Any, top_k: int = 20) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Per-class results (the reports' tables; the functions below take one score matrix, the accumulator has the same)
+# Per-class results (the reports' tables)
 
 
 def _confusion(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -181,31 +182,6 @@ def _rate(hits: np.ndarray, support: np.ndarray) -> np.ndarray:
     return out
 
 
-def confusion_matrix(scores: Any, target: Any) -> np.ndarray:
-    """(C, C) int64 sample counts: row = true class, column = predicted class.
-
-    The prediction is the arg-max class, the lowest index on ties: the class top-1 accuracy counts, so the trace
-    over the number of samples is `topk_accuracy(scores, target, 1)`.
-    """
-    arr = _scores_2d(scores)
-    target_idx = _class_targets(target, arr.shape[0], arr.shape[1])
-    return _confusion(target_idx, np.argmax(arr, axis=1), arr.shape[1])
-
-
-def per_class_accuracy(scores: Any, target: Any, k: int = 1) -> np.ndarray:
-    """(C,) float64: for each class, the fraction of its samples whose target is among the k best classes (the
-    recall at k, ties as in `topk_accuracy`); NaN for a class without samples."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    arr = _scores_2d(scores)
-    target_idx = _class_targets(target, arr.shape[0], arr.shape[1])
-    hits = _topk_correct(arr, target_idx, (k,))[:, 0]
-    num_classes = arr.shape[1]
-    return _rate(
-        np.bincount(target_idx, weights=hits, minlength=num_classes), np.bincount(target_idx, minlength=num_classes)
-    )
-
-
 def class_average_precision(scores: Any, labels: Any, top_k: int = 20) -> np.ndarray:
     """(C,) float64 AP of each class over the videos that kept it in their `top_k`, denominator all its positives:
     the values whose mean over the classes with a positive is `mean_ap`. NaN for a class with no positive."""
@@ -218,7 +194,7 @@ def class_average_precision(scores: Any, labels: Any, top_k: int = 20) -> np.nda
 # Streaming accumulator
 
 _TASKS = ("single_label", "multi_label")
-_AGGREGATES = ("first", "mean")
+_AGGREGATES = ("none", "mean")
 _SUMMARY_FIELDS = ("correct", "pred", "top_idx", "top_val", "hit1")
 
 
@@ -239,19 +215,18 @@ class EnsembleMetrics:
     adds each head's per-class numbers and `top_predictions()` each video's kept classes (tools/eval.py's reports).
     Pass probabilities for every head: the ensemble is a mean of probabilities, so its branches compare on that footing.
 
-    Repeated ids. `aggregate="first"` counts a repeated id once, its first row (update order; ranks in rank order
-    after `sync`). `aggregate="mean"` averages the scores of an id's rows: multi-clip (or multi-crop) evaluation,
-    where every view of a video arrives under the video's id; with `view_ids` (the view index, a small int >= 0) a
-    view that arrives twice raises, since it would weigh twice in the average (the loader's evaluation streams give
-    each (sample, view) once and keep a sample's views on one rank). Rows sharing an id must carry the same target;
-    a mismatch raises, since it means the ids are not global (e.g. a per-rank batch index).
+    Ids. `aggregate="none"`: every id arrives once, over all ranks; a repeat raises, since it would count twice (a
+    DistributedSampler pads by repeating samples; the loader's evaluation streams never do). `aggregate="mean"`:
+    the rows of an id are views of one video (clips x crops), and their scores are averaged; with `view_ids` (the
+    view index, a small int >= 0) a view that arrives twice raises. Rows sharing an id must carry the same target:
+    a mismatch means the ids are not global (e.g. a per-rank batch index).
 
-    Memory per unique id and head (H = N + 1 heads): "first" keeps only what the metrics read: multi-label, the
-    top-k class indices and scores (20 x (4 + 4) bytes for float32) and a hit@1 flag, plus the packed labels once
-    (3862 / 8 = 483 bytes); single-label, one flag per k and the arg-max class. "mean" keeps the float64 sum of the
-    views' scores, C x 8 bytes whatever the number of views (Kinetics-400 at 10 x 3 views: 19.8k videos x 3 heads x
-    400 x 8 B = 190 MB, where holding every view would take 2.9 GB). Sums are added row by row in arrival order;
-    `sync` all-gathers every rank's state to every rank and adds the parts in rank order.
+    Memory per id and head (H = N + 1 heads): "none" keeps only what the metrics read: multi-label, the top-k
+    classes and scores (20 x (4 + 4) bytes for float32) and a hit@1 flag, plus the packed labels once (3862 / 8 =
+    483 bytes); single-label, one flag per k and the arg-max class. "mean" keeps the float64 sum of the views' scores,
+    C x 8 bytes whatever the number of views (Kinetics-400 at 10 x 3 views: 19.8k videos x 3 heads x 400 x 8 B =
+    190 MB, where every view would take 2.9 GB). `sync` all-gathers every rank's state and adds the parts in rank
+    order.
     """
 
     def __init__(
@@ -260,7 +235,7 @@ class EnsembleMetrics:
         task: str,
         num_classes: int,
         num_branches: int,
-        aggregate: str = "first",
+        aggregate: str = "none",
         top_k: int = 20,
         accuracy_ks: Sequence[int] = (1, 5),
     ) -> None:
@@ -269,7 +244,7 @@ class EnsembleMetrics:
             task: "single_label" (Kinetics, ImageNet) or "multi_label" (YouTube-8M).
             num_classes: C, the width of every score row.
             num_branches: N, the number of branch heads (the ensemble is reported besides them).
-            aggregate: "first" (count a repeated id once) or "mean" (average the scores of an id's rows).
+            aggregate: "none" (every id once) or "mean" (average the scores of an id's views).
             top_k: predictions kept per video for GAP and mAP (multi-label).
             accuracy_ks: the k of each reported top-k accuracy (single-label).
         """
@@ -294,31 +269,19 @@ class EnsembleMetrics:
         self.accuracy_ks = accuracy_ks
         self.reset()
 
-    # ---- configuration ----------------------------------------------------------------------------------------------
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        if self.task == "single_label":
-            return tuple(f"top{k}" for k in self.accuracy_ks)
-        return ("gap", "map", "hit_at_one")
-
     def _config(self) -> tuple:
         return (self.task, self.num_classes, self.num_branches, self.aggregate, self.top_k, self.accuracy_ks)
 
-    def _check_views(self, has_views: bool | None) -> None:
-        if has_views is None or self.aggregate == "first":
-            return
-        if self._has_views is None:
-            self._has_views = has_views
-        elif self._has_views != has_views:
-            raise ValueError("pass view_ids to every update() of an aggregate='mean' accumulator, or to none")
+    def reset(self) -> None:
+        # aggregate="none": chunks mapping field -> array whose first axis is the row: "ids", "target" ((R,) int64
+        # class indices, or (R, ceil(C/8)) packed multi-hot bits) and the per-head summary (see _summarise).
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._sums = self._new_sums() if self.aggregate == "mean" else None
 
-    def _new_sums(self) -> _MeanSums:
+    def _new_sums(self) -> ViewSums:
         if self.task == "single_label":
-            return _MeanSums(self.num_branches + 1, self.num_classes, (), np.int64)
-        return _MeanSums(self.num_branches + 1, self.num_classes, ((self.num_classes + 7) // 8,), np.uint8)  # packed
-
-    # ---- accumulation -----------------------------------------------------------------------------------------------
+            return ViewSums(self.num_branches + 1, self.num_classes, (), np.int64)
+        return ViewSums(self.num_branches + 1, self.num_classes, ((self.num_classes + 7) // 8,), np.uint8)  # packed
 
     def update(
         self,
@@ -349,11 +312,9 @@ class EnsembleMetrics:
         else:
             target = _multi_hot(targets, (num_rows, self.num_classes), name="targets")
             stored_target = np.packbits(target, axis=1)
-        if self.aggregate == "first":
-            chunk = {"ids": ids.copy(), "target" if self.task == "single_label" else "labels": stored_target}
-            chunk.update(self._summarise(heads, target))
+        if self.aggregate == "none":
             if num_rows:
-                self._chunks.append(chunk)
+                self._chunks.append({"ids": ids.copy(), "target": stored_target, **self._summarise(heads, target)})
             return
         views = None
         if view_ids is not None:
@@ -363,7 +324,6 @@ class EnsembleMetrics:
             if num_rows and views.min() < 0:
                 raise ValueError(f"view_ids must be >= 0 (a clip / crop index), got {int(views.min())}")
         if num_rows:
-            self._check_views(view_ids is not None)
             scores = np.ascontiguousarray(heads.transpose(1, 0, 2), dtype=np.result_type(heads, np.float32))
             self._sums.add(ids.tolist(), None if views is None else views.tolist(), scores, stored_target)
 
@@ -401,24 +361,21 @@ class EnsembleMetrics:
         }
 
     def sync(self, group: Any = None) -> EnsembleMetrics:
-        """All-gather every rank's state (aggregate="mean": per-id sums, counts and views seen) so that each rank
-        holds the union; a no-op unless torch.distributed is initialised. A collective: call it on every rank of
-        `group`, once, after the last update. With NCCL, `all_gather_object` needs `torch.cuda.set_device` to have
-        been called. Returns self."""
+        """All-gather every rank's state so that each rank holds the union; a no-op unless torch.distributed is
+        initialised. A collective: call it on every rank of `group`, once, after the last update. With NCCL,
+        `all_gather_object` needs `torch.cuda.set_device` to have been called. Returns self."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        state = self._consolidate() if self.aggregate == "first" else self._sums.export()
-        payload = {"config": self._config(), "has_views": self._has_views, "state": state}
+        state = self._rows(sort=False) if self.aggregate == "none" else self._sums.export()
+        payload = {"config": self._config(), "state": state}
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, payload, group=group)
         del payload, state
         for rank, part in enumerate(gathered):
             if part["config"] != self._config():
                 raise ValueError(f"rank {rank} accumulates with settings {part['config']}, this rank {self._config()}")
-            self._check_views(part["has_views"])
-        if self.aggregate == "first":
+        if self.aggregate == "none":
             self._chunks = [part["state"] for part in gathered if part["state"] is not None]
-            self._consolidate()
             return self
         self._sums = self._new_sums()  # this rank's own part is in `gathered`
         for rank in range(len(gathered)):
@@ -426,58 +383,28 @@ class EnsembleMetrics:
             self._sums.absorb(part["state"])
         return self
 
-    def reset(self) -> None:
-        # aggregate="first": chunks mapping field -> array whose first axis is the row. Fields: "ids", the target
-        # ("target" (R,) int64 or "labels" (R, ceil(C/8)) packed bits) and the per-head summary (see _summarise).
-        self._chunks: list[dict[str, np.ndarray]] = []
-        self._sums = self._new_sums() if self.aggregate == "mean" else None  # aggregate="mean": per-id sums
-        self._has_views: bool | None = None  # fixed by the first update that brings rows
-
     def __len__(self) -> int:
         """Number of distinct sample ids held."""
         if self.aggregate == "mean":
             return len(self._sums)
-        state = self._consolidate()
-        return 0 if state is None else int(np.unique(state["ids"]).size)
+        state = self._rows()
+        return 0 if state is None else len(state["ids"])
 
-    @property
-    def rows_held(self) -> int:
-        """Rows of per-sample state in memory: aggregate="mean", one per distinct id whatever the number of views;
-        aggregate="first", every row added since the last de-duplication (`sync`, `compute`, `len`)."""
-        if self.aggregate == "mean":
-            return len(self._sums)
-        return sum(len(chunk["ids"]) for chunk in self._chunks)
-
-    # ---- de-duplication ---------------------------------------------------------------------------------------------
-
-    def _consolidate(self) -> dict[str, np.ndarray] | None:
-        """aggregate="first": concatenate the chunks into one and drop rows that repeat an id."""
+    def _rows(self, sort: bool = True) -> dict[str, np.ndarray] | None:
+        """aggregate="none": the chunks as one, sorted by id unless `sort` is False; a repeated id raises."""
         if not self._chunks:
             return None
-        if len(self._chunks) == 1:
-            state = self._chunks[0]
-        else:
-            state = {key: np.concatenate([c[key] for c in self._chunks]) for key in self._chunks[0]}
-        state = self._drop_repeated_rows(state)
-        self._chunks = [state]
-        return state
-
-    def _drop_repeated_rows(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _, first, inverse = np.unique(state["ids"], return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        target_key = "target" if self.task == "single_label" else "labels"
-        targets = state[target_key]
-        conflict = targets != targets[first[inverse]]
-        if conflict.ndim > 1:
-            conflict = conflict.any(axis=tuple(range(1, conflict.ndim)))
-        if conflict.any():
-            raise _conflict_error(state["ids"][np.flatnonzero(conflict)[0]].item())
-        if first.size == inverse.size:
+        if len(self._chunks) > 1:
+            self._chunks = [{key: np.concatenate([c[key] for c in self._chunks]) for key in self._chunks[0]}]
+        state = self._chunks[0]
+        if not sort:
             return state
-        keep = np.sort(first)  # keep the surviving rows in arrival order
-        return {key: value[keep] for key, value in state.items()}
-
-    # ---- results ----------------------------------------------------------------------------------------------------
+        order = np.argsort(state["ids"], kind="stable")
+        ids = state["ids"][order]
+        repeated = np.flatnonzero(ids[1:] == ids[:-1])
+        if repeated.size:
+            raise repeated_id_error(ids[repeated[0]].item())
+        return {key: value[order] for key, value in state.items()}
 
     def compute(self, *, per_class: bool = False) -> dict[str, Any]:
         """{"ensemble": {metric: value}, "branches": [{metric: value}] * N, "num_samples": distinct ids}.
@@ -492,41 +419,31 @@ class EnsembleMetrics:
             multi-label: "support" (C,) positive labels of c; "ap" (C,) the AP whose mean over the classes with a
             positive is "map" (NaN without one).
         """
+        state = self._held_rows()
+        results = []
         if self.aggregate == "mean":
-            return self._compute_mean(per_class)
-        state = self._consolidate()
-        if state is None:
-            raise _no_samples_error()
-        _, first = np.unique(state["ids"], return_index=True)
-        if self.task == "single_label":
-            target = state["target"][first]
+            _, _, stored, order = self._sums.by_id()
+            target = self._unpacked(stored)
+            for head in range(self.num_branches + 1):
+                # One head at a time: a copy of every head at once would double the sums held.
+                summary = {k: v[:, 0] for k, v in self._summarise(self._sums.mean(head, order)[None], target).items()}
+                results.append(self._metrics(summary, target, per_class))
         else:
-            target = np.unpackbits(state["labels"][first], axis=1, count=self.num_classes).astype(bool)
-        results = []
-        for head in range(self.num_branches + 1):
-            summary = {key: value[first, head] for key, value in state.items() if key in _SUMMARY_FIELDS}
-            results.append(self._metrics(summary, target, per_class))
-        return self._result(results, int(first.size), per_class)
-
-    def _compute_mean(self, per_class: bool = False) -> dict[str, Any]:
-        if not len(self._sums):
-            raise _no_samples_error()
-        _, _, stored, order = self._sums.by_id()
-        target = self._unpacked(stored)
-        results = []
-        for head in range(self.num_branches + 1):
-            # One head at a time: a copy of every head at once would double the sums held.
-            mean = self._sums.mean(head, order)
-            summary = {k: v[:, 0] for k, v in self._summarise(mean[None], target).items()}
-            results.append(self._metrics(summary, target, per_class))
-        return self._result(results, int(order.size), per_class)
-
-    @staticmethod
-    def _result(results: list[tuple[dict, dict | None]], num_samples: int, per_class: bool) -> dict[str, Any]:
-        out = {"ensemble": results[-1][0], "branches": [m for m, _ in results[:-1]], "num_samples": num_samples}
+            target = self._unpacked(state["target"])
+            for head in range(self.num_branches + 1):
+                summary = {key: value[:, head] for key, value in state.items() if key in _SUMMARY_FIELDS}
+                results.append(self._metrics(summary, target, per_class))
+        out = {"ensemble": results[-1][0], "branches": [m for m, _ in results[:-1]], "num_samples": len(target)}
         if per_class:
             out["per_class"] = {"ensemble": results[-1][1], "branches": [c for _, c in results[:-1]]}
         return out
+
+    def _held_rows(self) -> dict[str, np.ndarray] | None:
+        """aggregate="none": the rows sorted by id (see `_rows`); raises if nothing has been added."""
+        state = self._rows() if self.aggregate == "none" else None
+        if state is None and not (self.aggregate == "mean" and len(self._sums)):
+            raise ValueError("no samples to evaluate: call update() (and sync() on every rank) before compute()")
+        return state
 
     def top_predictions(self, head: int = -1) -> dict[str, np.ndarray]:
         """Each sample's `top_k` best classes and their scores for one head (-1, the default: the ensemble; 0..N-1 a
@@ -534,29 +451,23 @@ class EnsembleMetrics:
         C), every row sorted by score, highest first (the lower class index first on ties).
 
         Multi-label accumulators keep exactly this (it is what GAP and mAP read); aggregate="mean" ones compute it
-        from the averaged scores. A single-label, aggregate="first" accumulator keeps only hit flags and refuses.
+        from the averaged scores. A single-label, aggregate="none" accumulator keeps only hit flags and refuses.
         Call `sync()` first in a distributed run.
         """
         if not -(self.num_branches + 1) <= head <= self.num_branches:
             raise ValueError(f"head must be in [-1, {self.num_branches}] (-1: the ensemble), got {head}")
         head %= self.num_branches + 1
-        if self.aggregate == "mean":
-            if not len(self._sums):
-                raise _no_samples_error()
-            ids, _, _, order = self._sums.by_id()
-            classes, scores = top_k_per_video(self._sums.mean(head, order), self.top_k)
-        elif self.task == "multi_label":
-            state = self._consolidate()
-            if state is None:
-                raise _no_samples_error()
-            _, first = np.unique(state["ids"], return_index=True)
-            ids = state["ids"][first]
-            classes, scores = state["top_idx"][first, head], state["top_val"][first, head]
-        else:
+        if self.aggregate == "none" and self.task == "single_label":
             raise ValueError(
                 "top_predictions needs a multi-label accumulator or aggregate='mean': a single-label "
-                "aggregate='first' one keeps only whether each sample was a hit"
+                "aggregate='none' one keeps only whether each sample was a hit"
             )
+        state = self._held_rows()
+        if self.aggregate == "mean":
+            ids, _, _, order = self._sums.by_id()
+            classes, scores = top_k_per_video(self._sums.mean(head, order), self.top_k)
+        else:
+            ids, classes, scores = state["ids"], state["top_idx"][:, head], state["top_val"][:, head]
         order = np.lexsort((classes, -scores))  # per row: score descending, then class index ascending
         return {
             "ids": ids,
@@ -577,7 +488,7 @@ class EnsembleMetrics:
         distributed run.
         """
         if self.aggregate != "mean":
-            raise ValueError("mean_scores needs an aggregate='mean' accumulator (the 'first' one keeps no scores)")
+            raise ValueError("mean_scores needs an aggregate='mean' accumulator (the 'none' one keeps no scores)")
         ids, counts, stored, order = self._sums.by_id()
         scores = np.empty((order.size, self.num_branches + 1, self.num_classes), dtype=dtype)
         for head in range(self.num_branches + 1):
@@ -611,111 +522,3 @@ class EnsembleMetrics:
         if not per_class:
             return metrics, None
         return metrics, {"support": target.sum(axis=0).astype(np.int64), "ap": aps}
-
-
-def _conflict_error(sample_id: Any) -> ValueError:
-    return ValueError(
-        f"sample id {sample_id!r} arrived with two different targets; sample_ids must identify a sample across "
-        "the whole evaluation set (not a position in the batch or on the rank)"
-    )
-
-
-def _repeat_error(sample_id: Any, mask: int) -> ValueError:
-    views = [i for i in range(mask.bit_length()) if mask >> i & 1]
-    return ValueError(
-        f"sample id {sample_id!r}: view(s) {views} arrived twice, and a repeat would weigh twice in the average; "
-        "an evaluation stream gives each (sample, view) once, on one rank (video_ens.data.loader.eval_stream), "
-        "whereas a DistributedSampler pads by repeating rows"
-    )
-
-
-def _no_samples_error() -> ValueError:
-    return ValueError("no samples to evaluate: call update() (and sync() on every rank) before compute()")
-
-
-class _MeanSums:
-    """The state of an aggregate="mean" accumulator. Per sample id, in the order ids first arrive: the float64 sum
-    of its views' scores (H, C), how many views were summed, its target (stored form) and the bit mask of the view
-    ids seen (0 without view ids)."""
-
-    def __init__(self, heads: int, num_classes: int, target_shape: tuple, target_dtype: Any) -> None:
-        self.keys: list[Any] = []
-        self.index: dict[Any, int] = {}
-        self.sums = np.zeros((0, heads, num_classes), dtype=np.float64)
-        self.counts = np.zeros(0, dtype=np.int64)
-        self.targets = np.zeros((0, *target_shape), dtype=target_dtype)
-        self.masks: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def _row(self, key: Any, target: np.ndarray) -> int:
-        """The row of `key`, added (with `target`) if new."""
-        row = self.index.get(key)
-        if row is not None:
-            return row
-        row = len(self.keys)
-        if row == self.sums.shape[0]:  # grow by doubling: amortised O(1) copies per id
-            capacity = max(64, 2 * row)
-            for name in ("sums", "counts", "targets"):
-                old = getattr(self, name)
-                new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
-                new[:row] = old
-                setattr(self, name, new)
-        self.keys.append(key)
-        self.index[key] = row
-        self.targets[row] = target
-        self.masks.append(0)
-        return row
-
-    def _add(self, key: Any, target: np.ndarray, scores: np.ndarray, count: int, mask: int) -> None:
-        row = self._row(key, target)
-        self.sums[row] += scores  # float64, in arrival order
-        self.counts[row] += count
-        self.masks[row] |= mask
-
-    def add(self, keys: list, views: list[int] | None, scores: np.ndarray, targets: np.ndarray) -> None:
-        """One batch in arrival order: keys (B), views (B) or None, scores (B, H, C), targets (B, ...) stored form."""
-        seen: dict[Any, tuple[np.ndarray, int]] = {}  # key -> (its target, its views so far): checked before any change
-        for b, key in enumerate(keys):
-            row = self.index.get(key)
-            target, mask = seen.get(key) or ((targets[b], 0) if row is None else (self.targets[row], self.masks[row]))
-            if not np.array_equal(target, targets[b]):
-                raise _conflict_error(key)
-            if views is not None:
-                if mask >> views[b] & 1:
-                    raise _repeat_error(key, 1 << views[b])
-                mask |= 1 << views[b]
-            seen[key] = (target, mask)
-        for b, key in enumerate(keys):
-            self._add(key, targets[b], scores[b], 1, 0 if views is None else 1 << views[b])
-
-    def export(self) -> dict[str, Any]:
-        n = len(self.keys)
-        return {
-            "keys": self.keys,
-            "sums": self.sums[:n],
-            "counts": self.counts[:n],
-            "targets": self.targets[:n],
-            "masks": self.masks,
-        }
-
-    def absorb(self, part: dict[str, Any]) -> None:
-        """Add another rank's exported state after everything this one holds."""
-        for u, key in enumerate(part["keys"]):
-            row = self.index.get(key)
-            if row is not None:
-                if not np.array_equal(self.targets[row], part["targets"][u]):
-                    raise _conflict_error(key)
-                if self.masks[row] & part["masks"][u]:
-                    raise _repeat_error(key, self.masks[row] & part["masks"][u])
-            self._add(key, part["targets"][u], part["sums"][u], int(part["counts"][u]), part["masks"][u])
-
-    def by_id(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, view counts, targets, rows): every id once, sorted, with the rows of `sums` in that order."""
-        order = np.argsort(np.asarray(self.keys), kind="stable")
-        return np.asarray(self.keys)[order], self.counts[: len(self.keys)][order], self.targets[order], order
-
-    def mean(self, head: int, order: np.ndarray) -> np.ndarray:
-        """(V, C) float64: one head's scores averaged over each id's views, rows in `order`."""
-        return self.sums[: len(self.keys), head][order] / self.counts[: len(self.keys)][order][:, None]

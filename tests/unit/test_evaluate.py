@@ -45,7 +45,7 @@ class _Stream:
     def __init__(self, videos: int, views: int, batch: int, *, bad: list[dict] = ()) -> None:
         rng = np.random.default_rng(1)
         self.num_classes, self.num_samples = CLASSES, videos + len(bad)
-        self.aggregate = "mean" if views > 1 else "first"
+        self.aggregate = "mean" if views > 1 else "none"
         self.rows = [
             (f"vid{v:02d}", view, rng.standard_normal(4).astype(np.float32), v % CLASSES)
             for v in range(videos)

@@ -12,12 +12,12 @@ PKG = Path(__file__).resolve().parents[2] / "video_ens"
 
 # Lower layers first. A module may import from lower layers only (so models and data never import each other).
 LAYERS = [
-    {"dist", "durable", "typed_json"},
+    {"dist", "durable", "typed_json", "cli"},
     {"model_options"},
     {"sections"},
     {"config"},
     {"kernels"},
-    {"models", "data", "starter_ap"},
+    {"models", "data", "starter_ap", "view_sums"},
     {"objective", "metrics", "optim", "trackers", "plots", "progress"},
     {"evaluate", "report"},
     {"predict"},

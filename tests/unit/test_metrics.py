@@ -272,26 +272,31 @@ def test_accumulator_single_label_and_torch_inputs():
         assert result["branches"][b]["top5"] == topk_accuracy(branch_scores[b], target, 5)
 
 
-def test_duplicate_ids_count_once():
+def test_a_repeated_id_raises_instead_of_counting_twice():
+    # What a DistributedSampler does to 23 videos over 2 ranks: rank 1 ends with a padded repeat of video 0.
     branch_scores, ensemble, labels = _multi_label_set(1)
-    expected = _expected_multi_label(branch_scores, ensemble, labels, 4)
-    ids = np.arange(len(labels))
-    pad = np.array([0, 1, 2, 0])  # padding repeats real samples; repeats of a repeat too
-    acc = EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=4)
-    _feed(acc, ids, branch_scores, ensemble, labels, batch=16)
-    # The repeated rows carry other scores: aggregate="first" must keep the first occurrence, not these.
-    _feed(acc, ids[pad], branch_scores[:, pad][::-1], ensemble[pad][::-1], labels[pad], batch=3)
-    assert len(acc) == len(labels)
-    assert acc.compute() == expected
+    ids = np.arange(23)
+    ranks = [EnsembleMetrics(task="multi_label", num_classes=CLASSES, num_branches=N_BRANCHES, top_k=4) for _ in "ab"]
+    for rank, acc in enumerate(ranks):
+        share = list(DistributedSampler(range(23), num_replicas=2, rank=rank, shuffle=False))
+        _feed(acc, ids[share], branch_scores[:, share], ensemble[share], labels[share], batch=5)
+    assert len(ranks[0]) == 12 and len(ranks[1]) == 11 + 1  # each rank alone holds no repeat
+    ranks[0]._chunks += ranks[1]._chunks  # what sync() leaves on every rank
+    for call in (ranks[0].compute, ranks[0].__len__, ranks[0].top_predictions):
+        with pytest.raises(ValueError, match="sample id 0: arrived twice.*DistributedSampler"):
+            call()
+    one = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1)  # within one rank, a string id
+    one.update(["a", "b", "a"], np.eye(3)[None], np.eye(3), [0, 1, 0])
+    with pytest.raises(ValueError, match="sample id 'a': arrived twice"):
+        one.compute()
 
 
 def test_conflicting_targets_for_one_id_raise():
-    acc = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1)
+    acc = EnsembleMetrics(task="single_label", num_classes=3, num_branches=1, aggregate="mean")
     scores = np.ones((1, 2, 3)) / 3
     acc.update([5, 6], scores, scores[0], [0, 1])
-    acc.update([5], scores[:, :1], scores[0, :1], [2])
-    with pytest.raises(ValueError, match="sample id 5"):
-        acc.compute()
+    with pytest.raises(ValueError, match="sample id 5 arrived with two different targets"):
+        acc.update([5], scores[:, :1], scores[0, :1], [2])
 
 
 def test_mean_aggregation_averages_clips_and_refuses_a_repeated_clip():
@@ -350,8 +355,7 @@ def test_mean_aggregation_holds_one_row_per_video_not_per_view():
     ids = np.arange(videos)
     for view in range(views):
         _feed(acc, ids, scores[view], ensembles[view], target, batch=16, views=np.full(videos, view))
-        assert acc.rows_held == videos
-    assert len(acc) == videos
+        assert len(acc) == videos
     assert acc.compute() == _expected_single_label(*_hand_mean(scores, ensembles, range(views)), target)
 
 
@@ -372,7 +376,7 @@ def test_mean_aggregation_memory_does_not_grow_with_views():
     # float64 sums of 3 heads: 2 x one view's scores (up to 2x that while the arrays grow by doubling), plus ids
     # and view masks.
     assert held < 4 * one_view_bytes, held
-    assert acc.rows_held == videos
+    assert len(acc) == videos
 
 
 def _sync_as(parts):
@@ -445,7 +449,7 @@ def test_compute_without_samples_raises():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Two gloo ranks: videos through a padding DistributedSampler, clips in the loader's contiguous shares
+# Two gloo ranks: videos and clips in the loader's contiguous shares
 
 DIST_VIDEOS, DIST_CLIPS, DIST_CLASSES, DIST_TOP_K = 23, 3, 10, 3
 
@@ -471,9 +475,9 @@ def _evaluate(rank, world):
     clips = EnsembleMetrics(
         task="single_label", num_classes=DIST_CLASSES, num_branches=N_BRANCHES, aggregate="mean", accuracy_ks=(1, 3)
     )
-    video_share = list(DistributedSampler(range(DIST_VIDEOS), num_replicas=world, rank=rank, shuffle=False))
     # The loader's split (video_ens.data.loader, "Evaluation: every sample once"): rank r reads [N r / R, N (r + 1) / R),
     # nothing repeated; 69 clips over 2 ranks put video 11's clips on both.
+    video_share = list(range(DIST_VIDEOS * rank // world, DIST_VIDEOS * (rank + 1) // world))
     n = DIST_VIDEOS * DIST_CLIPS
     clip_share = list(range(n * rank // world, n * (rank + 1) // world))
     for start in range(0, len(video_share), 4):
@@ -519,7 +523,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
 
 @pytest.mark.integration
 def test_sync_across_two_gloo_ranks_equals_single_process(tmp_path):
-    # The video sampler pads (23 videos over 2 ranks): one id arrives twice; 69 clips split a video over the ranks.
+    # 23 videos over 2 ranks: uneven shares; 69 clips split a video's clips over the ranks.
     assert DIST_VIDEOS % 2 and (DIST_VIDEOS * DIST_CLIPS) % 2
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     single = json.loads(json.dumps(_evaluate(0, 1)))  # one rank: no padding, no process group
@@ -553,20 +557,6 @@ PC_TOP2 = [2 / 3, 2 / 2, 1 / 1, np.nan]  # s1's target ranks third
 PC_CONFUSION = [[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
 
 
-def test_per_class_accuracy_and_confusion_by_hand():
-    from video_ens.metrics import confusion_matrix, per_class_accuracy
-
-    np.testing.assert_array_equal(per_class_accuracy(PC_SCORES, PC_TARGET, k=1), PC_TOP1)
-    np.testing.assert_array_equal(per_class_accuracy(PC_SCORES, PC_TARGET, k=2), PC_TOP2)
-    confusion = confusion_matrix(PC_SCORES, PC_TARGET)
-    np.testing.assert_array_equal(confusion, PC_CONFUSION)
-    # identities with the overall numbers: the trace is the top-1 hits, the support-weighted mean the accuracy
-    assert np.trace(confusion) / len(PC_TARGET) == topk_accuracy(PC_SCORES, PC_TARGET, 1) == 0.5
-    support = np.bincount(PC_TARGET, minlength=4)
-    weighted = np.nansum(np.asarray(PC_TOP2) * support) / support.sum()
-    assert weighted == pytest.approx(topk_accuracy(PC_SCORES, PC_TARGET, 2))
-
-
 def _per_class_expectation(per_class: dict) -> None:
     np.testing.assert_array_equal(per_class["support"], [3, 2, 1, 0])
     np.testing.assert_array_equal(per_class["top1"], PC_TOP1)
@@ -575,16 +565,14 @@ def _per_class_expectation(per_class: dict) -> None:
     np.testing.assert_array_equal(per_class["predicted"], [3, 2, 1, 0])
 
 
-@pytest.mark.parametrize("aggregate", ["first", "mean"])
+@pytest.mark.parametrize("aggregate", ["none", "mean"])
 def test_accumulator_per_class_single_label_by_hand(aggregate):
     other = PC_SCORES[:, ::-1].copy()  # branch 1: classes reversed; its arg-max is class 3 for s0, s1 ...
     acc = EnsembleMetrics(task="single_label", num_classes=4, num_branches=2, accuracy_ks=(1, 2), aggregate=aggregate)
     ids = np.arange(6)
-    if aggregate == "first":
+    if aggregate == "none":
         acc.update(ids[:4], np.stack([PC_SCORES[:4], other[:4]]), PC_SCORES[:4], PC_TARGET[:4])
         acc.update(ids[4:], np.stack([PC_SCORES[4:], other[4:]]), PC_SCORES[4:], PC_TARGET[4:])
-        wrong = PC_SCORES[[0]][:, ::-1].copy()  # a padded repeat of s0 with other scores: the first row counts
-        acc.update(ids[:1], np.stack([wrong, wrong]), wrong, PC_TARGET[:1])
     else:  # two views per sample, +-0.25 on a whole row: their mean is the hand-made row, ties kept bit for bit
         for shift, view in ((0.25, 0), (-0.25, 1)):
             acc.update(
@@ -601,6 +589,11 @@ def test_accumulator_per_class_single_label_by_hand(aggregate):
     _per_class_expectation(result["per_class"]["branches"][0])
     np.testing.assert_array_equal(result["per_class"]["branches"][1]["confusion"], _confusion_by_hand(other, PC_TARGET))
     assert "per_class" not in acc.compute()
+    # identities with the overall numbers: the trace is the top-1 hits, the support-weighted mean the accuracy
+    ensemble = result["per_class"]["ensemble"]
+    assert np.trace(ensemble["confusion"]) / len(PC_TARGET) == topk_accuracy(PC_SCORES, PC_TARGET, 1) == 0.5
+    weighted = np.nansum(ensemble["top2"] * ensemble["support"]) / ensemble["support"].sum()
+    assert weighted == pytest.approx(topk_accuracy(PC_SCORES, PC_TARGET, 2))
 
 
 def _confusion_by_hand(scores, target):

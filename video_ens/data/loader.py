@@ -949,7 +949,7 @@ class EvalStream(_Stream):
 
     Attributes:
         num_classes: label map size; num_samples: samples in the evaluation set (all ranks together).
-        aggregate: "mean" for multi-view clips (pass batch["view_ids"] to the metrics), else "first".
+        aggregate: "mean" for multi-view clips (pass batch["view_ids"] to the metrics), else "none" (one row per sample).
         stats: samples and bad samples of the last `batches()` pass, as TrainStream.stats.
     """
 
@@ -958,7 +958,7 @@ class EvalStream(_Stream):
         self._plan = plan
         self.num_classes = plan.spec.num_classes
         self.num_samples = sum(plan.counts)
-        self.aggregate = "mean" if plan.spec.kind == "clip" and plan.view.mode == "clips" else "first"
+        self.aggregate = "mean" if plan.spec.kind == "clip" and plan.view.mode == "clips" else "none"
 
     def _dataset(self) -> IterableDataset:
         return _EvalPass(self._plan, _Guard(self.quarantine, self.inflight))
