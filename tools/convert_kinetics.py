@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
+from video_ens import cli
 from video_ens.data import convert_kinetics
 
 
@@ -23,21 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-side", type=int, help="re-encode to this short side (libx264)")
     p.add_argument("--keyint", type=int, help="keyframe interval when re-encoding (default 16)")
     p.add_argument("--verify", action="store_true", help="decode every frame to count them")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds a clip may take (with --workers > 1): a hung decoder is killed, the clip skipped",
+    cli.add_converter_options(
+        p,
+        timeout=600.0,
+        timeout_item="a clip",
+        on_hang="a hung decoder is killed, the clip skipped",
+        shard_size=256,
+        shard_item="samples",
+        shuffle_order="the CSV order",
     )
-    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed for the sample order")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the CSV order")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     a = p.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        info = convert_kinetics.convert(
+    return cli.run_converter(
+        "convert_kinetics",
+        lambda: convert_kinetics.convert(
             annotations=a.annotations,
             videos=a.videos,
             out=a.out,
@@ -46,28 +43,25 @@ def main(argv: list[str] | None = None) -> int:
             short_side=a.short_side,
             keyint=a.keyint,
             verify=a.verify,
-            workers=a.workers,
-            timeout=a.timeout,
-            shard_size=a.shard_size,
-            seed=None if a.no_shuffle else a.seed,
-            overwrite=a.overwrite,
-        )
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"convert_kinetics: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a shard that could not be written (disk full): the error names the file
-        print(f"convert_kinetics: error: {e}\n  nothing was published", file=sys.stderr)
-        return 1
-    print(f"{a.out}: {info.summary()}")
+            **cli.converter_kwargs(a),
+        ),
+        lambda info: [f"{a.out}: {info.summary()}", *_notes(info)],
+    )
+
+
+def _notes(info) -> list[str]:
+    """What the summary leaves out: clips whose frames or display differ from what their container says."""
+    notes = []
     if info.extra.get("shortened"):
-        print(f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)")
+        notes.append(
+            f"  {len(info.extra['shortened'])} clips hold fewer frames than packets (see 'shortened' in _info.json)"
+        )
     if info.extra.get("display"):
-        print(
+        notes.append(
             f"  {len(info.extra['display'])} clips were turned upright or given square pixels (see 'display' in "
             "_info.json)"
         )
-    print(f"  took {time.perf_counter() - start:.1f} s")
-    return 0
+    return notes
 
 
 if __name__ == "__main__":

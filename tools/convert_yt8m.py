@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
+from video_ens import cli
 from video_ens.data import convert_yt8m
 from video_ens.data.schema import YT8M_NUM_CLASSES
 
@@ -21,19 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout-out", help="dataset folder for the held-out videos")
     p.add_argument("--num-classes", type=int, default=YT8M_NUM_CLASSES)
     p.add_argument("--vocabulary", help="YouTube-8M vocabulary.csv, to store class names")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=3600.0,
-        help="seconds an input file may take (with --workers > 1): a hung worker ends the conversion",
+    cli.add_converter_options(
+        p,
+        timeout=3600.0,
+        timeout_item="an input file",
+        on_hang="a hung worker ends the conversion",
+        shard_size=1000,
+        shard_item="videos",
+        shuffle_order=None,  # the videos keep the order of their input files
+        overwrite_help="replace existing datasets at --out / --holdout-out",
     )
-    p.add_argument("--shard-size", type=int, default=1000, help="videos per shard")
-    p.add_argument("--overwrite", action="store_true", help="replace existing datasets at --out / --holdout-out")
     a = p.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        infos = convert_yt8m.convert(
+    return cli.run_converter(
+        "convert_yt8m",
+        lambda: convert_yt8m.convert(
             inputs=a.inputs,
             out=a.out,
             holdout_inputs=a.holdout_inputs,
@@ -41,22 +41,13 @@ def main(argv: list[str] | None = None) -> int:
             holdout_out=a.holdout_out,
             num_classes=a.num_classes,
             vocabulary=a.vocabulary,
-            workers=a.workers,
-            timeout=a.timeout,
-            shard_size=a.shard_size,
-            overwrite=a.overwrite,
-        )
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"convert_yt8m: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. a shard that could not be written (disk full): the error names the file
-        print(f"convert_yt8m: error: {e}\n  nothing was published", file=sys.stderr)
-        return 1
-    print(f"{a.out}: {infos['main'].summary()}")
-    if "holdout" in infos:
-        print(f"{a.holdout_out}: {infos['holdout'].summary()}")
-    print(f"  took {time.perf_counter() - start:.1f} s")
-    return 0
+            **cli.converter_kwargs(a),
+        ),
+        lambda infos: (
+            [f"{a.out}: {infos['main'].summary()}"]
+            + ([f"{a.holdout_out}: {infos['holdout'].summary()}"] if "holdout" in infos else [])
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from video_ens import dist, durable
+from video_ens import cli, dist, durable
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
 from video_ens.data import loader, sources
 from video_ens.evaluate import evaluate, load_weights
@@ -76,30 +76,16 @@ BAD_KEYS_SHOWN = 5  # bad samples named in the log line; eval.md and eval.json l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("what to evaluate (either --run-dir, or --recipe with --weights)")
-    src.add_argument("--run-dir", type=Path, help="a finished run folder: reads recipe.json and model.safetensors")
-    src.add_argument("--recipe", type=Path, help="a recipe file (instead of RUN_DIR/recipe.json)")
-    src.add_argument("--weights", type=Path, help="a safetensors state dict (instead of RUN_DIR/model.safetensors)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, data.num_workers=0",
-    )
+    cli.add_model_source(p, "what to evaluate (either --run-dir, or --recipe with --weights)")
+    cli.add_overrides(p, "eval.mode=clips, eval.num_clips=10, data.num_workers=0")
     p.add_argument(
         "--out",
         type=Path,
         help="output folder (default: RUN_DIR/eval/<mode>[-<hash of --set and --precision>]; never a "
         "training run folder)",
     )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="autocast dtype of the forward (default: the recipe's train.precision)",
-    )
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: the recipe's train.device")
+    cli.add_precision(p)
+    cli.add_device(p)
     p.add_argument(
         "--max-chunk-frames",
         type=int,
@@ -126,8 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="log progress (inputs done of this rank's share, %%, rate, ETA) every this many batches; 0 = never",
     )
     args = p.parse_args(argv)
-    if args.run_dir is None and (args.recipe is None or args.weights is None):
-        p.error("give --run-dir, or both --recipe and --weights")
+    cli.check_model_source(p, args)
     if args.max_chunk_frames < 0:
         p.error("--max-chunk-frames must be >= 0")
     if args.log_every < 0:
@@ -142,8 +127,7 @@ def resolve_sources(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     that would overwrite a training run's outputs.
     """
     run = args.run_dir
-    recipe = args.recipe or run / "recipe.json"
-    weights = args.weights or run / "model.safetensors"
+    recipe, weights = cli.model_files(args)
     out = args.out
     if out is None:
         out = (run or weights.parent) / "eval" / _out_name(load_recipe(recipe, args.overrides), args)

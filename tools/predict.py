@@ -34,7 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-from video_ens import dist
+from video_ens import cli, dist
 from video_ens.config import RecipeError
 from video_ens.predict import (
     EmbeddingWriter,
@@ -53,18 +53,8 @@ LOG = dist.get_logger("video_ens.tools.predict")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders, or .txt lists of paths")
-    src = p.add_argument_group("which model (either --run-dir, or --recipe with --weights)")
-    src.add_argument("--run-dir", type=Path, help="a finished run folder: reads recipe.json and model.safetensors")
-    src.add_argument("--recipe", type=Path, help="a recipe file (instead of RUN_DIR/recipe.json)")
-    src.add_argument("--weights", type=Path, help="a safetensors state dict (instead of RUN_DIR/model.safetensors)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override, e.g. eval.mode=clips, eval.num_clips=10, eval.batch_size=30",
-    )
+    cli.add_model_source(p, "which model (either --run-dir, or --recipe with --weights)")
+    cli.add_overrides(p, "eval.mode=clips, eval.num_clips=10, eval.batch_size=30")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per head (default 5)")
     p.add_argument("--branches", action="store_true", help="also print each branch's top classes")
     p.add_argument("--json", action="store_true", help="print one JSON object per input instead of text")
@@ -75,16 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--embeddings", type=Path, metavar="OUT", help="write pooled embeddings to this new folder")
     p.add_argument("--shard-size", type=int, default=1024, help="inputs per embeddings shard (default 1024)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: the recipe's train.device")
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="autocast dtype of the forward (default: the recipe's train.precision)",
-    )
+    cli.add_device(p)
+    cli.add_precision(p)
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines; 0 = none")
     args = p.parse_args(argv)
-    if args.run_dir is None and (args.recipe is None or args.weights is None):
-        p.error("give --run-dir, or both --recipe and --weights")
+    cli.check_model_source(p, args)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
     if args.shard_size < 1:
@@ -93,9 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe, weights = cli.model_files(args)
     predictor = Predictor.load(
-        recipe=args.recipe or args.run_dir / "recipe.json",
-        weights=args.weights or args.run_dir / "model.safetensors",
+        recipe=recipe,
+        weights=weights,
         overrides=args.overrides,
         device=args.device,
         precision=args.precision,

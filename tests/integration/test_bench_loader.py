@@ -5,16 +5,16 @@ their decode (decoded frames per delivered frame fall with k). Tiny clips and sh
 from __future__ import annotations
 
 import csv
-import io
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")
 pytest.importorskip("webdataset")
+
+from clips import sliding_clip  # noqa: E402
 
 from video_ens.data import schema  # noqa: E402
 from video_ens.data.writer import DatasetWriter  # noqa: E402
@@ -23,19 +23,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _clip(seed: int, frames: int = 30, width: int = 40, height: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+def _clip(seed: int) -> bytes:
+    return sliding_clip(30, seed=seed, width=40, height=32)
 
 
 def test_pipeline_mode_on_converted_shards(tmp_path):

@@ -4,7 +4,6 @@
 import builtins
 import csv
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import TOOLS, load_tool
 
 from video_ens.data import convert_images, convert_kinetics, convert_yt8m, schema
 from video_ens.data import tfrecord as tfr
@@ -27,16 +27,6 @@ from video_ens.data.decode import decode_frames
 from video_ens.data.writer import map_surviving_crashes
 
 pytestmark = pytest.mark.integration
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def _cli(name):
-    """tools/<name>.py loaded from its file: tools/ is no package and never on sys.path."""
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_samples(folder) -> list[dict]:
@@ -188,10 +178,10 @@ def test_kinetics_rerun_is_safe(kinetics_inputs, tmp_path, monkeypatch, capsys):
     root = kinetics_inputs
     out = tmp_path / "train"
     args = ["--annotations", str(root / "train.csv"), "--videos", str(root / "videos"), "--out", str(out)]
-    assert _cli("convert_kinetics").main(args + ["--split", "train", "--workers", "1"]) == 0
+    assert load_tool("convert_kinetics").main(args + ["--split", "train", "--workers", "1"]) == 0
     assert "2 samples" in capsys.readouterr().out
     before = (out / "_info.json").read_bytes()
-    assert _cli("convert_kinetics").main(args + ["--workers", "1"]) == 2
+    assert load_tool("convert_kinetics").main(args + ["--workers", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
     calls = []
@@ -336,7 +326,7 @@ def test_kinetics_without_any_clip_fails_and_publishes_nothing(kinetics_inputs, 
         "--out",
         str(tmp_path / "out"),
     ]
-    assert _cli("convert_kinetics").main(args + ["--workers", "1"]) == 2
+    assert load_tool("convert_kinetics").main(args + ["--workers", "1"]) == 2
     assert "no clip was converted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["gone.csv"]  # no dataset and no partial folder
 
@@ -484,7 +474,10 @@ def test_yt8m_without_any_video_fails_and_publishes_nothing(tmp_path, capsys):
         convert_yt8m.convert(inputs=[str(tmp_path / "junk.tfrecord")], out=str(tmp_path / "out"), progress=False)
     assert "junk.tfrecord" in str(err.value) and "1 record(s) or file(s) skipped" in str(err.value)
     assert "length CRC mismatch" in str(err.value) and "512 bytes" in str(err.value)
-    assert _cli("convert_yt8m").main(["--inputs", str(tmp_path / "junk.tfrecord"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        load_tool("convert_yt8m").main(["--inputs", str(tmp_path / "junk.tfrecord"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     assert "no video was written" in capsys.readouterr().err
     # A holdout that ends up empty fails too, and neither dataset is published.
     _write_records(tmp_path / "v.tfrecord", [_video_record("v0", [1], 2, 0)[0]])
@@ -587,7 +580,7 @@ def test_images_without_any_image_fail_and_publish_nothing(tmp_path):
     with pytest.raises(ValueError, match="no image was converted") as err:
         convert_images.convert(root=str(tmp_path / "tree"), out=str(tmp_path / "out"), progress=False)
     assert "all 1 files" in str(err.value) and "cat/a.jpg" in str(err.value)
-    assert _cli("convert_images").main(["--root", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]) == 2
+    assert load_tool("convert_images").main(["--root", str(tmp_path / "tree"), "--out", str(tmp_path / "out")]) == 2
     assert sorted(os.listdir(tmp_path)) == ["tree"]
 
 
@@ -647,7 +640,7 @@ def test_yt8m_no_space_for_a_new_shard_is_not_an_unreadable_input(tmp_path, monk
 
     monkeypatch.setattr(builtins, "open", open_without_space)
     args = ["--inputs", str(tmp_path / "in*.tfrecord"), "--out", str(tmp_path / "out"), "--workers", "1"]
-    assert _cli("convert_yt8m").main([*args, "--shard-size", "2"]) == 1
+    assert load_tool("convert_yt8m").main([*args, "--shard-size", "2"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "part000000-000001.tar" in err, err
     assert "unreadable" not in err and "nothing was published" in err, err

@@ -1,19 +1,17 @@
 """video_ens.data.demo (tools/make_demo_data.py) at small sizes: counts, _info.json, determinism, and the generators'
 class signal."""
 
-import importlib.util
 import io
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import load_tool
 
 from video_ens.data import demo, schema
 
 pytestmark = pytest.mark.integration
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def _samples(folder):
@@ -115,9 +113,7 @@ def test_images_demo_is_byte_deterministic(tmp_path):
 
 
 def test_cli_writes_the_folder_layout(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("cli_make_demo_data", TOOLS / "make_demo_data.py")
-    cli = importlib.util.module_from_spec(spec)  # loaded from its file: tools/ is never on sys.path
-    spec.loader.exec_module(cli)
+    cli = load_tool("make_demo_data")
     assert cli.main(["--out", str(tmp_path), "--kind", "images", "--workers", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["train", "val"]
     assert (tmp_path / "images" / "train" / "_info.json").is_file()

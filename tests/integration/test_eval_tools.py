@@ -8,19 +8,17 @@ testing, `count_params` / `count_flops` for the size table.
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from launching import free_port, launch_env
+from launching import load_tool, run_tool
+from tiny_runs import data_section, eval_stream, write_run
 
-from video_ens.config import dump_recipe, load_recipe, recipe_from_dict
+from video_ens.config import load_recipe, recipe_from_dict
 from video_ens.data import loader
 from video_ens.data.schema import read_info
 from video_ens.data.transforms import to_model_input
@@ -29,30 +27,12 @@ from video_ens.models import create_model
 from video_ens.models.s3dg import SepConv3d
 from video_ens.models.size import count_flops, count_params
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
-ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "tools"
 MODEL = "s3dg_tiny_ens2"
 NUM_VAL = 6
 CLIP_FRAMES = 40  # longer than the model's 16-frame training clips, so whole-clip evaluation has something to chunk
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on two shared cores under load, two OpenMP threads waiting on each other made the 10 x 3
-    test take 83 s instead of 1.4 s on 4 videos (the tool subprocesses run with OMP_NUM_THREADS=1 for this reason)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tool(name: str):
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    return importlib.import_module(name)
 
 
 def _random_tiny_s3dg(seed: int = 0) -> torch.nn.Module:
@@ -73,26 +53,14 @@ def _random_tiny_s3dg(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def _run(args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert out.returncode == 0, f"{args}: exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
-
-
 def _is_png(path: Path) -> bool:
     data = path.read_bytes()
     return len(data) > 1000 and data.startswith(PNG_MAGIC)
 
 
 @pytest.fixture(scope="module")
-def kinetics(tmp_path_factory) -> Path:
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("data") / "kinetics"
-    demo.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=CLIP_FRAMES, shard_size=2)
-    return root
+def kinetics(demo_data) -> Path:
+    return demo_data("kinetics", num_train=2, num_val=NUM_VAL, frames=CLIP_FRAMES, shard_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +96,7 @@ def _recipe_dict(kinetics: Path, **eval_cfg) -> dict:
     return {
         "description": "test: tiny S3D-G evaluation",
         "model": {"name": MODEL},
-        "data": {
-            "kind": "clip",
-            "train_shards": str(kinetics / "train"),
-            "val_shards": str(kinetics / "val"),
-            "frames": 16,
-            "frame_stride": 1,
-            "crop_size": 64,
-            "short_side": [64, 72],
-            "num_workers": 0,
-        },
+        "data": data_section("clip", kinetics, frame_stride=1),
         "objective": {"structure": "codistillation", "weight": 2.0},
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"mode": "full", "batch_size": 2, **eval_cfg},
@@ -147,14 +106,7 @@ def _recipe_dict(kinetics: Path, **eval_cfg) -> dict:
 @pytest.fixture(scope="module")
 def run_dir(kinetics, tmp_path_factory) -> Path:
     """A finished-looking run folder: recipe.json and model.safetensors (with the model name, as train.py saves)."""
-    from safetensors.torch import save_file
-
-    run = tmp_path_factory.mktemp("runs") / "tiny_mu2"
-    run.mkdir()
-    dump_recipe(recipe_from_dict(_recipe_dict(kinetics)), run / "recipe.json")
-    state = {k: v.contiguous() for k, v in _random_tiny_s3dg().state_dict().items()}
-    save_file(state, str(run / "model.safetensors"), metadata={"model": MODEL})
-    return run
+    return write_run(tmp_path_factory.mktemp("runs") / "tiny_mu2", _recipe_dict(kinetics), _random_tiny_s3dg())
 
 
 def _loaded_model(run: Path) -> torch.nn.Module:
@@ -217,24 +169,9 @@ def test_chunk_window_must_fit_two_halos():
 def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kinetics, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--run-dir", str(run_dir), "--save-scores"]
-    out = _run([str(TOOLS / "eval.py"), *common, "--out", str(one)])
+    out = run_tool("eval", *common, "--out", str(one), check=True)
     # two gloo ranks, and temporal windows on top: the 40-frame videos go through full_clip_forward
-    _run(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            str(TOOLS / "eval.py"),
-            *common,
-            "--out",
-            str(two),
-            "--max-chunk-frames",
-            "16",
-        ]
-    )
+    run_tool("eval", *common, "--out", str(two), "--max-chunk-frames", "16", nproc=2, check=True)
     a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     assert a["num_samples"] == b["num_samples"] == read_info(kinetics / "val").num_samples == NUM_VAL
     assert a["ensemble"] == b["ensemble"] and a["branches"] == b["branches"]
@@ -248,14 +185,7 @@ def test_eval_tool_two_ranks_equal_one_and_hand_computed_metrics(run_dir, kineti
     # Independent expectation: the same weights, one pass per video here, ranks counted by hand.
     model = _loaded_model(run_dir)
     recipe = load_recipe(run_dir / "recipe.json")
-    stream = loader.eval_stream(
-        recipe.data,
-        recipe.eval,
-        input_spec=model.input_spec,
-        rank=0,
-        world_size=1,
-        root=loader.DataPaths(train=kinetics / "train", val=kinetics / "val"),
-    )
+    stream = eval_stream(recipe, model, loader.DataPaths(train=kinetics / "train", val=kinetics / "val"))
     probs, targets = {}, {}
     with torch.no_grad():
         for batch in stream.batches():
@@ -308,18 +238,22 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
     model = _loaded_model(run_dir)
     root = loader.DataPaths(train=kinetics / "train", val=kinetics / "val")
 
-    def stream():
-        return loader.eval_stream(
-            recipe.data, recipe.eval, input_spec=model.input_spec, rank=0, world_size=1, root=root
-        )
-
-    result = evaluate(model, stream(), task="single_label", top_k=20, device=torch.device("cpu"), keep_scores=True)
+    result = evaluate(
+        model,
+        eval_stream(recipe, model, root),
+        task="single_label",
+        top_k=20,
+        device=torch.device("cpu"),
+        keep_scores=True,
+    )
     assert result["num_samples"] == NUM_VAL and result["inputs"] == NUM_VAL * 30
 
     views: dict[str, dict[int, np.ndarray]] = {}
     targets: dict[str, int] = {}
     with torch.no_grad():
-        for batch in stream().batches():  # batches of 7 views: a video's 30 views straddle batches
+        for batch in eval_stream(
+            recipe, model, root
+        ).batches():  # batches of 7 views: a video's 30 views straddle batches
             out = model(to_model_input(batch))
             heads = torch.cat([torch.softmax(out.branches, -1), out.ensemble[None]])  # (N + 1, B, C)
             for j, key in enumerate(batch["ids"]):
@@ -339,25 +273,8 @@ def test_ten_by_three_views_count_each_video_once_and_average_by_hand(run_dir, k
 def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kinetics_bad, tmp_path):
     folder, keys = kinetics_bad
     out_dir = tmp_path / "bad"
-    out = _run(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            str(TOOLS / "eval.py"),
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            f"data.val_shards={folder}",
-            "--out",
-            str(out_dir),
-            "--log-every",
-            "1",
-        ]
-    )
+    args = ["--run-dir", str(run_dir), "--set", f"data.val_shards={folder}", "--out", str(out_dir), "--log-every", "1"]
+    out = run_tool("eval", *args, nproc=2, check=True)
     result = json.loads((out_dir / "eval.json").read_text())
     assert result["num_samples"] == NUM_VAL - 2 and result["dataset_size"] == NUM_VAL
     assert result["bad_samples"] == 2  # the count, as before
@@ -378,42 +295,26 @@ def test_bad_samples_are_named_over_ranks_and_progress_has_a_total(run_dir, kine
 
 
 @pytest.fixture(scope="module")
-def yt8m_run(tmp_path_factory) -> Path:
+def yt8m_run(demo_data, tmp_path_factory) -> Path:
     """A tiny DBoF run folder (random weights) on a small demo YouTube-8M set, made by the real converter."""
-    from safetensors.torch import save_file
-
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("data") / "yt8m"
-    demo.make_yt8m(str(root), num_train=8, num_validate=16, shard_size=4)
-    run = tmp_path_factory.mktemp("runs") / "tiny_dbof"
-    run.mkdir()
+    root = demo_data("yt8m", num_train=8, num_validate=16, shard_size=4)
     recipe = {
         "description": "test: tiny DBoF evaluation",
         "model": {"name": "dbof_tiny_ens2"},
-        "data": {
-            "kind": "features",
-            "train_shards": str(root / "train"),
-            "val_shards": str(root / "val"),
-            "frames": 25,
-            "num_workers": 0,
-        },
+        "data": data_section("features", root),
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": "sigmoid_bce"},
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"batch_size": 3, "top_k": 20},
     }
-    dump_recipe(recipe_from_dict(recipe), run / "recipe.json")
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in create_model("dbof_tiny_ens2").state_dict().items()}
-    save_file(state, str(run / "model.safetensors"), metadata={"model": "dbof_tiny_ens2"})
-    return run
+    return write_run(tmp_path_factory.mktemp("runs") / "tiny_dbof", recipe, create_model("dbof_tiny_ens2"))
 
 
 def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
     """The CSV holds every evaluated video under the dataset's own id with its 16 (all) classes, best first, at the
     probabilities of a forward pass here; the per-class report carries the vocabulary's names and per-class AP."""
     out_dir = tmp_path / "eval"
-    _run([str(TOOLS / "eval.py"), "--run-dir", str(yt8m_run), "--out", str(out_dir), "--kaggle"])
+    run_tool("eval", "--run-dir", str(yt8m_run), "--out", str(out_dir), "--kaggle", check=True)
     result = json.loads((out_dir / "eval.json").read_text())
     csv_path = out_dir / "kaggle_submission.csv"
     assert result["kaggle_submission"] == str(csv_path)
@@ -436,14 +337,7 @@ def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
     model = create_model("dbof_tiny_ens2")
     load_weights(model, yt8m_run / "model.safetensors")
     model.eval()
-    stream = loader.eval_stream(
-        recipe.data,
-        recipe.eval,
-        input_spec=model.input_spec,
-        rank=0,
-        world_size=1,
-        root=loader.DataPaths(train=recipe.data.train_shards, val=str(val)),
-    )
+    stream = eval_stream(recipe, model, loader.DataPaths(train=recipe.data.train_shards, val=str(val)))
     expected, labels, scores = {}, [], []
     with torch.no_grad():
         for batch in stream.batches():
@@ -476,7 +370,7 @@ def test_kaggle_submission_of_a_yt8m_evaluation(yt8m_run, tmp_path):
 
 
 def test_kaggle_option_needs_features_data(run_dir, capsys):
-    assert _tool("eval").main(["--run-dir", str(run_dir), "--kaggle", "x.csv"]) == 2
+    assert load_tool("eval").main(["--run-dir", str(run_dir), "--kaggle", "x.csv"]) == 2
     assert "--kaggle writes YouTube-8M predictions (data.kind features); this recipe's data.kind is 'clip'" in (
         capsys.readouterr().err
     )
@@ -560,7 +454,7 @@ def test_training_curves_png(tmp_path):
 
     run = _curves_run(tmp_path, "curves_run", {4: 0.4, 8: 0.8})
     png = tmp_path / "curves.png"
-    out = _run([str(TOOLS / "plot.py"), "curves", str(run), "--out", str(png)])
+    out = run_tool("plot", "curves", str(run), "--out", str(png), check=True)
     assert _is_png(png) and str(png) in out.stdout
     from PIL import Image
 
@@ -610,7 +504,7 @@ def test_sweep_png_and_points(tmp_path):
         _fake_run(tmp_path, "mu2", model="s3dg_ens2", structure="codistillation", weight=2.0, top1=0.74, branches=2),
     ]
     png = tmp_path / "sweep.png"
-    _run([str(TOOLS / "plot.py"), "sweep", *map(str, runs), "--metric", "top1", "--out", str(png)])
+    run_tool("plot", "sweep", *map(str, runs), "--metric", "top1", "--out", str(png), check=True)
     assert _is_png(png)
     from video_ens.plots import read_run, sweep_figure, sweep_points
 
@@ -626,7 +520,7 @@ def test_sweep_png_and_points(tmp_path):
 
 def test_compare_sizes_and_metrics(run_dir, tmp_path):
     other = _fake_run(tmp_path, "base", model="s3dg_tiny", structure="codistillation", weight=2.0, top1=0.5, branches=1)
-    out = _run([str(TOOLS / "compare.py"), str(run_dir), str(other), "--json", "--branches"])
+    out = run_tool("compare", str(run_dir), str(other), "--json", "--branches", check=True)
     rows = {r["run"]: r for r in json.loads(out.stdout)}
     for name, row in ((MODEL, rows["tiny_mu2"]), ("s3dg_tiny", rows["base"])):
         with torch.device("meta"):
@@ -636,7 +530,7 @@ def test_compare_sizes_and_metrics(run_dir, tmp_path):
     assert rows["tiny_mu2"]["num_branches"] == 2 and rows["tiny_mu2"]["loss"] == "codistillation μ=2"
     assert rows["base"]["loss"] == "baseline" and rows["base"]["metrics"] == {"top1": 0.5, "top5": 0.7}
     assert rows["tiny_mu2"]["metrics"] is None  # this run folder has no eval.json yet
-    md = _run([str(TOOLS / "compare.py"), str(other), "--markdown"]).stdout
+    md = run_tool("compare", str(other), "--markdown", check=True).stdout
     assert "| base | s3dg_tiny | single network | baseline | 50.00 | 70.00 |" in md
 
 
@@ -665,7 +559,7 @@ def test_compare_table_shows_evaluation_mode_and_sample_count(tmp_path):
         mode="full",
         dataset_size=10,
     )
-    compare = _tool("compare")
+    compare = load_tool("compare")
     rows = [compare.row(compare.read_run(d), branches=False) for d in (clips, full)]
     assert [(r["eval_mode"], r["num_samples"], r["dataset_size"]) for r in rows] == [
         ("clips 10x3", 10, 12),

@@ -4,15 +4,12 @@ skipped (the weights and BN statistics stay exactly as they were, despite moment
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from launching import free_port
+from launching import run_command, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -95,27 +92,8 @@ def _run(tmp_path: Path, bad_steps: list[int], max_bad: int) -> tuple[list[dict]
     script = tmp_path / "fault.py"
     script.write_text(SCRIPT)
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(script),
-        str(run_dir),
-        json.dumps(bad_steps),
-        str(max_bad),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cmd = torchrun(str(script), str(run_dir), json.dumps(bad_steps), str(max_bad))
+    out = run_command(cmd, timeout=600, check=True)
     results = sorted(
         (json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')), key=lambda r: r["rank"]
     )
@@ -175,11 +153,8 @@ def test_an_error_on_one_rank_ends_the_job_at_once_and_is_shown(tmp_path):
     the output, not sit in the shutdown barrier until gloo's 30-minute timeout with the error unprinted."""
     script = tmp_path / "one_rank_fails.py"
     script.write_text(ONE_RANK_FAILS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script)]  # fmt: skip
     t0 = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    out = run_command(torchrun(str(script)), timeout=240)
     elapsed = time.monotonic() - t0
     assert out.returncode != 0
     assert "rank 1 cannot go on: boom" in out.stdout + out.stderr
@@ -244,12 +219,8 @@ def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     message naming the setting (torch's default for such a group would have held it for 30 minutes)."""
     script = tmp_path / "one_rank_stalls.py"
     script.write_text(ONE_RANK_STALLS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
     t0 = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = run_command(torchrun(str(script), str(tmp_path)), timeout=300)
     elapsed = time.monotonic() - t0
     assert out.returncode != 0
     assert "rank 0: a collective waited longer than train.collective_timeout_s = 8 s" in out.stderr, out.stderr[-3000:]

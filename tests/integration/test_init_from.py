@@ -9,13 +9,13 @@ and is resumed once.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import assert_ok, train_process, write_recipe
 from safetensors.torch import load_file
+from tiny_runs import cpu_train, data_section, eval_stream, metrics
 
 from video_ens import engine, train
 from video_ens.config import load_recipe
@@ -26,62 +26,29 @@ from video_ens.weights import init_model
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("images")
-    demo.make_images(str(root), num_train=32, num_val=12, shard_size=8)
-    return root
+def images(demo_data) -> Path:
+    return demo_data("images", num_train=32, num_val=12, shard_size=8)
 
 
 def _recipe(images: Path, model: dict, zero: int = 1, **train_fields) -> dict:
     return {
         "description": "test: tiny ResNet, init_from",
         "model": {"options": {"image_size": 32}, **model},
-        "data": {
-            "kind": "image",
-            "train_shards": str(images / "train"),
-            "val_shards": str(images / "val"),
-            "crop_size": 32,
-            "short_side": [32, 36],
-            "num_workers": 0,
-        },
+        "data": data_section("image", images),
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
-        "train": {
-            "epochs": 100,
-            "max_steps": 2,
-            "global_batch_size": 8,
-            "precision": "fp32",
-            "device": "cpu",
-            "log_every": 1,
-            **train_fields,
-        },
+        "train": cpu_train(max_steps=2, global_batch_size=8) | train_fields,
         "eval": {"batch_size": 4},
         "deepspeed": {"zero_stage": zero},
     }
 
 
 def _train(recipe: dict, run: Path):
-    """`python -m video_ens.train` as one process (no torchrun), as tests/integration/test_run_folder.py does."""
-    import subprocess
-
-    run.parent.mkdir(parents=True, exist_ok=True)
-    path = run.parent / f"{run.name}.json"
-    path.write_text(json.dumps(recipe))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(
-        [sys.executable, "-m", "video_ens.train", str(path), "--run-dir", str(run)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    """`python -m video_ens.train` as one process (no torchrun) on `recipe`, written beside the run folder."""
+    path = write_recipe(recipe, run.parent / f"{run.name}.json")
+    out = train_process(path, "--run-dir", str(run))
+    assert_ok(out)
     return path, out.stderr
 
 
@@ -114,14 +81,7 @@ def test_the_runs_weights_evaluate_to_its_metrics_in_a_fresh_model(baseline):
             report = init_model(model, source)
             assert all(c["new"] == 0 for c in report.parts.values())
             assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
-            stream = loader.eval_stream(
-                recipe.data,
-                recipe.eval,
-                input_spec=model.input_spec,
-                rank=0,
-                world_size=1,
-                root=loader.resolve_paths(recipe.data),
-            )
+            stream = eval_stream(recipe, model, loader.resolve_paths(recipe.data))
             try:
                 result = evaluate(
                     model,
@@ -152,8 +112,7 @@ def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights
     run = tmp_path / "two_branch"
     path, log = _train(_recipe(images, model, max_steps=1), run)
     assert f"initialised from {source / 'model.safetensors'} (the final weights of run folder {source})" in log
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (init,) = [r for r in records if r["kind"] == "init"]
+    (init,) = metrics(run, "init")
     with torch.device("meta"):
         names = list(create_model("resnet_tiny", num_branches=2, width_ratio=1.0).state_dict())
     base = sum(n.startswith("base.") for n in names)
@@ -176,7 +135,7 @@ def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights
     # the relaunch resumes from its own step-1 checkpoint, whose weights win over init_from
     _, log = _train(_recipe(images, model, max_steps=2), run)
     assert f"model.init_from ({source}) is not applied: this run resumes from its own checkpoint step_000000001" in log
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(run)
     assert [r["kind"] for r in records].count("init") == 1
     assert [r["step"] for r in records if r["kind"] == "resume"] == [1]
     # a ZeRO-1 checkpoint keeps the whole module: what init_from reads from it is the run's final export
@@ -190,14 +149,12 @@ def test_a_baseline_starts_a_two_branch_run_and_its_resume_keeps_its_own_weights
 def test_the_launch_check_refuses_narrower_branches_naming_the_tensors(images, baseline, tmp_path, capsys):
     _, source = baseline
     path = tmp_path / "narrow.json"
-    path.write_text(json.dumps(_recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source)})))
+    write_recipe(_recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source)}), path)
     assert train.main([str(path), "--check", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "model.init_from:" in err and "tensor(s) of another shape" in err
     assert "branches.0.block3.unit1.conv1.weight (22, 64, 1, 1) <- branches.0.block3.unit1.conv1.weight" in err
-    path.write_text(
-        json.dumps(
-            _recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source), "init_exclude": ["branches.*"]})
-        )
+    write_recipe(
+        _recipe(images, {"name": "resnet_tiny_ens2", "init_from": str(source), "init_exclude": ["branches.*"]}), path
     )
     assert train.main([str(path), "--check", "--run-dir", str(tmp_path / "run")]) == 0

@@ -11,11 +11,7 @@ mean of the branch scores recomputed from the JSON, and marker pixels whose plac
 from __future__ import annotations
 
 import csv
-import importlib
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from fractions import Fraction
 from pathlib import Path
@@ -23,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clips import encode_clip
+from launching import load_tool, run_tool
+from tiny_runs import data_section, eval_stream, write_run
 
-from video_ens.config import dump_recipe, recipe_from_dict
 from video_ens.data import loader, schema
 from video_ens.data.decode import Display, decode_frames, read_display
 from video_ens.data.samples import collate
@@ -36,43 +34,21 @@ from video_ens.predict import Predictor, load_clip_views, read_embeddings
 
 av = pytest.importorskip("av")
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
-ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "tools"
 MODEL = "s3dg_tiny_ens2"
 NUM_VAL = 4
 CLASSES = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tool(name: str):
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    return importlib.import_module(name)
-
-
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "kinetics"
-    from video_ens.data import demo as demo_data
-
-    demo_data.make_kinetics(str(root), num_train=2, num_val=NUM_VAL, frames=24, shard_size=2)
-    return root
+def demo(demo_data) -> Path:
+    return demo_data("kinetics", num_train=2, num_val=NUM_VAL, frames=24, shard_size=2)
 
 
 @pytest.fixture(scope="module")
 def run_dir(demo, tmp_path_factory) -> Path:
     """recipe.json and model.safetensors as training leaves them, the model random but input-dependent."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(0)
     model = create_model(MODEL)
     with torch.no_grad():
@@ -83,30 +59,13 @@ def run_dir(demo, tmp_path_factory) -> Path:
                 m.momentum = None
         model.train()
         model(torch.randn(2, 3, 24, 64, 64))
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    run.mkdir()
     recipe = {
         "model": {"name": MODEL},
-        "data": {
-            "kind": "clip",
-            "train_shards": str(demo / "train"),
-            "val_shards": str(demo / "val"),
-            "frames": 16,
-            "frame_stride": 1,
-            "crop_size": 64,
-            "short_side": [64, 72],
-            "num_workers": 0,
-        },
+        "data": data_section("clip", demo, frame_stride=1),
         "train": {"precision": "fp32", "device": "cpu"},
         "eval": {"mode": "full", "batch_size": 2},
     }
-    dump_recipe(recipe_from_dict(recipe), run / "recipe.json")
-    save_file(
-        {k: v.contiguous() for k, v in model.eval().state_dict().items()},
-        str(run / "model.safetensors"),
-        metadata={"model": MODEL},
-    )
-    return run
+    return write_run(tmp_path_factory.mktemp("runs") / "tiny", recipe, model.eval())
 
 
 @pytest.fixture(scope="module")
@@ -137,33 +96,9 @@ def other_containers(clips, tmp_path_factory) -> tuple[Path, Path]:
     return folder / "remux.mkv", folder / "transcode.avi"
 
 
-def _encode(
-    path: Path,
-    frames: np.ndarray,
-    *,
-    codec: str = "libx264",
-    fmt: str | None = None,
-    rotation: float | None = None,
-    sar: Fraction | None = None,
-) -> Path:
-    with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=16)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            s.options = {"threads": "1"}  # one thread: the same frames give the same bytes
-        if sar is not None:
-            s.codec_context.sample_aspect_ratio = sar
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i, rgb in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+def _encode(path: Path, frames: np.ndarray, *, codec: str = "libx264", **metadata) -> Path:
+    # one x264 thread: the same frames give the same bytes
+    return encode_clip(path, frames, codec=codec, options={"threads": "1"} if codec == "libx264" else None, **metadata)
 
 
 def _predictor(run: Path, *overrides: str) -> Predictor:
@@ -175,15 +110,7 @@ def _predictor(run: Path, *overrides: str) -> Predictor:
 )
 def test_predictions_on_the_demo_clips_equal_evaluation_of_their_shards(run_dir, demo, clips, overrides):
     pred = _predictor(run_dir, *overrides)
-    r = pred.recipe
-    stream = loader.eval_stream(
-        r.data,
-        r.eval,
-        input_spec=pred.model.input_spec,
-        rank=0,
-        world_size=1,
-        root=loader.DataPaths(train=demo / "train", val=demo / "val"),
-    )
+    stream = eval_stream(pred.recipe, pred.model, loader.DataPaths(train=demo / "train", val=demo / "val"))
     scores = evaluate(
         pred.model, stream, task="single_label", top_k=5, device=torch.device("cpu"), keep_scores=True, log_every=0
     )["scores"]
@@ -204,7 +131,6 @@ def test_tool_json_lines_embeddings_and_skipped_files(run_dir, demo, clips, othe
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 40)
     out = tmp_path / "emb"
     args = [
-        str(TOOLS / "predict.py"),
         "--run-dir",
         str(run_dir),
         "--json",
@@ -219,9 +145,7 @@ def test_tool_json_lines_embeddings_and_skipped_files(run_dir, demo, clips, othe
         str(bad),
         str(tmp_path / "missing.mp4"),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tool("predict", *args, check=True)
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     mp4s = sorted(str(p) for p in clips.glob("*.mp4"))
     assert [r["video"] for r in records] == [*mp4s, str(mkv), str(avi)]
@@ -255,7 +179,7 @@ def test_tool_json_lines_embeddings_and_skipped_files(run_dir, demo, clips, othe
 
 
 def test_exit_status_text_output_and_recipe_overrides(run_dir, demo, clips, tmp_path, capsys):
-    tool = _tool("predict")
+    tool = load_tool("predict")
     bad = tmp_path / "a.mp4"
     bad.write_bytes(b"garbage")
     assert tool.main(["--run-dir", str(run_dir), str(bad), str(tmp_path / "none.mkv")]) == 1

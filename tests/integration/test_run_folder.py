@@ -11,93 +11,43 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from launching import free_port, kill_job, launch_env
+from launching import assert_ok, kill_job, launch_sh, run_command, run_tool, train_process, write_recipe
+from tiny_runs import cpu_train, data_section, metrics
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("images")
-    demo.make_images(str(root), num_train=32, num_val=8, shard_size=8)
-    return root
+def images(demo_data) -> Path:
+    return demo_data("images", num_train=32, num_val=8, shard_size=8)
 
 
 def _recipe(images: Path, **train) -> dict:
     return {
         "description": "test: tiny ResNet, run folder ownership",
         "model": {"name": "resnet_tiny_ens2", "options": {"image_size": 32}},
-        "data": {
-            "kind": "image",
-            "train_shards": str(images / "train"),
-            "val_shards": str(images / "val"),
-            "crop_size": 32,
-            "short_side": [32, 36],
-            "num_workers": 0,
-        },
+        "data": data_section("image", images),
         "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant"},
-        "train": {
-            "epochs": 100,
-            "max_steps": 2,
-            "global_batch_size": 8,
-            "precision": "fp32",
-            "device": "cpu",
-            "log_every": 1,
-            **train,
-        },
+        "train": cpu_train(max_steps=2, global_batch_size=8) | train,
         "eval": {"batch_size": 4},
     }
 
 
-def _write_recipe(folder: Path, recipe: dict, name: str = "tiny_resnet.json") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(json.dumps(recipe))
-    return path
+RECIPE = "tiny_resnet.json"  # the default run folder is runs/tiny_resnet
 
 
-def _train(recipe: Path, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m video_ens.train` as one process (no torchrun): the rank-side checks, without launch.sh's."""
-    return subprocess.run(
-        [sys.executable, "-m", "video_ens.train", str(recipe), *args],
-        cwd=cwd,
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _launch(recipe: Path, *args: str, cwd: Path, nproc: int = 1, background: bool = False, timeout: float = 300):
-    cmd = ["bash", str(ROOT / "launch.sh"), str(recipe), *args]
-    env = launch_env(NPROC=str(nproc), MASTER_PORT=str(free_port()))
-    if background:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _ok(out: subprocess.CompletedProcess) -> None:
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+def _launch(recipe: Path, *args: str, cwd: Path, background: bool = False, timeout: float = 300):
+    """launch.sh on one process."""
+    return launch_sh(recipe, *args, nproc=1, cwd=cwd, background=background, timeout=timeout)
 
 
 def _train_steps(run: Path) -> list[int]:
-    return [
-        json.loads(line)["step"]
-        for line in (run / "metrics.jsonl").read_text().splitlines()
-        if '"kind": "train"' in line
-    ]
+    return [r["step"] for r in metrics(run, "train")]
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
@@ -109,8 +59,8 @@ def _snapshot(run: Path) -> dict[str, bytes]:
 def finished(images, tmp_path_factory) -> tuple[Path, Path]:
     """(working folder, run folder): a finished 2-step run under the default name, started from the working folder."""
     work = tmp_path_factory.mktemp("work")
-    recipe = _write_recipe(work, _recipe(images))
-    _ok(_train(recipe, cwd=work))
+    recipe = write_recipe(_recipe(images), work / RECIPE)
+    assert_ok(train_process(recipe, cwd=work))
     run = work / "runs" / "tiny_resnet"
     assert (run / "checkpoints").is_dir() and (run / "eval.json").is_file()
     return work, run
@@ -127,7 +77,7 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
     """While a run holds its folder, launching again on it (through launch.sh, or torchrun directly with two ranks)
     fails within seconds with the owner's host and pid, before anything is written; launch.sh refuses before
     torchrun starts."""
-    recipe = _write_recipe(tmp_path, _recipe(images, max_steps=100_000, epochs=100_000))
+    recipe = write_recipe(_recipe(images, max_steps=100_000, epochs=100_000), tmp_path / RECIPE)
     run = tmp_path / "run"
     first = _launch(recipe, "--run-dir", str(run), cwd=tmp_path, background=True)
     try:
@@ -149,7 +99,7 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
         assert took < 30, f"the refusal took {took:.1f} s"
 
         # torchrun without launch.sh: rank 0 finds the folder locked, and both ranks leave with that error
-        direct = subprocess.run(
+        direct = run_command(
             [
                 sys.executable,
                 "-m",
@@ -164,9 +114,6 @@ def test_a_second_launch_on_a_running_folder_fails_at_once_naming_host_and_pid(i
                 str(run),
             ],
             cwd=tmp_path,
-            env=launch_env(),
-            capture_output=True,
-            text=True,
             timeout=120,
         )
         assert direct.returncode != 0
@@ -184,7 +131,7 @@ def test_resuming_a_different_recipe_is_refused_unless_forced(finished, tmp_path
     and eval.json as they were. Extending the run (train.max_steps) is a resume; train.resume=force resumes
     anyway, and only then is recipe.json rewritten."""
     work, run = _copy(finished, tmp_path)
-    recipe = work / "tiny_resnet.json"
+    recipe = work / RECIPE
     before = _snapshot(run)
 
     out = _launch(recipe, "--run-dir", str(run), "--set", "train.seed=1", cwd=work)
@@ -193,7 +140,7 @@ def test_resuming_a_different_recipe_is_refused_unless_forced(finished, tmp_path
     assert "launch:" not in out.stdout, "torchrun must not have been started"
     assert _snapshot(run) == before
 
-    out = _train(recipe, "--run-dir", str(run), "--set", "train.seed=1", cwd=work)  # the rank's own check
+    out = train_process(recipe, "--run-dir", str(run), "--set", "train.seed=1", cwd=work)  # the rank's own check
     assert out.returncode == 2 and "train.seed: 0 -> 1" in out.stderr, out.stderr[-3000:]
     assert _snapshot(run) == before
 
@@ -202,18 +149,18 @@ def test_resuming_a_different_recipe_is_refused_unless_forced(finished, tmp_path
     lie = json.loads(before["recipe.json"])
     lie["train"]["seed"] = 1
     (run / "recipe.json").write_text(json.dumps(lie))
-    out = _train(recipe, "--run-dir", str(run), "--set", "train.seed=1", cwd=work)
+    out = train_process(recipe, "--run-dir", str(run), "--set", "train.seed=1", cwd=work)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "(its checkpoint step_000000002): train.seed: 0 -> 1" in out.stderr, out.stderr[-3000:]
     assert json.loads((run / "recipe.json").read_text()) == lie
     (run / "recipe.json").write_bytes(before["recipe.json"])
 
-    _ok(_train(recipe, "--run-dir", str(run), "--set", "train.max_steps=3", cwd=work))
+    assert_ok(train_process(recipe, "--run-dir", str(run), "--set", "train.max_steps=3", cwd=work))
     assert _train_steps(run) == [1, 2, 3]
     assert json.loads((run / "recipe.json").read_text())["train"]["max_steps"] == 3
 
-    _ok(
-        _train(
+    assert_ok(
+        train_process(
             recipe,
             "--run-dir",
             str(run),
@@ -235,10 +182,10 @@ def test_default_run_folder_differs_across_seeds(finished, tmp_path):
     """Without --run-dir, `--set train.seed=1` trains a run of its own instead of resuming the seed-0 run of the
     same recipe file; an override that only extends the run keeps the folder."""
     work, run = _copy(finished, tmp_path)
-    recipe = work / "tiny_resnet.json"
+    recipe = work / RECIPE
     before = _snapshot(run)
-    out = _train(recipe, "--set", "train.seed=1", cwd=work)
-    _ok(out)
+    out = train_process(recipe, "--set", "train.seed=1", cwd=work)
+    assert_ok(out)
     assert "resumed from" not in out.stderr
     assert _snapshot(run) == before
     others = [p for p in (work / "runs").iterdir() if p != run]
@@ -251,10 +198,9 @@ def test_eval_tool_never_overwrites_the_training_outputs(finished, tmp_path):
     """tools/eval.py on a run folder writes into RUN/eval/<mode>/ by default, and refuses --out RUN."""
     work, run = _copy(finished, tmp_path)
     before = _snapshot(run)
-    cmd = [sys.executable, str(ROOT / "tools" / "eval.py"), "--run-dir", str(run)]
-    out = subprocess.run([*cmd, "--out", str(run)], env=launch_env(), capture_output=True, text=True, timeout=300)
+    out = run_tool("eval", "--run-dir", str(run), "--out", str(run))
     assert out.returncode == 2 and "training outputs" in out.stderr, out.stderr[-2000:]
-    _ok(subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300))
+    run_tool("eval", "--run-dir", str(run), check=True)
     assert _snapshot(run) == before
     ours = json.loads((run / "eval" / "center_crop" / "eval.json").read_text())
     assert ours["num_samples"] == json.loads(before["eval.json"])["num_samples"]
@@ -265,7 +211,7 @@ def test_a_missing_dataset_is_one_line_before_torchrun(images, tmp_path):
     ChildFailedError traceback used to bury it)."""
     recipe = _recipe(images)
     recipe["data"]["train_shards"] = str(tmp_path / "nowhere")
-    path = _write_recipe(tmp_path, recipe)
+    path = write_recipe(recipe, tmp_path / RECIPE)
     out = _launch(path, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"data.train_shards: {tmp_path / 'nowhere'}" in out.stderr, out.stderr

@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launching import free_port, kill_job, launch, launch_env
+from launching import ROOT, kill_job, launch, run_command, torchrun
+from tiny_runs import cpu_train, data_section, metrics
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
 CHECKPOINT = 4  # the world-size resumes start here: epoch 1, one step into it (3 steps an epoch)
 
 
 @pytest.fixture(scope="module")
-def yt8m(tmp_path_factory) -> Path:
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("yt8m")
-    demo.make_yt8m(str(root), num_train=64, num_validate=24, shard_size=16)
-    return root
+def yt8m(demo_data) -> Path:
+    return demo_data("yt8m", num_train=64, num_validate=24, shard_size=16)  # test_train.py's too
 
 
 def _recipe(data: Path, *, zero: int = 1, steps: int = STEPS, optim: dict | None = None, **train) -> dict:
@@ -44,29 +38,18 @@ def _recipe(data: Path, *, zero: int = 1, steps: int = STEPS, optim: dict | None
         # threshold, so it is partitioned between forward passes like a large model's, and the 97 x 97 context gate
         # does not split evenly over 2 or 4 ranks (padded partitions)
         "model": {"name": "dbof_tiny_ens2", "options": {"cluster_size": 97}},
-        "data": {
-            "kind": "features",
-            "train_shards": str(data / "train"),
-            "val_shards": str(data / "val"),
-            "frames": 25,
-            "num_workers": 0,
-            "samples_per_epoch": 60,
-        },
+        "data": data_section("features", data, samples_per_epoch=60),
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": "sigmoid_bce"},
         "optim": optim or {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "cosine", "warmup_epochs": 1},
-        "train": {
-            "epochs": 100,
-            "max_steps": steps,
-            "global_batch_size": 16,
-            "micro_batch_size": 2,
-            "precision": "fp32",
-            "device": "cpu",
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "keep_checkpoints": 10,
-            "seed": 0,
-            **train,
-        },
+        "train": cpu_train(
+            max_steps=steps,
+            global_batch_size=16,
+            micro_batch_size=2,
+            checkpoint_every=2,
+            keep_checkpoints=10,
+            seed=0,
+        )
+        | train,
         "deepspeed": {"zero_stage": zero},
         "eval": {"mode": "full", "max_frames": 32, "batch_size": 4},
     }
@@ -76,21 +59,9 @@ def _launch(recipe: dict, run_dir: Path, *, nproc: int = 2, background: bool = F
     return launch(recipe, run_dir, nproc=nproc, background=background, check=True)
 
 
-def _records(run_dir: Path, kind: str = "train") -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line being written while the test polls
-            continue
-        if rec["kind"] == kind:
-            out.append(rec)
-    return out
-
-
 def _per_step(run_dir: Path, *fields: str) -> dict[int, tuple]:
     """{step: (field, ...)} of the train lines; a step logged twice (before a kill and after it) keeps the last."""
-    return {r["step"]: tuple(r[f] for f in fields) for r in _records(run_dir)}
+    return {r["step"]: tuple(r[f] for f in fields) for r in metrics(run_dir, "train")}
 
 
 def _module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +96,7 @@ def test_gradient_accumulation_kill_and_resume_gives_the_uninterrupted_losses(yt
     proc = _launch(recipe, run, background=True)
     try:
         deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").exists() and len(_records(run)) >= 3):
+        while not ((run / "metrics.jsonl").exists() and len(metrics(run, "train")) >= 3):
             if proc.poll() is not None:
                 pytest.fail(f"the run ended before it could be killed: {proc.stdout.read()[-3000:]}")
             assert time.monotonic() < deadline, "step 3 not reached in 300 s"
@@ -137,14 +108,14 @@ def test_gradient_accumulation_kill_and_resume_gives_the_uninterrupted_losses(yt
 
     resume_from = latest_checkpoint(run / "checkpoints")
     assert resume_from is not None and resume_from[0] < STEPS, "the kill came too late to test anything"
-    lines_before = len(_records(run))
+    lines_before = len(metrics(run, "train"))
 
     _launch(recipe, run)
     expect = _per_step(accum_run, "loss", "lr")
     assert sorted(expect) == list(range(1, STEPS + 1))
     assert _per_step(run, "loss", "lr") == expect  # exactly: same ranks, same micro-batches, same sums
-    assert len(_records(run)) - lines_before == STEPS - resume_from[0]  # nothing trained twice, nothing skipped
-    assert [r["step"] for r in _records(run, "resume")] == [resume_from[0]]
+    assert len(metrics(run, "train")) - lines_before == STEPS - resume_from[0]  # nothing trained twice, nothing skipped
+    assert [r["step"] for r in metrics(run, "resume")] == [resume_from[0]]
 
 
 # ---------------------------------------------------------------------------------------------------- ZeRO-3
@@ -197,7 +168,7 @@ def test_zero3_trains_resumes_and_exports_exactly_as_zero1(zero_runs):
     losses = _per_step(one, "loss", "lr")
     assert sorted(losses) == list(range(1, ZERO_STEPS + 1))
     assert _per_step(three, "loss", "lr") == losses
-    assert [(r["step"], r["changed"]) for r in _records(three, "resume")] == [(4, [])]
+    assert [(r["step"], r["changed"]) for r in metrics(three, "resume")] == [(4, [])]
     # ZeRO-3's export comes from the partitions in its checkpoint (zero_to_fp32), ZeRO-1's from the module
     _assert_same_tensors(
         load_file(str(three / "model_step4.safetensors")),
@@ -227,7 +198,7 @@ def test_a_two_rank_checkpoint_resumes_on_another_world_size(world, yt8m, accum_
     run = tmp_path / "run"
     shutil.copytree(accum_run / "checkpoints" / "step_000000004", run / "checkpoints" / "step_000000004")
     _launch(_recipe(yt8m), run, nproc=world)
-    (mark,) = _records(run, "resume")
+    (mark,) = metrics(run, "resume")
     assert (mark["step"], mark["changed"]) == (CHECKPOINT, [f"world size: 2 -> {world}"])
     assert mark["batch"] == {"world_size": world, "micro_batch_size": 2, "grad_accum_steps": 16 // (2 * world)}
     resumed, expect = _per_step(run, "lr", "epoch", "loss"), _per_step(accum_run, "lr", "epoch", "loss")
@@ -288,28 +259,7 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(world, accum_run, zero_r
     script = tmp_path / "reshard.py"
     script.write_text(RESHARD)
     args = [str(a) for name, (run, ckpt) in sources.items() for a in (name, run / "recipe.json", ckpt)]
-    port = str(free_port())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(world),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            port,
-            str(script),
-            str(tmp_path),
-            *args,
-        ],
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    out = run_command(torchrun(str(script), str(tmp_path), *args, nproc=world), cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "written by 2 rank(s)" in out.stdout + out.stderr
     for name, (_, ckpt) in sources.items():

@@ -14,62 +14,30 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from launching import descendants, free_port, kill_job, launch, launch_env
+from launching import ROOT, descendants, free_port, kill_job, launch, launch_env, run_tool
+from tiny_runs import cpu_train, data_section, metrics
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
 STEPS = 4
 RTOL = 2e-4  # same torch build and thread count; a changed formula moves losses by far more
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    """Small demo datasets of all three kinds, made once per session through the real converters."""
-    from video_ens.data import demo
-
-    root = tmp_path_factory.mktemp("demo")
-    demo.make_kinetics(str(root / "kinetics"), num_train=48, num_val=12, shard_size=8)
-    demo.make_yt8m(str(root / "yt8m"), num_train=64, num_validate=24, shard_size=16)
-    demo.make_images(str(root / "images"), num_train=64, num_val=16, shard_size=16)
-    return root
-
-
-def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **train) -> dict:
-    data = {
-        "s3dg": {
-            "kind": "clip",
-            "train_shards": str(demo_root / "kinetics/train"),
-            "val_shards": str(demo_root / "kinetics/val"),
-            "frames": 16,
-            "frame_stride": 2,
-            "crop_size": 64,
-            "short_side": [64, 72],
-            "flip": False,
-            "num_workers": 0,
-        },
-        "dbof": {
-            "kind": "features",
-            "train_shards": str(demo_root / "yt8m/train"),
-            "val_shards": str(demo_root / "yt8m/val"),
-            "frames": 25,
-            "num_workers": 0,
-        },
-        "resnet": {
-            "kind": "image",
-            "train_shards": str(demo_root / "images/train"),
-            "val_shards": str(demo_root / "images/val"),
-            "crop_size": 32,
-            "short_side": [32, 36],
-            "num_workers": 0,
-        },
-    }[family]
+def _recipe(family: str, demo_data, *, zero: int, steps: int = STEPS, **train) -> dict:
+    """A family's tiny model on its demo dataset (conftest.py's demo_data: made the first time a test asks for it,
+    through the real converters, once per session)."""
+    if family == "s3dg":
+        kinetics = demo_data("kinetics", num_train=48, num_val=12, shard_size=8)
+        data = data_section("clip", kinetics, frame_stride=2, flip=False)
+    elif family == "dbof":
+        data = data_section("features", demo_data("yt8m", num_train=64, num_validate=24, shard_size=16))
+    else:
+        data = data_section("image", demo_data("images", num_train=64, num_val=16, shard_size=16))
     model = {
         "s3dg": {"name": "s3dg_tiny_ens2"},
         "dbof": {"name": "dbof_tiny_ens2"},
@@ -82,17 +50,7 @@ def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **tr
         "data": data,
         "objective": {"structure": "codistillation", "weight": 2.0, "loss": loss},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
-        "train": {
-            "epochs": 100,
-            "max_steps": steps,
-            "global_batch_size": 8,
-            "precision": "fp32",
-            "device": "cpu",
-            "log_every": 1,
-            "checkpoint_every": 0,
-            "seed": 0,
-            **train,
-        },
+        "train": cpu_train(max_steps=steps, global_batch_size=8, checkpoint_every=0, seed=0) | train,
         "deepspeed": {"zero_stage": zero},
         "eval": {"mode": "full", "max_frames": 32, "batch_size": 4},
     }
@@ -100,23 +58,14 @@ def _recipe(family: str, demo_root: Path, *, zero: int, steps: int = STEPS, **tr
 
 def _losses(run_dir: Path) -> dict[int, float]:
     """Per-step total loss from metrics.jsonl; a step logged twice (before a kill and after resume) keeps the last."""
-    steps = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            steps[rec["step"]] = rec["loss"]
-    return steps
-
-
-def _check(out: subprocess.CompletedProcess) -> None:
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return {r["step"]: r["loss"] for r in metrics(run_dir, "train")}
 
 
 FAMILIES = ["s3dg", "dbof", "resnet"]
 
 
 @pytest.fixture(scope="session")
-def trained(demo_root, tmp_path_factory):
+def trained(demo_data, tmp_path_factory):
     """Every (family, ZeRO stage) run once per session; tests read their run folders."""
     runs = {}
     base = tmp_path_factory.mktemp("runs")
@@ -124,7 +73,7 @@ def trained(demo_root, tmp_path_factory):
     def get(family: str, zero: int) -> Path:
         if (family, zero) not in runs:
             run_dir = base / f"{family}_zero{zero}"
-            _check(launch(_recipe(family, demo_root, zero=zero), run_dir))
+            launch(_recipe(family, demo_data, zero=zero), run_dir, check=True)
             runs[family, zero] = run_dir
         return runs[family, zero]
 
@@ -175,15 +124,17 @@ RESUME_STEPS = 8
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(demo_root, tmp_path_factory):
+def uninterrupted(demo_data, tmp_path_factory):
     """The per-step losses of the resume tests' recipe, run without interruption."""
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _check(launch(_resume_recipe(demo_root), run))
+    launch(_resume_recipe(demo_data), run, check=True)
     return _losses(run)
 
 
-def _resume_recipe(demo_root: Path) -> dict:
-    return _recipe("s3dg", demo_root, zero=1, steps=RESUME_STEPS, checkpoint_every=2)
+def _resume_recipe(demo_data, *, num_workers: int = 0, **train) -> dict:
+    recipe = _recipe("s3dg", demo_data, zero=1, steps=RESUME_STEPS, checkpoint_every=2, **train)
+    recipe["data"]["num_workers"] = num_workers
+    return recipe
 
 
 def _wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
@@ -208,12 +159,12 @@ def _worker_of_rank(proc: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker process with RANK={rank} under {proc.pid}")
 
 
-def test_elastic_restart_after_one_rank_is_killed(demo_root, uninterrupted, tmp_path):
+def test_elastic_restart_after_one_rank_is_killed(demo_data, uninterrupted, tmp_path):
     """SIGKILL one rank mid-run under torchrun --max-restarts: the agent restarts the worker group, which resumes
     from the newest complete checkpoint and finishes with the uninterrupted per-step losses, exit code 0."""
     run = tmp_path / "elastic"
     env = launch_env(NPROC="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1")
-    proc = launch(_resume_recipe(demo_root), run, env=env, background=True)
+    proc = launch(_resume_recipe(demo_data), run, env=env, background=True)
     try:
         _wait_for_step(run, proc, 3)
         os.kill(_worker_of_rank(proc, 1), signal.SIGKILL)
@@ -222,18 +173,17 @@ def test_elastic_restart_after_one_rank_is_killed(demo_root, uninterrupted, tmp_
         if proc.poll() is None:
             kill_job(proc)
     assert proc.returncode == 0, out[-4000:]
-    log = (run / "metrics.jsonl").read_text()
-    assert log.count('"kind": "train"') > RESUME_STEPS, "steps after the checkpoint should have run twice"
+    assert len(metrics(run, "train")) > RESUME_STEPS, "steps after the checkpoint should have run twice"
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterrupted, tmp_path):
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_data, uninterrupted, tmp_path):
     """SIGKILL the whole job after step 5 (a checkpoint exists at step 4, maybe one in flight at 6), restart the
     same command: it resumes from the newest complete checkpoint and logs the same per-step losses."""
     steps = RESUME_STEPS
-    recipe = _resume_recipe(demo_root)
+    recipe = _resume_recipe(demo_data)
     run = tmp_path / "killed"
     proc = launch(recipe, run, background=True)
     victims: list[int] = []
@@ -248,27 +198,25 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(demo_root, uninterr
     assert len(victims) >= 3 and not any(_alive(p) for p in victims), "launcher and both workers must be gone"
     from video_ens.engine import latest_checkpoint
 
-    lines_before = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    lines_before = len(metrics(run, "train"))
     resume_from = latest_checkpoint(run / "checkpoints")
     assert resume_from is not None and resume_from[0] < steps, "the kill came too late to test anything"
-    _check(launch(recipe, run))
+    launch(recipe, run, check=True)
     resumed, expect = _losses(run), uninterrupted
     assert sorted(resumed) == sorted(expect) == list(range(1, steps + 1))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expect[s] for s in sorted(expect)], rel=1e-6)
     # the restart trained exactly the steps after the newest complete checkpoint, no more, no fewer
-    lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    lines_after = len(metrics(run, "train"))
     assert lines_after - lines_before == steps - resume_from[0]
-    marks = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "resume"' in line
-    ]
+    marks = metrics(run, "resume")
     assert [(m["step"], m["changed"]) for m in marks] == [(resume_from[0], [])]  # same setup: nothing changed
 
 
-def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, uninterrupted, tmp_path):
+def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_data, uninterrupted, tmp_path):
     """SIGKILL the whole job while it saves the step-6 checkpoint: every rank's files are written to
     step_6.partial/ but not committed (tests/assets/freeze_in_save freezes rank 0 exactly there). The half-written
     checkpoint is never loaded: the restart removes it, resumes from step 4 and logs the uninterrupted losses."""
-    recipe = _resume_recipe(demo_root)
+    recipe = _resume_recipe(demo_data)
     run = tmp_path / "killed_in_save"
     env = launch_env(NPROC="2", MASTER_PORT=str(free_port()), VIDEO_ENS_FREEZE_IN_SAVE="6")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "assets" / "freeze_in_save"), env.get("PYTHONPATH", "")])
@@ -293,31 +241,29 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_one(demo_root, 
     assert partial.is_dir() and any(partial.iterdir()), "the kill should leave a written, uncommitted step 6"
     assert not (partial / "complete.json").exists()
     assert latest_checkpoint(ckpts)[0] == 4, "an uncommitted checkpoint must never count as complete"
-    lines_before = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    lines_before = len(metrics(run, "train"))
 
-    _check(launch(recipe, run))  # the same command, without the fault
+    launch(recipe, run, check=True)  # the same command, without the fault
     assert not partial.exists(), "the restart removes the half-written checkpoint"
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([uninterrupted[s] for s in sorted(resumed)], rel=1e-6)
-    lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    lines_after = len(metrics(run, "train"))
     assert lines_after - lines_before == RESUME_STEPS - 4  # steps 5-8 again, from the step-4 checkpoint
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_with_workers(demo_root, tmp_path_factory):
+def uninterrupted_with_workers(demo_data, tmp_path_factory):
     """The resume recipe with a data worker per rank, run without interruption (the data order depends on the
     worker count, so the stop tests compare against this one)."""
     run = tmp_path_factory.mktemp("uninterrupted_workers") / "run"
-    recipe = _resume_recipe(demo_root)
-    recipe["data"]["num_workers"] = 1
-    _check(launch(recipe, run))
+    launch(_resume_recipe(demo_data, num_workers=1), run, check=True)
     return _losses(run)
 
 
 @pytest.mark.parametrize("how", ["SIGUSR1 to torchrun", "SIGTERM to every process"])
 def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_from_it(
-    demo_root, uninterrupted_with_workers, tmp_path, how
+    demo_data, uninterrupted_with_workers, tmp_path, how
 ):
     """What schedulers send: SIGUSR1 to the launcher (`sbatch --signal=USR1@90`; torchrun used to exit at once on it,
     138, orphaning the ranks), or SIGTERM to every process of the job at once, data workers included (SLURM at
@@ -325,9 +271,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     the evaluation due at that step (eval_every 1: one is due at every step), checkpoints it and exits; the launch
     exits 143. The relaunch runs the skipped evaluation first, resumes from that very step and ends with the
     uninterrupted losses."""
-    recipe = _resume_recipe(demo_root)
-    recipe["data"]["num_workers"] = 1
-    recipe["train"]["eval_every"] = 1
+    recipe = _resume_recipe(demo_data, num_workers=1, eval_every=1)
     recipe["eval"]["max_frames"] = 16
     run = tmp_path / "stopped"
     proc = launch(recipe, run, background=True)
@@ -346,7 +290,7 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     assert proc.returncode == 143, out[-3000:]
     assert "--shutdown-timeout 120" in out  # torchrun's grace for the save: STOP_GRACE_S, not its 30 s
     assert len(below) >= 4 and not [pid for pid in below if _alive(pid)], "a process of the first launch is left"
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    log = metrics(run)
     stops = [r for r in log if r["kind"] == "stop"]
     assert len(stops) == 1 and stops[0]["signal"] == how.split()[0], out[-3000:]
     stopped_at = stops[0]["step"]
@@ -357,25 +301,23 @@ def test_a_stop_signal_checkpoints_the_current_step_and_the_relaunch_goes_on_fro
     assert latest_checkpoint(run / "checkpoints")[0] == stopped_at, "the stop step itself must be checkpointed"
     lines_before = sum(r["kind"] == "train" for r in log)
 
-    _check(launch(recipe, run))
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    launch(recipe, run, check=True)
+    log = metrics(run)
     resumed_at = next(i for i, r in enumerate(log) if r["kind"] == "resume")
     assert log[resumed_at + 1]["kind"] == "eval" and log[resumed_at + 1]["step"] == stopped_at  # the skipped one
     resumed = _losses(run)
     assert sorted(resumed) == list(range(1, RESUME_STEPS + 1))
     expected = uninterrupted_with_workers
     assert [resumed[s] for s in sorted(resumed)] == pytest.approx([expected[s] for s in sorted(resumed)], rel=1e-6)
-    lines_after = (run / "metrics.jsonl").read_text().count('"kind": "train"')
+    lines_after = len(metrics(run, "train"))
     assert lines_after - lines_before == RESUME_STEPS - stopped_at  # nothing trained twice, nothing skipped
 
 
-def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_root, tmp_path):
+def test_killing_torchrun_ends_its_ranks_and_their_workers_without_writing(demo_data, tmp_path):
     """SIGKILL to torchrun alone (or the OOM killer choosing it): its ranks run in sessions of their own and trained
     on as orphans, writing checkpoints a relaunch would race. Now they die with it within seconds, data workers too,
     and no checkpoint appears after the kill."""
-    recipe = _resume_recipe(demo_root)
-    recipe["data"]["num_workers"] = 1
-    recipe["train"]["max_steps"] = 200
+    recipe = _resume_recipe(demo_data, num_workers=1, max_steps=200)
     run = tmp_path / "orphans"
     proc = launch(recipe, run, background=True)
     try:
@@ -406,9 +348,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_two_node_launch_on_localhost(demo_root, tmp_path):
+def test_two_node_launch_on_localhost(demo_data, tmp_path):
     """NNODES=2 with one process per node, both on this machine: the same command with NODE_RANK 0 and 1."""
-    recipe = _recipe("resnet", demo_root, zero=2, steps=2)
+    recipe = _recipe("resnet", demo_data, zero=2, steps=2)
     port = str(free_port())
     procs = []
     for node in (0, 1):
@@ -427,8 +369,8 @@ def test_two_node_launch_on_localhost(demo_root, tmp_path):
     assert (tmp_path / "run" / "eval.json").is_file()
 
 
-def test_bad_recipe_fails_before_any_process_starts(demo_root, tmp_path):
-    recipe = _recipe("resnet", demo_root, zero=1)
+def test_bad_recipe_fails_before_any_process_starts(demo_data, tmp_path):
+    recipe = _recipe("resnet", demo_data, zero=1)
     out = launch(recipe, tmp_path / "run", extra=["--set", "optim.lrr=0.1"])
     assert out.returncode == 2
     assert "unknown key 'optim.lrr'; did you mean 'optim.lr'?" in out.stderr
@@ -439,8 +381,8 @@ def test_bad_recipe_fails_before_any_process_starts(demo_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_inconsistent_batch_for_the_world_size_is_named(demo_root, tmp_path):
-    recipe = _recipe("resnet", demo_root, zero=1)
+def test_inconsistent_batch_for_the_world_size_is_named(demo_data, tmp_path):
+    recipe = _recipe("resnet", demo_data, zero=1)
     recipe["train"].update(global_batch_size=6, micro_batch_size=2, grad_accum_steps=3)  # 2 x 3 x 2 ranks = 12
     out = launch(recipe, tmp_path / "run")
     assert out.returncode == 2
@@ -448,14 +390,13 @@ def test_inconsistent_batch_for_the_world_size_is_named(demo_root, tmp_path):
     assert "launch:" not in out.stdout, "torchrun must not have been started"
 
 
-def test_dry_run_writes_nothing(demo_root, tmp_path):
+def test_dry_run_writes_nothing(demo_data, tmp_path):
     """DRY_RUN=1 builds everything and runs one step, leaving no run folder and no scratch folder behind. A GPU
     recipe (sync_bn) can be dry-run on a machine without one: only the GPU-only setting is left unchecked, and said."""
-    recipe = _recipe("dbof", demo_root, zero=1, bn_sync="sync_bn")
+    recipe = _recipe("dbof", demo_data, zero=1, bn_sync="sync_bn")
     env = launch_env(NPROC="1", DRY_RUN="1", MASTER_PORT=str(free_port()), TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    out = launch(recipe, tmp_path / "run", env=env)
-    _check(out)
+    out = launch(recipe, tmp_path / "run", env=env, check=True)
     assert "--dry-run" in out.stdout
     assert 'dry run without CUDA: train.bn_sync "sync_bn" is checked on a GPU only' in out.stderr
     assert not (tmp_path / "run").exists()
@@ -466,23 +407,7 @@ def test_dry_run_writes_nothing(demo_root, tmp_path):
 def test_eval_tool_on_the_exported_weights_matches_training_eval(family, trained, tmp_path):
     """tools/eval.py on model.safetensors (no DeepSpeed) gives the metrics training reported at its end."""
     run = trained(family, 1)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "eval.py"),
-            "--run-dir",
-            str(run),
-            "--out",
-            str(tmp_path),
-            "--precision",
-            "fp32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=launch_env(),
-    )
-    _check(out)
+    run_tool("eval", "--run-dir", str(run), "--out", str(tmp_path), "--precision", "fp32", check=True)
     ours, training = (json.loads((d / "eval.json").read_text()) for d in (tmp_path, run))
     assert ours["num_samples"] == training["num_samples"]
     for head_ours, head_train in zip(
@@ -494,14 +419,7 @@ def test_eval_tool_on_the_exported_weights_matches_training_eval(family, trained
 def test_training_curves_plot_from_a_real_run(trained, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "plot.py"), "curves", str(trained("s3dg", 1)), "--out", str(png)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=launch_env(),
-    )
-    _check(out)
+    run_tool("plot", "curves", str(trained("s3dg", 1)), "--out", str(png), check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -515,7 +433,7 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
+def test_soak_memory_stays_flat_and_no_process_is_left(demo_data, tmp_path):
     """4000 steps of the tiny DBoF on two ranks, each with a training and an evaluation DataLoader worker (kept for
     the run's life, serving every nominal epoch of 250 steps and every evaluation), evaluation and checkpoints every
     500 steps: the resident memory of the whole job (launcher, ranks and their data workers) in the last quarter
@@ -523,7 +441,7 @@ def test_soak_memory_stays_flat_and_no_process_is_left(demo_root, tmp_path):
     left. The series is written to rss.csv beside the run."""
     steps = 4000
     recipe = _recipe(
-        "dbof", demo_root, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20, epochs=10_000
+        "dbof", demo_data, zero=2, steps=steps, eval_every=500, checkpoint_every=500, log_every=20, epochs=10_000
     )
     recipe["data"].update(num_workers=1, samples_per_epoch=2000)
     proc = launch(recipe, tmp_path / "soak", background=True)

@@ -13,19 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from video_ens.model_options import DBoFOptions
 from video_ens.models import MODELS, create_model, dbof
 from video_ens.models.ensemble import EnsembleNet
+from video_ens.models.size import count_params
 
 FEATURES = 1024 + 128
-
-
-def folded_param_count(module: nn.Module) -> int:
-    """Parameters with BN folded: every weight and bias outside BN, plus one folded bias per BN channel."""
-    total = 0
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += m.num_features
-        else:
-            total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
 
 
 def tiny(name: str = "dbof_tiny", **overrides) -> EnsembleNet:
@@ -63,9 +53,9 @@ def randomise_bn(model: nn.Module) -> None:
 def test_folded_parameter_counts_match_the_paper_rows(name, total, base, branch):
     with torch.device("meta"):
         model = create_model(name)
-    assert folded_param_count(model) == total
-    assert folded_param_count(model.base) == base
-    assert [folded_param_count(b) for b in model.branches] == [branch] * model.num_branches
+    assert count_params(model) == total
+    assert count_params(model.base) == base
+    assert [count_params(b) for b in model.branches] == [branch] * model.num_branches
 
 
 @pytest.mark.parametrize("name, flops", [("dbof", 415_121_408), ("dbof_ens2", 409_560_000)])

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-av = pytest.importorskip("av")
+pytest.importorskip("av")
 pytest.importorskip("webdataset")
+
+from clips import sliding_clip  # noqa: E402
 
 from video_ens.config import DataConfig, EvalConfig  # noqa: E402
 from video_ens.data import loader, schema  # noqa: E402
@@ -30,21 +32,8 @@ from video_ens.data.writer import DatasetWriter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = 3
-
-
-def _clip(frames: int = 12, width: int = 48, height: int = 40, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    with av.open(out, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out.getvalue()
+# tests/unit and tests/: a child process that imports this module needs both (tests/clips.py).
+TEST_PATH = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 
 def _video_sample(i: int, video: bytes, *, num_frames: int = 12, width: int = 48, height: int = 40) -> dict:
@@ -142,7 +131,7 @@ def _in_child(code: str, limit_gib: float = 2.0, timeout: float = 120) -> subpro
 def test_a_huge_frame_in_the_header_is_over_budget_before_anything_is_allocated():
     """4096x4 frames asked for at short side 256 are 262144x256: 32 of them were np.empty'd (6 GiB) and
     MemoryError escaped. Now a DecodeError naming the budget, from the header, in a 2 GiB address space."""
-    video = _clip(frames=8, width=4096, height=4)
+    video = sliding_clip(8, width=4096, height=4)
     assert len(video) < 100_000  # a small file
     run = _in_child(f"""
         from video_ens.data.decode import DecodeError, decode_frames
@@ -161,8 +150,8 @@ def test_a_huge_frame_in_the_header_is_over_budget_before_anything_is_allocated(
 
 def test_a_claimed_trillion_frames_is_a_counted_skip_in_evaluation_and_training(tmp_path):
     """Evaluation built list(range(10**12)) from the sample's metadata (MemoryError, the job died)."""
-    good = [_video_sample(i, _clip(seed=i)) for i in range(3)]
-    liar = _video_sample(3, _clip(seed=3), num_frames=10**12)
+    good = [_video_sample(i, sliding_clip(12, seed=i)) for i in range(3)]
+    liar = _video_sample(3, sliding_clip(12, seed=3), num_frames=10**12)
     _write(tmp_path / "d", "video", [good[0], liar, good[1], good[2]])
     cfg = _cfg(tmp_path / "d", "clip")
     ids, stats = _eval_all(cfg)
@@ -178,8 +167,8 @@ def test_metadata_claiming_a_huge_picture_does_not_size_the_training_buffer(tmp_
     """The micro-batch buffer is sized up front from the samples' metadata: a claimed 10^6 x 10^6 picture made it
     allocate 2 x 8 x 10^12 pixels (MemoryError in the worker). Now the claim is left out of the sizing and the stream
     header decides: the clip is 48 x 40 as stored, so it trains."""
-    rows = [_video_sample(i, _clip(seed=i)) for i in range(4)]
-    rows[1] = _video_sample(1, _clip(seed=1), width=10**6, height=10**6)
+    rows = [_video_sample(i, sliding_clip(12, seed=i)) for i in range(4)]
+    rows[1] = _video_sample(1, sliding_clip(12, seed=1), width=10**6, height=10**6)
     _write(tmp_path / "d", "video", rows)
     ids, stats = _train_all(_cfg(tmp_path / "d", "clip", clip_crop=crop))
     assert sorted(ids) == sorted(r["__key__"] for r in rows) and stats["bad"] == 0
@@ -227,7 +216,7 @@ def test_an_image_over_the_pixel_budget_is_skipped_from_its_header(tmp_path):
 def test_a_tar_member_over_the_byte_budget_is_skipped_unread(tmp_path):
     """A 10 KB tar whose sparse member is 1 GiB: the reader held the whole GiB in memory. Now the member is not
     read (its size is in the header) and its sample is counted as bad, in a 1.5 GiB address space."""
-    good = [_video_sample(i, _clip(seed=i)) for i in range(3)]
+    good = [_video_sample(i, sliding_clip(12, seed=i)) for i in range(3)]
     _write(tmp_path / "d", "video", good)
     shard = next((tmp_path / "d").glob("*.tar"))
     staging = tmp_path / "staging"
@@ -251,7 +240,7 @@ def test_a_tar_member_over_the_byte_budget_is_skipped_unread(tmp_path):
         f"""
         from pathlib import Path
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = {TEST_PATH!r}
         from test_hostile_samples import _cfg, _eval_all, _reasons
         ids, stats = _eval_all(_cfg(Path({str(tmp_path / "d")!r}), "clip"))
         print(len(ids), _reasons(stats), stats["last_bad"][0]["detail"])
@@ -267,8 +256,9 @@ def test_a_tar_member_over_the_byte_budget_is_skipped_unread(tmp_path):
 FUZZ = r"""
 import io, json, sys, random, tempfile, traceback
 import numpy as np, torch
-sys.path.insert(0, TESTS)
-from test_hostile_samples import _clip, _png, _video_sample
+sys.path[:0] = TEST_PATH
+from clips import sliding_clip
+from test_hostile_samples import _png, _video_sample
 from video_ens.data import samples, schema, tfrecord
 from video_ens.data.samples import BadSample, EvalView, SampleSpec
 
@@ -326,7 +316,7 @@ def clip_case(raw):
     for view in views:
         samples.eval_items(raw, spec, view)
 
-videos = [_clip(frames=12 + 6 * i, seed=i) for i in range(3)]
+videos = [sliding_clip(12 + 6 * i, seed=i) for i in range(3)]
 for n in range(N_VIDEO):
     raw = _video_sample(n, videos[n % 3], num_frames=12 + 6 * (n % 3))
     raw["mp4"] = mutate(raw["mp4"])
@@ -392,7 +382,7 @@ def test_fuzz_every_decoder_only_skips(tmp_path):
     claiming billions of entries): that surfaces as a decode skip reading "Cannot allocate memory", which is
     counted, not failed. In a 3 GiB address space."""
     counts = {"N_VIDEO": 1200, "N_IMAGE": 800, "N_NPY": 800, "N_TFRECORD": 800, "SEED": 1}
-    code = "".join(f"{k} = {v}\n" for k, v in counts.items()) + f"TESTS = {str(Path(__file__).parent)!r}\n" + FUZZ
+    code = "".join(f"{k} = {v}\n" for k, v in counts.items()) + f"TEST_PATH = {TEST_PATH!r}\n" + FUZZ
     run = _in_child(code, limit_gib=3.0, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -425,7 +415,7 @@ def crashing_decoder(monkeypatch):
 
 
 def _crash_dataset(folder: Path, marker: bytes, count: int = 12, crash_at: int = 5) -> list[dict]:
-    rows = [_video_sample(i, _clip(seed=i)) for i in range(count)]
+    rows = [_video_sample(i, sliding_clip(12, seed=i)) for i in range(count)]
     rows[crash_at]["mp4"] = marker + rows[crash_at]["mp4"]
     _write(folder, "video", rows)
     return rows
@@ -517,7 +507,7 @@ def test_workers_leave_stop_signals_to_their_rank(tmp_path):
     import os
     import signal as signals
 
-    rows = [_video_sample(i, _clip(seed=i)) for i in range(8)]
+    rows = [_video_sample(i, sliding_clip(12, seed=i)) for i in range(8)]
     _write(tmp_path / "d", "video", rows)
     cfg = _cfg(tmp_path / "d", "clip", num_workers=2, samples_per_epoch=8)
 

@@ -30,6 +30,12 @@ def _batch(model, b=2, gen=None):
     return x, {"lengths": lengths}, None
 
 
+def _seeded(name: str, seed: int = 0) -> nn.Module:
+    """create_model(name) with its initial weights drawn after torch.manual_seed(seed): the same model every run."""
+    torch.manual_seed(seed)
+    return create_model(name)
+
+
 def _targets(model, out, gen):
     n, b, c = out.branches.shape
     if model.activation == "sigmoid":
@@ -68,8 +74,7 @@ def test_paper_models_build_on_meta(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_forward_shapes_and_probabilities(name):
-    torch.manual_seed(0)
-    m = create_model(name).eval()
+    m = _seeded(name).eval()
     x, kw, _ = _batch(m)
     with torch.no_grad():
         out = m(x, **kw)
@@ -84,9 +89,8 @@ def test_forward_shapes_and_probabilities(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_every_parameter_gets_a_gradient(name):
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    m = create_model(name).train()
+    m = _seeded(name).train()
     x, kw, _ = _batch(m, b=3, gen=gen)
     out = m(x, **kw)
     loss = _loss(m)(out.branches, _targets(m, out, gen))["loss"]
@@ -99,8 +103,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 @pytest.mark.parametrize("name", TINY)
 def test_eval_is_deterministic(name):
-    torch.manual_seed(0)
-    m = create_model(name).eval()
+    m = _seeded(name).eval()
     x, kw, _ = _batch(m)
     with torch.no_grad():
         a, b = m(x, **kw), m(x, **kw)
@@ -111,9 +114,8 @@ def test_eval_is_deterministic(name):
 def test_a_tiny_model_learns_a_fixed_batch(name):
     """A few Adam steps on one batch with the co-distillation loss: the ground-truth term N l(g, p_ens) falls
     (overfitting is learning). The distillation terms are not compared: they include the entropy of p_ens."""
-    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
-    m = create_model(name).train()
+    m = _seeded(name).train()
     x, kw, _ = _batch(m, b=4, gen=gen)
     with torch.no_grad():
         tgt = _targets(m, m(x, **kw), gen)
@@ -232,10 +234,8 @@ def test_model_kwargs_shows_what_the_builder_gets():
 
 @pytest.mark.parametrize("name", TINY)
 def test_state_dict_round_trip(name):
-    torch.manual_seed(0)
-    a = create_model(name).eval()
-    torch.manual_seed(1)
-    b = create_model(name).eval()
+    a = _seeded(name).eval()
+    b = _seeded(name, seed=1).eval()
     b.load_state_dict(a.state_dict())
     x, kw, _ = _batch(a)
     with torch.no_grad():
@@ -246,8 +246,7 @@ def test_state_dict_round_trip(name):
 def test_torch_compile_traces_and_matches_eager(name):
     """torch.compile captures each family; aot_eager runs the captured graphs (inductor's C++ build takes minutes
     on 2 cores, measured 69-200 s, so CI checks the capture and the functionalised graph, not codegen)."""
-    torch.manual_seed(0)
-    m = create_model(name).eval()
+    m = _seeded(name).eval()
     x, kw, _ = _batch(m)
     compiled = torch.compile(m, backend="aot_eager")
     with torch.no_grad():
@@ -256,8 +255,7 @@ def test_torch_compile_traces_and_matches_eager(name):
 
 @pytest.mark.parametrize("name", ["s3dg_tiny_ens2", "resnet_tiny_ens2"])
 def test_channels_last_matches_contiguous(name):
-    torch.manual_seed(0)
-    m = create_model(name).eval()
+    m = _seeded(name).eval()
     x, kw, _ = _batch(m)
     fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
     with torch.no_grad():

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clips import encode_clip
 
 from video_ens import predict
 from video_ens.config import dump_recipe, recipe_from_dict
@@ -34,12 +35,7 @@ from video_ens.data.decode import Display, apply_display, decode_frames, read_di
 FFMPEG = shutil.which("ffmpeg")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -101,30 +97,11 @@ def _marker_frame(i: int = 0) -> np.ndarray:
     return a
 
 
-def _write(
-    path: Path, *, rotation=None, hflip=False, vflip=False, sar=None, tag=None, frames=None, lossless=True, fmt=None
-) -> Path:
+def _write(path: Path, *, frames=None, lossless=True, **metadata) -> Path:
     frames = frames if frames is not None else [_marker_frame(i) for i in range(2)]
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream("libx264", rate=10)
-        s.width, s.height = width, height
-        s.pix_fmt = "yuv444p" if lossless else "yuv420p"
-        s.options = {"qp": "0"} if lossless else {}
-        if sar is not None:
-            s.codec_context.sample_aspect_ratio = sar
-        if rotation is not None:
-            s.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
-        if tag is not None:
-            s.metadata["rotate"] = tag
-        for i, a in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format=s.pix_fmt)
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    return path
+    if lossless:  # x264 at qp 0 in 4:4:4: the decoded frames are the marker frames exactly
+        return encode_clip(path, frames, rate=10, pix_fmt="yuv444p", options={"qp": "0"}, **metadata)
+    return encode_clip(path, frames, rate=10, **metadata)
 
 
 def _needs_display_rotation():

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from video_ens.models import create_model, s3dg
 from video_ens.models.ensemble import EnsembleNet
-
-
-def folded_params(module: nn.Module) -> int:
-    """Parameters with BN folded: every parameter outside BN layers plus one value per BN channel."""
-    total = 0
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += m.num_features
-        else:
-            total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
+from video_ens.models.size import count_params
 
 
 def meta_model(preset: str, **overrides) -> EnsembleNet:
@@ -41,17 +30,17 @@ def clip(frames: int = 16, size: int = 64, batch: int = 2) -> torch.Tensor:
 
 def test_parameter_counts_match_architecture_md():
     base = meta_model("s3dg")
-    assert folded_params(base) == 9_518_848
+    assert count_params(base) == 9_518_848
     assert sum(m.weight.numel() for m in base.modules() if isinstance(m, s3dg.FeatureGate)) == 1_219_328
 
     ens = meta_model("s3dg_ens2")
-    assert folded_params(ens.base) == 1_065_968
-    assert [folded_params(b) for b in ens.branches] == [3_889_091, 3_889_091]
-    assert folded_params(ens) == 8_844_150  # architecture.md: 8.844M
+    assert count_params(ens.base) == 1_065_968
+    assert [count_params(b) for b in ens.branches] == [3_889_091, 3_889_091]
+    assert count_params(ens) == 8_844_150  # architecture.md: 8.844M
     # width_ratio left out: 1/1.5 for more than one branch, so two branches of plain s3dg are s3dg_ens2
     with torch.device("meta"):
-        assert folded_params(s3dg.build(num_branches=2)) == 8_844_150
-        assert folded_params(s3dg.build(num_branches=1)) == 9_518_848
+        assert count_params(s3dg.build(num_branches=2)) == 8_844_150
+        assert count_params(s3dg.build(num_branches=1)) == 9_518_848
 
 
 # Folded parameters per layer, architecture.md table 2.2.
@@ -76,7 +65,7 @@ def test_per_layer_parameters_and_shapes_at_full_size():
     model = meta_model("s3dg")
     layers = dict(model.base.named_children()) | dict(model.branches[0].named_children())
     assert list(layers) == [*s3dg.LAYER_NAMES, "Logits"]
-    assert {n: folded_params(m) for n, m in layers.items() if n in LAYER_PARAMS} == LAYER_PARAMS
+    assert {n: count_params(m) for n, m in layers.items() if n in LAYER_PARAMS} == LAYER_PARAMS
 
     expected = {  # C x T x H x W after each layer at 3 x 64 x 224 x 224, table 2.2
         "Conv2d_1a": (64, 32, 112, 112),

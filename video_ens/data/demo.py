@@ -27,8 +27,11 @@ images: 10 classes of pattern (horizontal/vertical/two diagonal stripes, checker
 
 Deterministic: the same seed gives the same bytes for features and images, and the same decoded frames for the
 clips (libx264 runs single-threaded on explicitly converted, numbered frames; with the same FFmpeg build the clip
-bytes are identical too). An existing
-demo folder made with the same settings is kept (printed as up to date); different settings need --overwrite.
+bytes are identical too).
+
+Each make_* keeps an existing folder made with the same settings (printed as up to date). overwrite=True always
+regenerates (make_demo_data.py --overwrite); overwrite="stale" regenerates demo data of the same kind made by another
+generator version or other settings (--refresh); otherwise a folder holding other data raises FileExistsError.
 """
 
 from __future__ import annotations
@@ -233,13 +236,14 @@ def make_kinetics(
     fps: int = 16,
     shard_size: int = 20,
     workers: int = 1,
-    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
+    overwrite: bool | str = False,
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train and `out`/val (kind "video") through convert_kinetics."""
-    settings = {"generator": "make_demo_data.kinetics", "version": GENERATOR_VERSION, "seed": seed}
-    settings.update(num_train=num_train, num_val=num_val, frames=frames, size=size, fps=fps, shard_size=shard_size)
-    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    settings, kept = _settings_and_kept(
+        "kinetics", out, overwrite, progress,
+        seed=seed, num_train=num_train, num_val=num_val, frames=frames, size=size, fps=fps, shard_size=shard_size,
+    )  # fmt: skip
     if kept is not None:
         return kept
     duration = max(1, math.ceil(frames / fps))
@@ -256,11 +260,9 @@ def make_kinetics(
                 jobs.append((path, seed, split, i, label, frames, size, fps))
         for _ in map_ordered(_write_clip, jobs, workers=workers, chunksize=8):
             pass
-        annotations = os.path.join(tmp, "annotations.csv")
-        with open(annotations, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "youtube_id", "time_start", "time_end", "split"])
-            writer.writerows(rows)
+        annotations = _write_csv(
+            os.path.join(tmp, "annotations.csv"), ["label", "youtube_id", "time_start", "time_end", "split"], rows
+        )
         infos = {}
         for split in ("train", "val"):
             infos[split] = convert_kinetics.convert(
@@ -348,14 +350,15 @@ def make_yt8m(
     train_files: int = 2,
     shard_size: int = 20,
     workers: int = 1,
-    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
+    overwrite: bool | str = False,
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train (train records + the rest of validate) and `out`/val (held-out validate) via convert_yt8m."""
-    settings = {"generator": "make_demo_data.yt8m", "version": GENERATOR_VERSION, "seed": seed}
-    settings.update(num_train=num_train, num_validate=num_validate, num_classes=num_classes)
-    settings.update(holdout_fraction=holdout_fraction, train_files=train_files, shard_size=shard_size)
-    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    settings, kept = _settings_and_kept(
+        "yt8m", out, overwrite, progress,
+        seed=seed, num_train=num_train, num_validate=num_validate, num_classes=num_classes,
+        holdout_fraction=holdout_fraction, train_files=train_files, shard_size=shard_size,
+    )  # fmt: skip
     if kept is not None:
         return kept
     patterns = _class_patterns(seed, num_classes)
@@ -372,11 +375,9 @@ def make_yt8m(
         with TFRecordWriter(validate_path) as w:
             for i in range(num_validate):
                 w.write(_yt8m_record(*render_yt8m_video(seed, "validate", i, patterns)))
-        vocabulary = os.path.join(tmp, "vocabulary.csv")
-        with open(vocabulary, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["Index", "Name"])
-            writer.writerows([c, f"topic_{c:02d}"] for c in range(num_classes))
+        vocabulary = _write_csv(
+            os.path.join(tmp, "vocabulary.csv"), ["Index", "Name"], ([c, f"topic_{c:02d}"] for c in range(num_classes))
+        )
         infos = convert_yt8m.convert(
             inputs=train_paths,
             holdout_inputs=[validate_path],
@@ -449,15 +450,16 @@ def make_images(
     size: int = 32,
     shard_size: int = 50,
     workers: int = 1,
-    overwrite: bool | str = False,  # True: always regenerate; "stale": when made by another generator version
+    overwrite: bool | str = False,
     progress: bool = False,
 ) -> dict[str, DatasetInfo]:
     """Write `out`/train and `out`/val (kind "image") through convert_images."""
     from PIL import Image  # a dependency of tensorboard, which video_ens requires
 
-    settings = {"generator": "make_demo_data.images", "version": GENERATOR_VERSION, "seed": seed}
-    settings.update(num_train=num_train, num_val=num_val, size=size, shard_size=shard_size)
-    kept = _up_to_date(out, ("train", "val"), settings, overwrite, progress)
+    settings, kept = _settings_and_kept(
+        "images", out, overwrite, progress,
+        seed=seed, num_train=num_train, num_val=num_val, size=size, shard_size=shard_size,
+    )  # fmt: skip
     if kept is not None:
         return kept
     infos = {}
@@ -491,6 +493,16 @@ def make_images(
 # ---------------------------------------------------------------------------------------------------------------
 
 MAKERS = {"kinetics": make_kinetics, "yt8m": make_yt8m, "images": make_images}
+
+
+def _settings_and_kept(
+    kind: str, out: str, overwrite: bool | str, progress: bool, **settings
+) -> tuple[dict, dict[str, DatasetInfo] | None]:
+    """The settings that a `kind` demo set records in its _info.json (extra "demo": generator, version, then the
+    make_* arguments that shape the data), and the infos of `out`/{train,val} when they already hold it (None:
+    generate it; see _up_to_date)."""
+    settings = {"generator": f"make_demo_data.{kind}", "version": GENERATOR_VERSION, **settings}
+    return settings, _up_to_date(out, ("train", "val"), settings, overwrite, progress)
 
 
 def _up_to_date(
@@ -529,3 +541,12 @@ def _up_to_date(
 
 def _differs(out: str, why: str):
     raise FileExistsError(f"{out} exists but is not this demo data ({why}); pass --overwrite to regenerate it")
+
+
+def _write_csv(path: str, header: list[str], rows) -> str:
+    """Write a CSV file of the raw form (a converter's input); returns `path`."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
