@@ -353,18 +353,7 @@ class Predictor:
     def __post_init__(self) -> None:
         data, ev = self.recipe.data, self.recipe.eval
         self.spec = SampleSpec.from_config(data, len(self.class_names))
-        max_frames = ev.max_frames
-        if self.kind == "features":
-            max_frames = min(max_frames, self.model.input_spec.get("max_frames", max_frames))
-        short_side, crop_size = ev.view_size(data)
-        self.view = EvalView(
-            mode=ev.mode,
-            num_clips=ev.num_clips,
-            num_crops=ev.num_crops,
-            max_frames=max_frames,
-            short_side=short_side,
-            crop_size=crop_size,
-        )
+        self.view = EvalView.from_config(data, ev, self.model.input_spec)  # what evaluation sees
 
     @classmethod
     def load(

@@ -1004,20 +1004,9 @@ def eval_stream(
         return None
     listed = list_shards(root.val, "val_shards", data_cfg)
     info = listed.info
-    max_frames = eval_cfg.max_frames
-    if data_cfg.kind == "features":
-        max_frames = min(max_frames, input_spec.get("max_frames", max_frames))
-    short_side, crop_size = eval_cfg.view_size(data_cfg)
     plan = _EvalPlan(
         spec=SampleSpec.from_config(data_cfg, info.num_classes),
-        view=EvalView(
-            mode=eval_cfg.mode,
-            num_clips=eval_cfg.num_clips,
-            num_crops=eval_cfg.num_crops,
-            max_frames=max_frames,
-            short_side=short_side,
-            crop_size=crop_size,
-        ),
+        view=EvalView.from_config(data_cfg, eval_cfg, input_spec),
         shards=listed.shards,
         counts=listed.counts,
         rank=rank,

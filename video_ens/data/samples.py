@@ -151,6 +151,23 @@ class EvalView:
     short_side: int
     crop_size: int
 
+    @classmethod
+    def from_config(cls, data_cfg, eval_cfg, input_spec: dict) -> EvalView:
+        """The recipe's view, as evaluation and predict both take it: a feature model reads at most the frames it
+        was built for (its input_spec's max_frames), whatever eval.max_frames says."""
+        max_frames = eval_cfg.max_frames
+        if data_cfg.kind == "features":
+            max_frames = min(max_frames, input_spec.get("max_frames", max_frames))
+        short_side, crop_size = eval_cfg.view_size(data_cfg)
+        return cls(
+            mode=eval_cfg.mode,
+            num_clips=eval_cfg.num_clips,
+            num_crops=eval_cfg.num_crops,
+            max_frames=max_frames,
+            short_side=short_side,
+            crop_size=crop_size,
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Raw samples and bad samples
