@@ -57,7 +57,7 @@ from video_ens import cli, dist, durable
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
 from video_ens.data import loader, sources
 from video_ens.evaluate import evaluate, load_weights
-from video_ens.models import create_model
+from video_ens.models import channels_last, create_model
 from video_ens.report import (
     KAGGLE_TOP_K,
     bad_sample_lines,
@@ -145,11 +145,7 @@ def _is_training_run(folder: Path) -> bool:
 
 def _out_name(recipe, args: argparse.Namespace) -> str:
     """ "full", "clips10x3", "all_frames", "center_crop", with "-<8 hex digits>" of --set and --precision if any."""
-    ev = recipe.eval
-    if recipe.data.kind != "clip":
-        name = MODE_BY_KIND[recipe.data.kind]
-    else:
-        name = "full" if ev.mode == "full" else f"clips{ev.num_clips}x{ev.num_crops}"
+    name = recipe.eval.view_name(recipe.data)
     settings = [*args.overrides, *([f"--precision={args.precision}"] if args.precision else [])]
     if settings:
         name += "-" + hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
@@ -184,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
     load_weights(model, weights_path, expect_model=recipe.model.name)
     model = model.to(device)
     if recipe.model.channels_last:
-        fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last
-        model = model.to(memory_format=fmt)
+        model = channels_last(model)
     loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
     if not recipe.data.val_shards:
         raise RecipeError("data.val_shards: empty; name the evaluation dataset folder (--set data.val_shards=DIR)")

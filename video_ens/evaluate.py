@@ -6,7 +6,7 @@
     # {"ensemble": {...}, "branches": [{...}, ...], "num_samples": n, "inputs": views, "seconds": s, ...}
 
 `evaluate` is the loop tools/eval.py runs (and the trainer's periodic evaluation can run): forward under autocast,
-branch probabilities and the ensemble into `EnsembleMetrics`, which de-duplicates by sample id and, for multi-view
+branch probabilities and the ensemble into `EnsembleMetrics`, which counts every sample id once and, for multi-view
 testing (K clips x crops per video, the stream's aggregate="mean"), averages the views of a video across ranks.
 
 Clips longer than `max_chunk_frames` go through `full_clip_forward`, which asks the model for its exact windowed

@@ -50,7 +50,7 @@ from .data.samples import EvalView, Item, SampleSpec, collate
 from .data.transforms import ClipEvalTransform, ImageEvalTransform, to_model_input, uniform_clips
 from .durable import write_atomic
 from .evaluate import autocast, load_weights
-from .models import builder_arguments, create_model
+from .models import builder_arguments, channels_last, create_model
 from .models.ensemble import EnsembleNet, branch_probs
 from .progress import format_duration
 
@@ -376,9 +376,8 @@ class Predictor:
         load_weights(model, weights, expect_model=r.model.name)
         loader.check_compatible(r.data, r.model.name, model.input_spec)
         model = model.to(dev).eval()
-        if r.model.channels_last and model.input_spec["kind"] != "features":
-            fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last
-            model = model.to(memory_format=fmt)
+        if r.model.channels_last:
+            model = channels_last(model)
         num_classes = builder_arguments(r.model.name, **kwargs)["num_classes"]
         names, source = class_names(r, num_classes, labels)
         return cls(
@@ -398,9 +397,7 @@ class Predictor:
     @property
     def mode(self) -> str:
         """What a file becomes: "full" or "clips<K>x<crops>" for videos, "center_crop", "all_frames"."""
-        if self.kind == "clip":
-            return "full" if self.view.mode == "full" else f"clips{self.view.num_clips}x{self.view.num_crops}"
-        return "center_crop" if self.kind == "image" else "all_frames"
+        return self.recipe.eval.view_name(self.recipe.data)
 
     def _batches(self, path: str) -> tuple[Iterator[tuple[torch.Tensor, dict]], Display | None]:
         """The file's model inputs in batches of at most eval.batch_size views, with the display transform applied.

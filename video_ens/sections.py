@@ -513,6 +513,13 @@ class EvalConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.top_k >= 1, "top_k", "must be >= 1")
 
+    def view_name(self, data: DataConfig) -> str:
+        """How evaluation sees a sample, as evaluation folders and embeddings indexes name it: "full" or
+        "clips<K>x<crops>" for clips, "center_crop" for images, "all_frames" for features."""
+        if data.kind == "clip":
+            return "full" if self.mode == "full" else f"clips{self.num_clips}x{self.num_crops}"
+        return "center_crop" if data.kind == "image" else "all_frames"
+
     def view_size(self, data: DataConfig) -> tuple[int, int]:
         """(short side, crop size) of evaluation views of clips or images, the None defaults resolved."""
         crop = self.crop_size if self.crop_size is not None else data.crop_size

@@ -38,7 +38,7 @@ import torch
 from . import dist, engine, trackers
 from .config import RecipeError, default_run_dir, dump_recipe, load_recipe, recipe_to_dict, resume_differences
 from .data import loader
-from .models import create_model
+from .models import channels_last, create_model
 from .models.size import model_size_report
 from .objective import loss_for
 from .optim import create_optimizer, peak_lr
@@ -321,8 +321,7 @@ def _run(recipe, run_dir: Path, device: torch.device, *, dry_run: bool) -> int:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if recipe.model.channels_last:
-        fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last
-        model = model.to(memory_format=fmt)
+        model = channels_last(model)
     loader.check_compatible(recipe.data, recipe.model.name, model.input_spec)
 
     data_root = loader.resolve_paths(recipe.data)  # DataPaths(train, val); demo data was made by launch.sh

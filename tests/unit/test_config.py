@@ -413,6 +413,22 @@ def test_eval_scale_defaults():
         )
     )
     assert img.eval.view_size(img.data) == (37, 32)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        (["eval.mode=full"], "full"),
+        (["eval.mode=clips", "eval.num_clips=10", "eval.num_crops=3"], "clips10x3"),
+        (["eval.mode=clips", "eval.num_clips=4", "eval.num_crops=1"], "clips4x1"),
+        (["data.kind=image", "model.name=resnet_tiny", "eval.mode=clips"], "center_crop"),
+        (["data.kind=features", "model.name=dbof_tiny", "objective.loss=sigmoid_bce"], "all_frames"),
+    ],
+)
+def test_eval_view_name_names_what_a_sample_becomes(overrides, name):
+    # the name of tools/eval.py's default folder (RUN_DIR/eval/<name>) and of an embeddings index's "mode"
+    r = recipe_from_dict(apply_overrides(MINIMAL, overrides))
+    assert r.eval.view_name(r.data) == name
     img = recipe_from_dict(
         apply_overrides(MINIMAL, ["data.kind=image", "model.name=resnet_tiny", "eval.short_side=288"])
     )

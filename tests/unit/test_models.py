@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from video_ens.config import ModelConfig
-from video_ens.models import MODELS, create_model, model_kwargs
+from video_ens.models import MODELS, channels_last, create_model, model_kwargs
 from video_ens.models.size import count_params
 from video_ens.objective import EnsembleLoss
 
@@ -253,12 +253,15 @@ def test_torch_compile_traces_and_matches_eager(name):
         torch.testing.assert_close(compiled(x, **kw).ensemble, m(x, **kw).ensemble)
 
 
-@pytest.mark.parametrize("name", ["s3dg_tiny_ens2", "resnet_tiny_ens2"])
+@pytest.mark.parametrize("name", ["s3dg_tiny_ens2", "resnet_tiny_ens2", "dbof_tiny_ens2"])
 def test_channels_last_matches_contiguous(name):
     m = _seeded(name).eval()
     x, kw, _ = _batch(m)
-    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    fmt = {5: torch.channels_last_3d, 4: torch.channels_last}.get(x.dim())  # features (3-D): nothing to reorder
     with torch.no_grad():
         ref = m(x, **kw).ensemble
-        out = m.to(memory_format=fmt)(x.contiguous(memory_format=fmt), **kw).ensemble
+        m = channels_last(m)
+        out = m(x if fmt is None else x.contiguous(memory_format=fmt), **kw).ensemble
+    conv = [p for p in m.parameters() if p.dim() >= 4]
+    assert all(p.is_contiguous(memory_format=fmt) for p in conv) and (fmt is None) == (not conv)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,8 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
+import torch
+
 from ..model_options import PRESETS, DBoFOptions, ResNetOptions, S3DGOptions, model_kwargs, split_kwargs
 from . import dbof, resnet, s3dg
 from .ensemble import EnsembleNet, ModelOutput
@@ -70,4 +72,20 @@ def create_model(name: str, **overrides) -> EnsembleNet:
     return MODELS[name][0](**common, options=options)
 
 
-__all__ = ["BUILDERS", "MODELS", "EnsembleNet", "ModelOutput", "builder_arguments", "create_model", "model_kwargs"]
+def channels_last(model: EnsembleNet) -> EnsembleNet:
+    """`model` with its 4-D / 5-D weights in channels-last order (channels_last_3d for clip models), as
+    model.channels_last asks; other tensors (a feature model's are all 1-D and 2-D) are left as they are."""
+    fmt = torch.channels_last_3d if model.input_spec["kind"] == "clip" else torch.channels_last
+    return model.to(memory_format=fmt)
+
+
+__all__ = [
+    "BUILDERS",
+    "MODELS",
+    "EnsembleNet",
+    "ModelOutput",
+    "builder_arguments",
+    "channels_last",
+    "create_model",
+    "model_kwargs",
+]
