@@ -115,19 +115,20 @@ class EnsembleNet(nn.Module):
     def num_branches(self) -> int:
         return len(self.branches)
 
-    def forward(self, x: torch.Tensor, **inputs) -> ModelOutput:
-        h = self.base(x, **inputs)
-        outs = torch.stack([branch(h) for branch in self.branches], dim=0)  # (N, B, C)
+    def combine(self, outs: torch.Tensor) -> ModelOutput:
+        """The output from the branches' raw outputs (N, B, C): the ensemble is the mean of their probabilities."""
         probs = branch_probs(outs, self.output_type, self.activation)  # (N, B, C), fp32
         return ModelOutput(branches=outs, ensemble=self.ensembler(probs))
+
+    def forward(self, x: torch.Tensor, **inputs) -> ModelOutput:
+        h = self.base(x, **inputs)
+        return self.combine(torch.stack([branch(h) for branch in self.branches], dim=0))  # (N, B, C)
 
     def embed(self, x: torch.Tensor, **inputs) -> Embeddings:
         """forward's output plus the pooled base and branch representations, from one pass; call in eval mode
         (in training mode a branch's dropout would still act on its output, never on its features)."""
         h = self.base(x, **inputs)
         pairs = [branch.embed(h) for branch in self.branches]
-        outs = torch.stack([out for _, out in pairs], dim=0)  # (N, B, C), as forward stacks them
-        probs = branch_probs(outs, self.output_type, self.activation)  # (N, B, C), fp32
-        output = ModelOutput(branches=outs, ensemble=self.ensembler(probs))
+        output = self.combine(torch.stack([out for _, out in pairs], dim=0))  # (N, B, C), as forward stacks them
         features = torch.stack([f for f, _ in pairs], dim=0)  # (N, B, D)
         return Embeddings(output=output, base=pool_features(h), branches=features)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import s3dg
+from . import builder_arguments, s3dg
 
 # Where torchvision publishes the weights (torchvision.models: ResNet152_Weights, S3D_Weights). The hex part of a file
 # name is the start of its SHA-256, which torch.hub checks on download.
@@ -85,7 +85,10 @@ RESNET_DIFFERENCES = (
 )
 
 _RESNET_UNIT = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]\.weight|bn[123]\.\w+|downsample\.[01]\.\w+)$")
-_RESNET_BASE_BLOCKS = 2  # the ResNet presets fork after block2: block1-2 in the base, block3-4 in the branch
+# What the target presets build, which the imported tensors must land in: e.g. resnet152 forks after block2, so
+# block1-2 go to the base and block3-4 to the branch.
+_RESNET = builder_arguments("resnet152")
+_RESNET_BASE_BLOCKS = int(_RESNET["fork"].removeprefix("block"))
 
 
 def import_resnet(state: dict[str, torch.Tensor]) -> Imported:
@@ -130,8 +133,7 @@ def import_resnet(state: dict[str, torch.Tensor]) -> Imported:
         "stem_width": int(state["conv1.weight"].shape[0]),
         "num_classes": int(state["fc.weight"].shape[0]),
     }
-    defaults = {"units": (3, 8, 36, 3), "widths": (64, 128, 256, 512), "stem_width": 64, "num_classes": 1000}
-    build = {k: v for k, v in build.items() if v != defaults[k]}
+    build = {k: v for k, v in build.items() if v != _RESNET[k]}
     return Imported(out, "resnet152", build, (), (), RESNET_DIFFERENCES)
 
 
@@ -175,7 +177,7 @@ _S3D_FEATURES = {
     14: "Mixed_5b",
     15: "Mixed_5c",
 }
-_S3D_FORK = "MaxPool_4a"  # the S3D-G presets' fork: the base runs up to it
+_S3D = builder_arguments("s3dg")  # its fork (the base runs up to it) and its classes
 
 
 def import_s3d(state: dict[str, torch.Tensor]) -> Imported:
@@ -208,7 +210,7 @@ def import_s3d(state: dict[str, torch.Tensor]) -> Imported:
     def gate(ours: str, channels: int) -> None:
         out[f"{ours}.gate.weight"] = torch.zeros(channels, channels, 1, 1, 1)
 
-    fork = s3dg.LAYER_NAMES.index(_S3D_FORK)
+    fork = s3dg.LAYER_NAMES.index(_S3D["fork"])
     for index, layer in _S3D_FEATURES.items():
         part = "base" if s3dg.LAYER_NAMES.index(layer) <= fork else "branches.0"
         ours, theirs = f"{part}.{layer}", f"features.{index}"
@@ -239,7 +241,7 @@ def import_s3d(state: dict[str, torch.Tensor]) -> Imported:
     if unknown:
         raise _unknown(unknown, what)
     num_classes = int(out["branches.0.Logits.conv.bias"].numel())
-    build = {} if num_classes == 400 else {"num_classes": num_classes}
+    build = {} if num_classes == _S3D["num_classes"] else {"num_classes": num_classes}
     return Imported(out, "s3dg", build, ("base.Conv2d_1a.*",), tuple(dropped), S3D_DIFFERENCES)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ensemble import EnsembleNet, ModelOutput, branch_probs
+from .ensemble import EnsembleNet, ModelOutput
 from .s3dg import FeatureGate, InceptionBlock, Logits, SepConv3d, Unit3d
 
 __all__ = ["full_clip_forward", "temporal_geometry"]
@@ -209,6 +209,4 @@ def full_clip_forward(model: EnsembleNet, x: torch.Tensor, *, max_chunk_frames: 
     if x.dim() != 5:
         raise ValueError(f"full_clip_forward expects a clip batch (B, 3, T, H, W), got shape {tuple(x.shape)}")
     h = _walk(model.base, x, max_chunk_frames)
-    outs = torch.stack([_walk(b, h, max_chunk_frames) for b in model.branches], dim=0)  # (N, B, C)
-    probs = branch_probs(outs, model.output_type, model.activation)  # (N, B, C), fp32
-    return ModelOutput(branches=outs, ensemble=model.ensembler(probs))
+    return model.combine(torch.stack([_walk(b, h, max_chunk_frames) for b in model.branches], dim=0))  # (N, B, C)
