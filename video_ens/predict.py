@@ -46,7 +46,7 @@ from . import dist
 from .config import load_recipe
 from .data import loader, schema, sources
 from .data.decode import Display, apply_display, decode_frames, probe, read_display
-from .data.samples import EvalView, Item, SampleSpec, collate
+from .data.samples import EvalView, ImageOverBudget, Item, SampleSpec, collate, read_image
 from .data.transforms import ClipEvalTransform, ImageEvalTransform, to_model_input, uniform_clips
 from .durable import write_atomic
 from .evaluate import autocast, load_weights
@@ -236,19 +236,10 @@ def load_clip_views(path: str, spec: SampleSpec, view: EvalView) -> tuple[list[I
 def load_image(path: str, spec: SampleSpec, view: EvalView) -> torch.Tensor:
     """An image file as the model's evaluation input (1, 3, S, S): EXIF orientation applied (the still-image twin of
     a video's rotation), short side scaled to the view's, centre crop. Raises InputError."""
-    from PIL import Image, ImageOps
-
     try:
-        with Image.open(path) as im:
-            width, height = im.size  # from the header: nothing decoded yet
-            if width * height > spec.max_frame_pixels:
-                raise InputError(
-                    f"{path}: {width}x{height} image, over the budget of {spec.max_frame_pixels:,} "
-                    "pixels (data.max_frame_pixels)"
-                )
-            pixels = np.array(ImageOps.exif_transpose(im).convert("RGB"))
-    except InputError:
-        raise
+        pixels = read_image(path, spec.max_frame_pixels)
+    except ImageOverBudget as e:
+        raise InputError(f"{path}: {e}") from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError and more on files it cannot read
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     transform = ImageEvalTransform(short_side=view.short_side, crop_size=view.crop_size)

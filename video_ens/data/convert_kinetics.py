@@ -71,6 +71,9 @@ from video_ens.data.writer import DatasetWriter, check_replaceable, map_survivin
 
 CONVERTER_NAME = "convert_kinetics"
 CONVERTER_VERSION = "1"
+# Frames between keyframes of a re-encoded clip (--keyint): a clip window of 64 frames at stride 1 then decodes at most
+# 15 frames it does not use before its start (benchmarks/results/loader_pipeline_keyint_vm_2026-12-06.csv).
+DEFAULT_KEYINT = 16
 
 _YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -228,8 +231,8 @@ def _reencode(
                     w, h = display.square_size(frame.width, frame.height)  # square pixels, before the rotation
                     scale = short_side / min(w, h) if short_side else 1.0
                     width, height = _even(w * scale), _even(h * scale)
-                    size = (height, width) if display.rotation in (90, 270) else (width, height)
-                    out = H264Writer(fps=rate, width=size[0], height=size[1], settings=settings)
+                    shown_width, shown_height = turn.size(width, height)  # square already: only the rotation
+                    out = H264Writer(fps=rate, width=shown_width, height=shown_height, settings=settings)
                 if turn.identity:
                     out.write(frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA"))
                 else:  # rotate the scaled RGB picture; the writer converts it back to the encoder's format
@@ -315,7 +318,7 @@ def _load_clip(task: _Task) -> tuple[int, dict | None, str | None, dict | None]:
         display = read_display(task.path)
         if task.short_side or not display.identity:
             video, rate, num_frames, width, height, note = _reencode(
-                task.path, task.short_side, task.keyint or 16, display
+                task.path, task.short_side, task.keyint or DEFAULT_KEYINT, display
             )
             container = "mp4"
             if not display.identity:
@@ -391,7 +394,7 @@ def convert(
     if keyint is not None and short_side is None:
         raise ValueError("--keyint only applies when re-encoding: give --short-side too")
     if short_side is not None and keyint is None:
-        keyint = 16
+        keyint = DEFAULT_KEYINT
     if short_side is not None and short_side < 2:
         raise ValueError(f"--short-side must be >= 2, got {short_side}")
     if keyint is not None and keyint < 1:

@@ -409,11 +409,9 @@ def apply_display(frames: torch.Tensor | np.ndarray, display: Display) -> torch.
     new_width, new_height = display.square_size(width, height)
     if (new_width, new_height) != (width, height):
         lead = x.shape[:-3]
-        planes = x.reshape(-1, height, width, 3).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
-        planes = torch.nn.functional.interpolate(
-            planes, size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
+        x = _resize_uint8(x.reshape(-1, height, width, 3), new_height, new_width).reshape(
+            *lead, new_height, new_width, 3
         )
-        x = planes.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(*lead, new_height, new_width, 3)
     if display.rotation:
         x = torch.rot90(x, display.rotation // 90, dims=(-3, -2))  # counter-clockwise, as np.rot90
     if display.mirror:
@@ -853,9 +851,15 @@ def _decode_decord(src: Source, wanted: list[int], short_side: int | None, name:
         frames = _decord_batch(decord, src, wanted, {}, name, table.num_frames)
     except _OtherNumbering as exc:
         return _pyav_instead(src, wanted, short_side, name, "decord", str(exc))
-    chw = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    return _resize_uint8(torch.from_numpy(frames), height, width).contiguous().numpy()
+
+
+def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) frames resampled to (N, height, width, 3): antialiased bilinear, rounded to the nearest
+    level. A view in NHWC order, not contiguous."""
+    chw = frames.permute(0, 3, 1, 2).float()  # (N, 3, H, W)
     chw = torch.nn.functional.interpolate(chw, size=(height, width), mode="bilinear", antialias=True)
-    return chw.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    return chw.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _decord_batch(

@@ -52,7 +52,6 @@ from video_ens.data.tfrecord import TFRecordWriter, bytes_feature, encode_sequen
 from video_ens.data.writer import map_ordered
 
 GENERATOR_VERSION = "3"
-KINDS = ("kinetics", "yt8m", "images")
 # Direction, speed, rotation and scaling: move_left vs move_right differ in direction only, move_* vs move_*_fast in
 # speed only (0.45-0.7 against 1.1-1.4 px per frame at 64 px), so a model must measure how far the shape travels.
 MOTION_CLASSES = (
@@ -493,6 +492,7 @@ def make_images(
 # ---------------------------------------------------------------------------------------------------------------
 
 MAKERS = {"kinetics": make_kinetics, "yt8m": make_yt8m, "images": make_images}
+KINDS = tuple(MAKERS)
 
 
 def _settings_and_kept(

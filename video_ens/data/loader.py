@@ -130,6 +130,7 @@ from video_ens.data import schema
 from video_ens.data.crashes import InFlight, Quarantine, contain_sigchld, dead_workers, describe_exit, sample_id
 from video_ens.data.samples import (
     POOL_BUFFERS,
+    PREFETCH_PER_WORKER,
     BadSample,
     BatchReport,
     ClipBuffer,
@@ -169,11 +170,6 @@ MIN_SEEN_FOR_SKIP_CHECK = 100
 
 # A micro-batch whose every sample is bad tries at most this many spare samples before giving up.
 SPARE_LIMIT = 64
-
-# Micro-batches a DataLoader worker builds ahead of the one being consumed (its prefetch_factor). Two keep a worker
-# busy while the trainer holds one batch and another waits in the queue; more only hold more shared memory (a 64 x
-# 224 clip micro-batch of 8 is ~77 MB).
-PREFETCH_PER_WORKER = 2
 
 # Workers a stream replaces after they died decoding a sample (each time the sample is quarantined): more means
 # something other than one sample kills them (memory pressure, a broken decoder install), and the stream stops.
@@ -725,7 +721,7 @@ class TrainStream(_Stream):
         return self._pass
 
     def _buffers_per_worker(self) -> int:
-        return POOL_BUFFERS if self._plan.spec.kind == "clip" else PREFETCH_PER_WORKER + 1
+        return POOL_BUFFERS if self._plan.spec.kind == "clip" else super()._buffers_per_worker()
 
     def _batch_bytes(self) -> int:
         spec = self._plan.spec

@@ -28,6 +28,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from video_ens.data.crashes import describe_exit
+
 __all__ = [
     "RemoteError",
     "NotFound",
@@ -196,7 +198,7 @@ class _Command(io.RawIOBase):
             raise RemoteError(f"{describe(self.url)}: closed its output but did not exit within "
                               f"{self.timeout_s:g} s (data.read_timeout_s)") from None  # fmt: skip
         if status != 0:
-            raise RemoteError(f"{describe(self.url)}: exited with status {_status(status)}{self._stderr_tail()}")
+            raise RemoteError(f"{describe(self.url)}: {describe_exit(status)}{self._stderr_tail()}")
         return 0
 
     def _stderr_tail(self) -> str:
@@ -219,15 +221,6 @@ class _Command(io.RawIOBase):
             self._proc.stdout.close()
             self._stderr.close()
         super().close()
-
-
-def _status(code: int) -> str:
-    if code < 0:
-        try:
-            return f"{code} (killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return str(code)
-    return str(code)
 
 
 class _Http(io.RawIOBase):

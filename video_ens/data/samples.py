@@ -51,11 +51,13 @@ __all__ = [
     "ClipBuffer",
     "DecodeCost",
     "EvalView",
+    "ImageOverBudget",
     "Item",
     "SampleSpec",
     "SampleStats",
     "collate",
     "eval_items",
+    "read_image",
     "read_shard",
     "sample_key",
     "train_clips",
@@ -412,9 +414,13 @@ class _SharedPool:
         return index
 
 
-# Buffers per worker: PREFETCH_PER_WORKER (loader.py) handed over or queued, one the consumer still holds while it
-# waits for the next, one being filled.
-POOL_BUFFERS = 4
+# Micro-batches a DataLoader worker builds ahead of the one being consumed (the loader's prefetch_factor). Two keep a
+# worker busy while the trainer holds one batch and another waits in the queue; more only hold more shared memory (a
+# 64 x 224 clip micro-batch of 8 is ~77 MB).
+PREFETCH_PER_WORKER = 2
+# Pooled buffers per training worker: those handed over or queued, one the consumer still holds while it waits for
+# the next, one being filled.
+POOL_BUFFERS = PREFETCH_PER_WORKER + 2
 _pool: _SharedPool | None = None
 
 
@@ -695,27 +701,34 @@ def _multi_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return target
 
 
-def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tensor]:
-    """The image sample and its pixels, uint8 (H, W, 3) RGB."""
+class ImageOverBudget(ValueError):
+    """An image whose header gives more pixels than data.max_frame_pixels; nothing of it was decoded."""
+
+
+def read_image(source: Any, max_pixels: int) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file or file object, turned the way its EXIF orientation says (phone photos
+    are stored turned): what training, evaluation and predict all see. ImageOverBudget from the header's size, else
+    whatever Pillow raises on the bytes."""
     from PIL import Image, ImageOps
 
+    with Image.open(source) as im:
+        width, height = im.size  # from the header: nothing is decoded yet
+        if width * height > max_pixels:
+            raise ImageOverBudget(
+                f"{width}x{height} image, over the budget of {max_pixels:,} pixels (data.max_frame_pixels)"
+            )
+        ImageOps.exif_transpose(im, in_place=True)
+        return np.array(im.convert("RGB"))
+
+
+def _image(raw: dict, spec: SampleSpec) -> tuple[schema.ImageSample, torch.Tensor]:
+    """The image sample and its pixels, uint8 (H, W, 3) RGB."""
     sample = _decoded(raw, schema.decode_image_sample)
     _label(sample.label, sample.key, spec.num_classes)
     try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            width, height = im.size  # from the header: nothing is decoded yet
-            if width * height > spec.max_frame_pixels:
-                raise BadSample(
-                    "budget",
-                    sample.key,
-                    f"{width}x{height} image, over the budget of "
-                    f"{spec.max_frame_pixels:,} pixels (data.max_frame_pixels)",
-                )
-            # Shown the way its EXIF orientation says (phone photos are stored turned), as predict shows it.
-            ImageOps.exif_transpose(im, in_place=True)
-            pixels = np.array(im.convert("RGB"))
-    except BadSample:
-        raise
+        pixels = read_image(io.BytesIO(sample.image), spec.max_frame_pixels)
+    except ImageOverBudget as e:
+        raise BadSample("budget", sample.key, str(e)) from None
     except Exception as e:
         # Anything Pillow raises on the sample's bytes is the sample's fault: besides OSError and ValueError, damaged
         # PNGs raise SyntaxError, and truncated or hostile files struct.error, IndexError, MemoryError and more.

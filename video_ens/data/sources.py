@@ -65,10 +65,6 @@ def _info_or_error(folder: str | Path, field_name: str, kind: str) -> schema.Dat
     return _check_kind(info, str(folder), field_name, kind)
 
 
-def _expand(pattern: str) -> list[str]:
-    return remote.expand(pattern)
-
-
 @dataclass(frozen=True)
 class ShardList:
     """The shards of data.train_shards or data.val_shards in order, with what their _info.json says (if read)."""
@@ -111,7 +107,7 @@ def list_shards(text: str, field_name: str, data_cfg) -> ShardList:
                 f"data.samples_per_epoch: required when data.train_shards is a brace pattern ({text!r}), "
                 "which has no _info.json to give the dataset size; set it, or point train_shards at the folder"
             )
-        shards = _expand(text)
+        shards = remote.expand(text)
         missing = [p for p in shards if not os.path.isfile(p)]
         if missing:
             raise RecipeError(f"data.train_shards: {len(missing)} shard(s) of {text!r} do not exist, e.g. {missing[0]}")
@@ -131,7 +127,7 @@ def _list_remote(text: str, field_name: str, data_cfg, evaluation: bool) -> Shar
     if text.endswith("/") and not text.startswith("pipe:"):
         shards, info_url = None, text + schema.INFO_NAME
     else:
-        shards = _expand(text)
+        shards = remote.expand(text)
         try:
             folders = {remote.sibling(s, schema.INFO_NAME) for s in shards}
         except ValueError as e:  # a command in which no one word names the shard
