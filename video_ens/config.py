@@ -27,7 +27,6 @@ from typing import Any
 from . import durable
 from .model_options import MODEL_FIELDS
 from .sections import (
-    IMAGE_EVAL_CROP_FRACTION,
     TRACKERS,
     DataConfig,
     DeepSpeedConfig,
@@ -37,10 +36,10 @@ from .sections import (
     OptimConfig,
     TrainConfig,
 )
-from .typed_json import INT_LIMIT, FieldError, RecipeError, from_json
+from .typed_json import FieldError, RecipeError, from_json
 
 __all__ = [
-    "IMAGE_EVAL_CROP_FRACTION", "INT_LIMIT", "MODEL_FIELDS", "RESUME_MAY_CHANGE", "SECTIONS", "TRACKERS",
+    "MODEL_FIELDS", "RESUME_MAY_CHANGE", "RESUME_UNREPORTED", "SECTIONS", "TRACKERS",
     "DataConfig", "DeepSpeedConfig", "EvalConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig", "Recipe",
     "RecipeError", "TrainConfig", "apply_overrides", "default_run_dir", "dump_recipe", "load_recipe", "main",
     "recipe_from_dict", "recipe_to_dict", "resume_differences",
@@ -190,20 +189,27 @@ def dump_recipe(recipe: Recipe, path: str | Path) -> None:
 # recipe the checkpoint was written with; any other difference stops the launch (train.resume="force" overrides).
 # The same split names default run folders: overrides of other fields make another run, in another folder.
 
-RESUME_MAY_CHANGE = (
+RESUME_UNREPORTED = (
     # length and pace: extending or re-pacing a run is what a resume is for
     "description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_every", "train.log_every", "train.resume",
+    # timeouts, changed to get a stopped run going again
+    "train.collective_timeout_s", "data.worker_timeout_s", "data.read_timeout_s",
+    # where the metrics also go: a dashboard added or dropped
+    "train.loggers",
+)  # fmt: skip
+"""Fields (dotted, whole) a resume may change that change nothing the run computes: the trainer's resume line leaves
+them out of its list of changes."""
+
+RESUME_MAY_CHANGE = (
+    *RESUME_UNREPORTED,
     # where and how fast it runs: resources, the same global batch and model. The log still names a change, since
     # the data order depends on the number of workers and the batch layout (README, "Training at scale")
     "train.device", "train.micro_batch_size", "train.grad_accum_steps", "data.num_workers", "data.decoder",
     "model.compile", "model.channels_last", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
-    # limits, budgets and timeouts that stop a run or skip a sample, changed to get a stopped run going again
-    "train.max_bad_steps", "train.collective_timeout_s", "data.max_skip_fraction", "data.max_member_bytes",
-    "data.max_frame_pixels", "data.max_clip_pixels", "data.max_video_frames", "data.worker_timeout_s",
-    "data.read_timeout_s",
-    # where the metrics also go: a dashboard added or dropped changes nothing the run computes
-    "train.loggers",
+    # limits and budgets that stop a run or skip a sample, changed to get a stopped run going again
+    "train.max_bad_steps", "data.max_skip_fraction", "data.max_member_bytes", "data.max_frame_pixels",
+    "data.max_clip_pixels", "data.max_video_frames",
     # evaluation only
     "data.val_shards", "eval",
 )  # fmt: skip
@@ -214,12 +220,12 @@ def _may_change(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_recipe(d: dict, prefix: str = "") -> dict[str, Any]:
     """{"train.seed": 0, ...} from a recipe dict; model.options is one value (its keys vary by family)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_recipe(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -242,8 +248,8 @@ def resume_differences(saved: dict, recipe: Recipe) -> list[str]:
     recipe (as recipe_to_dict gives it) that wrote a run folder's checkpoint or recipe.json. A field the saved
     recipe lacks (written before the field existed) counts as its default; one this code does not know is ignored.
     """
-    new = _flat(recipe_to_dict(recipe))
-    old = {**_flat(_field_defaults()), **_flat(saved)}
+    new = flatten_recipe(recipe_to_dict(recipe))
+    old = {**flatten_recipe(_field_defaults()), **flatten_recipe(saved)}
     return [
         f"{k}: {json.dumps(old.get(k))} -> {json.dumps(v)}"
         for k, v in sorted(new.items())
@@ -260,9 +266,9 @@ def default_run_dir(recipe_path: str | Path, overrides: list[str] | tuple[str, .
     plain = Path("runs") / path.stem
     if not overrides:
         return plain
-    new = _flat(recipe_to_dict(load_recipe(path, overrides)))
+    new = flatten_recipe(recipe_to_dict(load_recipe(path, overrides)))
     try:
-        base = _flat(recipe_to_dict(load_recipe(path)))
+        base = flatten_recipe(recipe_to_dict(load_recipe(path)))
         changed = {k: v for k, v in new.items() if not _may_change(k) and base.get(k) != v}
     except RecipeError:  # the file is complete only with its overrides: hash the fields they set
         keys = [".".join(_parse_override(item)[0]) for item in overrides]

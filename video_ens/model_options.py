@@ -2,10 +2,10 @@
 
 A recipe's `model` section has the fields common to every family (MODEL_FIELDS, video_ens.sections.ModelConfig)
 and `options`, the fields of its family's dataclass below: S3DGOptions, DBoFOptions or ResNetOptions. The recipe
-check (video_ens.config, which runs before torch is imported) converts `model.options` into that dataclass with the
-converter every section goes through, and each builder (video_ens/models/<family>.py `build(..., options=...)`)
-takes the same object, so a field such as `kernels` is declared and checked here once and read by the builder,
-which hands it to every gate's constructor.
+check (video_ens.sections, which runs before torch is imported) types `model.options` by that dataclass with the
+converter every section goes through, and `split_kwargs` builds the same dataclass for each builder
+(video_ens/models/<family>.py `build(..., options=...)`), so a field such as `kernels` is declared and checked here
+once and read by the builder, which hands it to every gate's constructor.
 
 PRESETS is the one table of named configurations: the paper's eight and tiny ones for tests and CPU demos.
 """

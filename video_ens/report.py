@@ -63,8 +63,9 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _class_label(index: int, names: Sequence[str] | None) -> str:
-    return f"{names[index]} ({index})" if names else str(index)
+def _class_label(index: int, name: str | None) -> str:
+    """ "name (index)", or the index alone for a class without a name."""
+    return f"{name} ({index})" if name is not None else str(index)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -211,10 +212,8 @@ def confused_table(pairs: list[dict]) -> str:
     """Markdown table of `confused_pairs`."""
     lines = ["| true class | predicted as | count | % of the true class |", "|---|---|---:|---:|"]
     for p in pairs:
-        true = _md(f"{p['true_name']} ({p['true']})" if p["true_name"] is not None else str(p["true"]))
-        pred = _md(
-            f"{p['predicted_name']} ({p['predicted']})" if p["predicted_name"] is not None else str(p["predicted"])
-        )
+        true = _md(_class_label(p["true"], p["true_name"]))
+        pred = _md(_class_label(p["predicted"], p["predicted_name"]))
         lines.append(f"| {true} | {pred} | {p['count']} | {100 * p['share']:.1f} |")
     return "\n".join(lines)
 

@@ -59,7 +59,7 @@ IMAGE_EVAL_CROP_FRACTION = 0.875
 
 @dataclass
 class ModelConfig:
-    """Which network to build; `None` keeps the value of the named preset (see video_ens.models.MODELS)."""
+    """Which network to build; `None` keeps the value of the named preset (see video_ens.model_options.PRESETS)."""
 
     name: str = ""
     """Preset name, e.g. "s3dg_ens2", "dbof", "resnet152_ens2", "s3dg_tiny". Required."""
@@ -69,7 +69,7 @@ class ModelConfig:
     """Branch width / baseline width for every layer above the fork. None keeps the preset's; a preset without one
     (and every builder's default) means 1.0 for one branch and 1/1.5 for more (the paper's ~1.5x shrink, S3D-G's
     554). An explicit width_ratio, or num_branches=1, replaces a preset's pinned branch widths
-    (video_ens.models.model_kwargs)."""
+    (video_ens.model_options.model_kwargs)."""
     fork: str | None = None
     """Layer after which the branches start: an S3D-G layer name (e.g. "MaxPool_4a"), "pool" (DBoF), "stem" or
     "blockK" (ResNet, e.g. "block2")."""

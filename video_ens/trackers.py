@@ -22,7 +22,7 @@ import secrets
 from pathlib import Path
 from typing import Protocol
 
-from .config import TRACKERS, RecipeError, _flat
+from .config import TRACKERS, RecipeError, flatten_recipe
 from .durable import write_atomic
 
 __all__ = ["IDS_FILE", "MlflowTracker", "Tracker", "WandbTracker", "check_available", "flat_params", "open_trackers"]
@@ -78,8 +78,10 @@ def open_trackers(names, *, run_dir: str | os.PathLike, config: dict) -> list[Tr
 
 def flat_params(config: dict) -> dict[str, str]:
     """{"optim.lr": "0.05", "model.options": "{...}", ...}: the recipe as MLflow parameters, flattened as the resume
-    check flattens it (config._flat), values as JSON text."""
-    return {k: (v if isinstance(v, str) else json.dumps(v))[:MLFLOW_PARAM_CHARS] for k, v in _flat(config).items()}
+    check flattens it (config.flatten_recipe), values as JSON text."""
+    return {
+        k: (v if isinstance(v, str) else json.dumps(v))[:MLFLOW_PARAM_CHARS] for k, v in flatten_recipe(config).items()
+    }
 
 
 class WandbTracker:

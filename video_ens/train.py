@@ -550,8 +550,6 @@ def _write_outputs(run_dir: Path, result: dict, weights: dict, recipe) -> None:
     }
     # The weights first, so that an eval.json is never published before the weights it describes; each file is
     # fsynced before its rename and the folder after it, and a full disk leaves the previous file, naming the path.
-    # Serialised in memory (one more copy of the weights, 4 bytes per fp32 parameter) rather than with save_file,
-    # whose errors name no path.
     save_weights(run_dir / "model.safetensors", weights, metadata={"model": recipe.model.name})
     durable.write_atomic(run_dir / "eval.json", json.dumps(out, indent=2) + "\n")
     LOG.info(f"wrote {run_dir / 'model.safetensors'} and {run_dir / 'eval.json'}")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as tdist
 
 from . import dist
-from .config import RecipeError, recipe_to_dict
+from .config import RESUME_UNREPORTED, RecipeError, flatten_recipe, recipe_to_dict
 from .data.transforms import to_model_input
 from .evaluate import evaluate
 from .optim import lr_at, set_lr
@@ -464,32 +464,19 @@ def resume_changes(client_state: dict, recipe: dict, world_size: int) -> list[st
     """What differs between the run a checkpoint was written by and this one: "field: old -> new" for every
     recipe field (dotted) and for the world size. `description` and the run-length fields (epochs, max_steps,
     checkpoint/eval/log cadence) are not reported: extending or re-pacing a run is what a resume is for; nor are
-    train.resume, the timeouts and the trackers, which change nothing a run computes."""
-    ignore = {"description", "train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.eval_every", "train.log_every", "train.resume", "train.collective_timeout_s",
-              "data.worker_timeout_s", "data.read_timeout_s", "train.loggers"}  # fmt: skip
+    train.resume, the timeouts and the trackers, which change nothing a run computes (config.RESUME_UNREPORTED)."""
     changes = []
     if client_state.get("recipe") is not None:
-        old, new = _flatten_recipe(client_state["recipe"]), _flatten_recipe(recipe)
+        old, new = flatten_recipe(client_state["recipe"]), flatten_recipe(recipe)
         changes = [
             f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
             for k in sorted(old.keys() | new.keys())
-            if k not in ignore and old.get(k) != new.get(k)
+            if k not in RESUME_UNREPORTED and old.get(k) != new.get(k)
         ]
     saved_world = client_state.get("world_size")
     if saved_world is not None and int(saved_world) != world_size:
         changes.append(f"world size: {saved_world} -> {world_size}")
     return changes
-
-
-def _flatten_recipe(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":  # model.options is compared as one value
-            out.update(_flatten_recipe(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:

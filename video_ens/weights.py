@@ -148,7 +148,9 @@ def read_weights(source: str | Path | WeightsSource) -> tuple[dict[str, torch.Te
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], *, metadata: dict[str, str] | None = None) -> None:
-    """Write `state` as a safetensors file, whole or not at all (video_ens.durable.write_atomic)."""
+    """Write `state` as a safetensors file, whole or not at all (video_ens.durable.write_atomic). Serialised in
+    memory (one more copy of the weights, 4 bytes per fp32 parameter) rather than with save_file, whose errors name
+    no path."""
     from safetensors.torch import save
 
     blob = save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata=metadata)
