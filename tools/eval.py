@@ -55,7 +55,7 @@ import torch
 
 from video_ens import cli, dist, durable
 from video_ens.config import RecipeError, load_recipe, recipe_to_dict
-from video_ens.data import loader, sources
+from video_ens.data import loader
 from video_ens.evaluate import evaluate, load_weights
 from video_ens.models import channels_last, create_model
 from video_ens.report import (
@@ -239,12 +239,11 @@ def run(args: argparse.Namespace) -> int:
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         where = "/".join(Path(str(paths.val)).parts[-2:])  # e.g. kinetics/val
-        names = sources.list_shards(paths.val, "val_shards", recipe.data).info.label_names  # remote: fetched once
         out.update(
             class_report(
                 result["per_class"],
                 task,
-                names,
+                stream.label_names,
                 out_dir,
                 title=f"{recipe.model.name}, ensemble: {where} ({result['num_samples']} samples)",
             )

@@ -945,13 +945,23 @@ class EvalStream(_Stream):
 
     Attributes:
         num_classes: label map size; num_samples: samples in the evaluation set (all ranks together).
+        label_names: the class names of the set's _info.json, or None.
         aggregate: "mean" for multi-view clips (pass batch["view_ids"] to the metrics), else "none" (one row per sample).
         stats: samples and bad samples of the last `batches()` pass, as TrainStream.stats.
     """
 
-    def __init__(self, plan: _EvalPlan, *, num_workers: int, quarantine: Quarantine, worker_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        plan: _EvalPlan,
+        *,
+        num_workers: int,
+        quarantine: Quarantine,
+        worker_timeout_s: float = 300.0,
+        label_names: list[str] | None = None,
+    ):
         super().__init__(num_workers, "evaluation data", quarantine, worker_timeout_s)
         self._plan = plan
+        self.label_names = label_names
         self.num_classes = plan.spec.num_classes
         self.num_samples = sum(plan.counts)
         self.aggregate = "mean" if plan.spec.kind == "clip" and plan.view.mode == "clips" else "none"
@@ -1014,4 +1024,5 @@ def eval_stream(
         num_workers=data_cfg.num_workers,
         quarantine=Quarantine(quarantine),
         worker_timeout_s=data_cfg.worker_timeout_s,
+        label_names=info.label_names,
     )
